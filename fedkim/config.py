@@ -1,0 +1,295 @@
+"""Typed parameters read from params.yaml, the single tunable surface shared by the CLI, DVC and Prefect.
+
+Every section forbids unknown keys, so a typo fails at start-up with a message that names the key and the keys
+that are allowed there. Relative paths are resolved against the directory that holds params.yaml (the repo root).
+
+Environment overrides: FEDKIM_PARAMS (path of the params file), FEDKIM_DATA_ROOT (data.root).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fedkim.data.catalogue import TASKS
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
+
+Modality = Literal["image", "ecg", "clinical"]
+ImageFormat = Literal["png", "dicom"]
+OpacityZone = Literal["upper", "middle", "lower"]
+EcgAbnormality = Literal["af", "wide_qrs", "t_inversion"]
+DeteriorationKind = Literal["shock", "respiratory", "renal"]
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file, the key and what is allowed."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- data section
+class ImageAcquisition(Strict):
+    """How a site's X-ray equipment renders the same anatomy (its domain shift)."""
+
+    exposure: float = Field(1.0, gt=0.2, lt=3.0, description="multiplies the attenuation image")
+    gamma: float = Field(1.0, gt=0.2, lt=5.0)
+    monochrome1: bool = Field(False, description="stored inverted (DICOM MONOCHROME1); readers undo it")
+    noise: float = Field(0.0, ge=0.0, le=0.5, description="extra quantum noise on top of difficulty.image_noise")
+    blur: float = Field(0.0, ge=0.0, le=3.0, description="Gaussian blur sigma in pixels")
+    rotation_deg: float = Field(3.0, ge=0.0, le=20.0, description="max absolute patient rotation")
+
+
+class EcgAcquisition(Strict):
+    sampling_rate: Literal[250, 500] = 500
+    powerline_hz: Literal[50, 60] = 50
+    lead_gain: float = Field(1.0, gt=0.2, lt=5.0, description="amplifier gain error, multiplies every lead")
+
+
+class SiteSpec(Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,30}$")
+    description: str = ""
+    modalities: list[Modality] = Field(min_length=1)
+    size_factor: float = Field(1.0, gt=0.0, le=10.0, description="multiplies data.sizes.site_train")
+    image_format: ImageFormat = "png"
+    image: ImageAcquisition = ImageAcquisition()
+    ecg: EcgAcquisition = EcgAcquisition()
+    prevalence: float = Field(0.4, gt=0.05, lt=0.95, description="share of positive labels at this site")
+    signal_scale: float = Field(1.0, gt=0.0, le=2.0, description="effect size of findings here (weak site < 1)")
+    opacity_zones: list[OpacityZone] = Field(default_factory=lambda: ["upper", "middle", "lower"], min_length=1)
+    ecg_abnormalities: list[EcgAbnormality] = Field(
+        default_factory=lambda: ["af", "wide_qrs", "t_inversion"], min_length=1
+    )
+    lab_interval_h: float = Field(6.0, ge=1.0, le=48.0, description="hours between lab draws for stable patients")
+    deterioration: list[DeteriorationKind] = Field(
+        default_factory=lambda: ["shock", "respiratory", "renal"], min_length=1
+    )
+
+    @field_validator("modalities")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate modality in {v}")
+        return v
+
+
+class Sizes(Strict):
+    site_train: int = Field(160, ge=8, le=100_000, description="samples per training task per site (x size_factor)")
+    val_fraction: float = Field(0.2, ge=0.05, le=0.5)
+    public: int = Field(64, ge=8, le=100_000, description="server public split, per training task")
+    test: int = Field(160, ge=8, le=100_000, description="test split, per task")
+
+
+class Difficulty(Strict):
+    image_contrast: float = Field(0.1, gt=0.0, le=1.0)
+    image_noise: float = Field(0.08, ge=0.0, le=0.5)
+    ecg_effect: float = Field(0.2, gt=0.0, le=1.5)
+    ecg_variability: float = Field(0.5, ge=0.0, le=1.0)
+    ecg_noise: float = Field(0.06, ge=0.0, le=1.0, description="mV of broadband noise")
+    icu_drift: float = Field(0.5, gt=0.0, le=5.0, description="deterioration drift in between-patient SDs")
+    label_noise: float = Field(0.03, ge=0.0, le=0.3)
+
+
+class GateParams(Strict):
+    """Thresholds of the Great Expectations gate a site's data must pass before it trains."""
+
+    min_samples_per_site: int = Field(20, ge=1)
+    min_samples_per_class: int = Field(5, ge=1, description="per task, label value and split")
+    image_min_side: int = Field(32, ge=8)
+    image_max_side: int = Field(4096, ge=8)
+    image_bits: list[int] = Field(default_factory=lambda: [8, 12, 16])
+    ecg_min_hz: float = Field(100.0, gt=0)
+    ecg_max_hz: float = Field(2000.0, gt=0)
+    ecg_min_seconds: float = Field(5.0, gt=0)
+    ecg_max_seconds: float = Field(120.0, gt=0)
+    ecg_max_abs_mv: float = Field(10.0, gt=0, description="any sample beyond this is an amplifier/unit error")
+    ecg_flat_std_mv: float = Field(0.005, ge=0, description="a lead whose std is below this is flat")
+    clinical_max_missing: float = Field(0.85, gt=0, le=1, description="max share of empty (hour, variable) cells")
+
+
+class DataParams(Strict):
+    root: Path = Path("data/federation")
+    seed: int = 42
+    image_size: int = Field(128, ge=32, le=1024, description="stored image side in pixels")
+    ecg_seconds: int = Field(10, ge=2, le=60)
+    icu_hours: int = Field(24, ge=6, le=168, description="mortality window; sepsis uses twice this")
+    workers: int = Field(2, ge=1, le=64, description="processes used to synthesise ECGs")
+    sizes: Sizes = Sizes()
+    difficulty: Difficulty = Difficulty()
+    gate: GateParams = GateParams()
+    sites: list[SiteSpec] = Field(min_length=1)
+
+    @field_validator("sites")
+    @classmethod
+    def _unique_ids(cls, v: list[SiteSpec]) -> list[SiteSpec]:
+        ids = [s.id for s in v]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"duplicate site id(s) {sorted(dup)}")
+        reserved = {"public", "test"} & set(ids)
+        if reserved:
+            raise ValueError(f"site id(s) {sorted(reserved)} are reserved for the server's splits")
+        return v
+
+
+# ------------------------------------------------------------- sections the later stages fill (typed already)
+class SiteTrainingParams(Strict):
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    fedprox_mu: float = Field(0.0, ge=0)
+    image_input: int = Field(64, ge=16, le=1024, description="loader resizes images to this side")
+    ecg_hz: int = Field(250, ge=50, le=1000, description="loader resamples ECGs to this rate")
+
+
+class FederationParams(Strict):
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    rounds: int = Field(1, ge=1)
+    quorum: int = Field(2, ge=1)
+    max_update_norm: float = Field(1e3, gt=0)
+
+
+class InjectParams(Strict):
+    num_experts: int = Field(12, ge=1)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    gate: Literal["xattn", "id", "single"] = "xattn"
+    foundation_model: str = "smollm2"
+
+
+class EvalParams(Strict):
+    tasks: Literal["all", "train", "zero_shot"] = "all"
+
+
+class TrackingParams(Strict):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str = "fedkim"
+    registered_model: str = "fedkim-foundation"
+
+
+class StoreParams(Strict):
+    kind: Literal["local", "s3"] = "local"
+    root: Path = Path("artifacts")
+    endpoint_url: str | None = None
+    bucket: str = "fedkim"
+
+
+class Params(Strict):
+    data: DataParams
+    site: SiteTrainingParams = SiteTrainingParams()
+    federation: FederationParams = FederationParams()
+    inject: InjectParams = InjectParams()
+    eval: EvalParams = EvalParams()
+    tracking: TrackingParams = TrackingParams()
+    store: StoreParams = StoreParams()
+
+    @model_validator(mode="after")
+    def _catalogue_covered(self) -> "Params":
+        held = {m for s in self.data.sites for m in s.modalities}
+        train_modalities = {t.modality for t in TASKS.values() if t.role == "train"}
+        missing = train_modalities - held
+        if missing:
+            raise ValueError(f"no site holds modality {sorted(missing)}; every training task needs one site")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def default_params_path() -> Path:
+    return Path(os.environ.get("FEDKIM_PARAMS", REPO_ROOT / "params.yaml"))
+
+
+def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml. `overrides` uses dotted keys: {"data.seed": 7}."""
+    path = Path(path) if path is not None else default_params_path()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found (set FEDKIM_PARAMS or pass --params)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    if os.environ.get("FEDKIM_DATA_ROOT"):
+        raw.setdefault("data", {})["root"] = os.environ["FEDKIM_DATA_ROOT"]
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from None
+    return _resolve_paths(params, path.resolve().parent)
+
+
+def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def _resolve_paths(params: Params, base: Path) -> Params:
+    def absolute(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    data = params.data.model_copy(update={"root": absolute(params.data.root)})
+    store = params.store.model_copy(update={"root": absolute(params.store.root)})
+    return params.model_copy(update={"data": data, "store": store})
+
+
+def params_hash(section: BaseModel) -> str:
+    """Stable short hash of a section (paths excluded so that moving the repo keeps caches valid)."""
+    payload = section.model_dump(mode="json", exclude={"root"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ error messages
+def format_validation_error(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: {exc.error_count()} invalid setting(s)"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Params, err["loc"][:-1])
+            lines.append(f"  - {loc}: unknown key; allowed here: {', '.join(allowed)}")
+        elif err["type"] == "literal_error":
+            lines.append(f"  - {loc}: {err['input']!r} is not allowed; {err['msg'].lower()}")
+        else:
+            lines.append(f"  - {loc}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Walk the model tree along `loc` (skipping list indices) and list the field names found there."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            break
+        current = _model_in(field.annotation)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return sorted(current.model_fields)
+    return []
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

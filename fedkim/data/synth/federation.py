@@ -1,0 +1,321 @@
+"""`fedkim data generate`: the default offline federation, written in the site data format.
+
+    <root>/federation.yaml           params hash, seed, time taken, the directories below
+    <root>/site-a ... site-d/        hospitals: only their modalities and conditions, their acquisition
+    <root>/public/                   the server's public split (training tasks, every condition)
+    <root>/test/                     all 12 tasks; zero-shot tasks appear nowhere else
+
+Seeded and cached by a hash of the data params: a second call with the same params reuses what is there. The
+new federation is written beside the old one and swapped in only when complete, so an interrupted run never
+leaves a half-written federation, and a folder that is not a generated federation is never overwritten.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from fedkim.config import DataParams, SiteSpec, params_hash
+from fedkim.data.catalogue import TASKS, TRAIN_TASKS, tasks_for_modality
+from fedkim.data.formats.clinical import write_long
+from fedkim.data.formats.ecg import write_wfdb
+from fedkim.data.formats.image import write_dicom, write_png
+from fedkim.data.formats.text import write_jsonl
+from fedkim.data.siteformat import SiteManifest, finalize_site, write_index
+from fedkim.data.synth import cxr, icu, text
+from fedkim.data.synth.ecg import BeatBank, EcgSpec, NOISES, build_bank, compose
+
+FEDERATION_FILE = "federation.yaml"
+BANK_PER_CLASS = 12
+IMAGE_TASKS = ("lung_opacity", "covid", "enlarged_cardiomediastinum", "pleural_effusion", "atelectasis")
+
+
+class GenerationError(RuntimeError):
+    pass
+
+
+@dataclass
+class GenerationResult:
+    root: Path
+    params_hash: str
+    cached: bool
+    seconds: float
+    sites: list[SiteManifest] = field(default_factory=list)
+
+
+@dataclass
+class _Job:
+    """Everything one worker needs to write one directory."""
+
+    dir_name: str
+    role: str  # hospital | public | test
+    description: str
+    profiles: list[SiteSpec]  # acquisition/condition profiles to draw from (one for a hospital)
+    tasks: dict[str, int]  # task -> number of samples
+    prevalence: float
+    with_val: bool
+
+
+def data_hash(data: DataParams) -> str:
+    return params_hash(data.model_copy(update={"workers": 1, "gate": None}))
+
+
+def generate_federation(data: DataParams, *, force: bool = False, progress: bool = False) -> GenerationResult:
+    root = Path(data.root)
+    digest = data_hash(data)
+    existing = _read_federation_file(root)
+    if existing is not None and existing.get("params_hash") == digest and not force:
+        sites = [SiteManifest.model_validate(yaml.safe_load((root / d / "site.yaml").read_text()))
+                 for d in existing["directories"]]
+        return GenerationResult(root, digest, True, 0.0, sites)
+    if root.exists() and any(root.iterdir()) and existing is None:
+        raise GenerationError(f"{root}: exists and is not a generated federation (no {FEDERATION_FILE}); "
+                              "refusing to overwrite it — choose another data.root or --out")
+
+    started = time.perf_counter()
+    staging = root.with_name(root.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    jobs = _plan(data)
+    workers = max(1, data.workers)
+    bank = build_bank(data.seed, BANK_PER_CLASS, data.difficulty.ecg_effect, data.difficulty.ecg_variability,
+                      workers=workers)
+    args = [(job, data, bank, staging, digest) for job in jobs]
+    manifests: list[SiteManifest] = []
+    with _progress(progress, len(jobs)) as advance:
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for manifest in pool.map(_write_directory, args):
+                    manifests.append(manifest)
+                    advance(manifest.site_id)
+        else:
+            for a in args:
+                manifests.append(_write_directory(a))
+                advance(manifests[-1].site_id)
+    seconds = time.perf_counter() - started
+    federation = {
+        "params_hash": digest, "seed": data.seed, "seconds": round(seconds, 2),
+        "directories": [j.dir_name for j in jobs],
+        "roles": {j.dir_name: j.role for j in jobs},
+        "fingerprints": {m.site_id: m.fingerprint for m in manifests},
+    }
+    (staging / FEDERATION_FILE).write_text(yaml.safe_dump(federation, sort_keys=False))
+    _swap_in(staging, root)
+    return GenerationResult(root, digest, False, seconds, manifests)
+
+
+def _read_federation_file(root: Path) -> dict | None:
+    path = root / FEDERATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+
+
+def _swap_in(staging: Path, root: Path) -> None:
+    old = root.with_name(root.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if root.exists():
+        root.rename(old)
+    staging.rename(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+class _progress:
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda name: None
+        from rich.progress import Progress
+
+        self._bar = Progress(transient=False)
+        self._bar.start()
+        task = self._bar.add_task("writing site directories", total=self.total)
+        return lambda name: self._bar.update(task, advance=1, description=f"wrote {name}")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.stop()
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def _plan(data: DataParams) -> list[_Job]:
+    jobs = []
+    for site in data.sites:
+        n = max(4, round(data.sizes.site_train * site.size_factor))
+        tasks = {t.name: n for m in site.modalities for t in tasks_for_modality(m)}
+        jobs.append(_Job(site.id, "hospital", site.description, [site], tasks, site.prevalence, True))
+    # The server's splits see every site's acquisition but every condition, at full strength.
+    everything = [site.model_copy(update={
+        "opacity_zones": ["upper", "middle", "lower"], "ecg_abnormalities": ["af", "wide_qrs", "t_inversion"],
+        "deterioration": ["shock", "respiratory", "renal"], "signal_scale": 1.0}) for site in data.sites]
+    public_tasks = {name: data.sizes.public for name in TRAIN_TASKS}
+    jobs.append(_Job("public", "public", "server public split: training tasks, every condition",
+                     everything, public_tasks, 0.5, False))
+    test_tasks = {name: data.sizes.test for name in TASKS}
+    jobs.append(_Job("test", "test", "held-out test split: all 12 tasks, zero-shot tasks only here",
+                     everything, test_tasks, 0.5, False))
+    return jobs
+
+
+def _rng(seed: int, *names: str) -> np.random.Generator:
+    return np.random.default_rng([seed, *(zlib.crc32(n.encode()) for n in names)])
+
+
+# --------------------------------------------------------------------------------------------- one directory
+def _write_directory(args) -> SiteManifest:
+    job, data, bank, staging, digest = args
+    out = staging / job.dir_name
+    out.mkdir(parents=True)
+    rows: list[dict] = []
+    for task_name, n in job.tasks.items():
+        rng = _rng(data.seed, job.dir_name, task_name)
+        rows += _write_task(out, job, data, bank, TASKS[task_name], n, rng)
+    write_index(out, pd.DataFrame(rows))
+    return finalize_site(out, site_id=job.dir_name, role=job.role, description=job.description,
+                         generator={"params_hash": digest, "seed": data.seed, "tool": "fedkim data generate"})
+
+
+def _labels(rng, n: int, prevalence: float) -> np.ndarray:
+    labels = np.zeros(n, dtype=np.int8)
+    labels[: max(1, round(n * prevalence))] = 1
+    rng.shuffle(labels)
+    return labels
+
+
+def _splits(rng, labels: np.ndarray, job: _Job, data: DataParams) -> list[str]:
+    if not job.with_val:
+        return [job.role] * len(labels)
+    split = np.array(["train"] * len(labels), dtype=object)
+    for value in (0, 1):  # stratified validation split
+        idx = np.flatnonzero(labels == value)
+        rng.shuffle(idx)
+        split[idx[: max(1, round(len(idx) * data.sizes.val_fraction))]] = "val"
+    return list(split)
+
+
+def _write_task(out: Path, job: _Job, data: DataParams, bank: BeatBank, task, n: int, rng) -> list[dict]:
+    labels = _labels(rng, n, job.prevalence if task.kind == "binary" else 0.5)
+    splits = _splits(rng, labels, job, data)
+    noisy = job.role != "test" and data.difficulty.label_noise > 0
+    rows, long_frames, questions = [], [], []
+    for i, (label, split) in enumerate(zip(labels, splits)):
+        sample_id = f"{job.dir_name}-{task.name}-{i:05d}"
+        profile = job.profiles[rng.integers(len(job.profiles))]
+        row = {"sample_id": sample_id, "task": task.name, "modality": task.modality, "split": split}
+        answer = None
+        if task.modality.startswith("image"):
+            row["image_path"], answer = _make_image(out, rng, data, profile, task.name, int(label), split,
+                                                    sample_id, questions, job.role == "hospital")
+        elif task.modality.startswith("ecg"):
+            row["ecg_path"], answer = _make_ecg(out, rng, data, bank, profile, task.name, int(label), split,
+                                                sample_id, questions)
+        elif task.modality == "clinical":
+            long_frames.append(_make_clinical(rng, data, profile, task.name, int(label), sample_id))
+            row["clinical_path"] = f"clinical/{task.name}_{split}.parquet"
+        else:
+            questions.append(text.make_question(rng, sample_id))
+            answer = questions[-1]["answer"]
+        if task.kind == "binary":
+            observed = int(label) ^ int(noisy and rng.random() < data.difficulty.label_noise)
+            row["label"], row["answer"] = observed, task.answers[observed]
+        else:
+            row["label"], row["answer"] = None, answer
+        if "text" in task.inputs:
+            row["text_path"] = f"text/{task.name}.jsonl"
+        rows.append(row)
+    if long_frames:
+        (out / "clinical").mkdir(exist_ok=True)
+        frame = pd.concat(long_frames, ignore_index=True)
+        split_of = {r["sample_id"]: r["split"] for r in rows}
+        for split, part in frame.groupby(frame["sample_id"].map(split_of)):
+            write_long(out / f"clinical/{task.name}_{split}.parquet", part)
+    if questions:
+        (out / "text").mkdir(exist_ok=True)
+        write_jsonl(out / f"text/{task.name}.jsonl", questions)
+    return rows
+
+
+def _make_image(out, rng, data: DataParams, site: SiteSpec, task: str, label: int, split: str, sample_id: str,
+                questions: list, own_format: bool):
+    side = ("left", "right")[rng.integers(2)]
+    findings = cxr.Findings(side=side, zones=tuple(site.opacity_zones))
+    answer = None
+    if task in IMAGE_TASKS:
+        setattr(findings, task, bool(label))
+    else:  # cxr_vqa: an opacity on one side, or none, and a question about it
+        present = rng.random() < 0.6
+        findings.lung_opacity = present
+        if rng.random() < 0.5:
+            asked = ("left", "right")[rng.integers(2)]
+            question, options = f"Is there an opacity in the {asked} lung?", ["yes", "no"]
+            answer = "yes" if present and asked == side else "no"
+        else:
+            question, options = "On which side is the lung opacity?", ["left", "right", "none"]
+            answer = side if present else "none"
+        questions.append({"sample_id": sample_id, "question": question, "options": options, "answer": answer})
+    acq = site.image
+    acquisition = cxr.Acquisition(exposure=acq.exposure, gamma=acq.gamma, blur=acq.blur,
+                                  noise=data.difficulty.image_noise + acq.noise, rotation_deg=acq.rotation_deg)
+    contrast = data.difficulty.image_contrast * (site.signal_scale if own_format else 1.0)
+    image = cxr.render(rng, data.image_size, findings, acquisition, contrast)
+    folder = out / "images" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    if own_format and site.image_format == "dicom":
+        path = folder / f"{sample_id}.dcm"
+        write_dicom(path, image, sample_id=sample_id, site_id=site.id, monochrome1=acq.monochrome1)
+    else:
+        path = folder / f"{sample_id}.png"
+        write_png(path, image)
+    return path.relative_to(out).as_posix(), answer
+
+
+def _make_ecg(out, rng, data: DataParams, bank: BeatBank, site: SiteSpec, task: str, label: int, split: str,
+              sample_id: str, questions: list):
+    spec = EcgSpec(fs=site.ecg.sampling_rate, seconds=data.ecg_seconds, powerline_hz=site.ecg.powerline_hz,
+                   lead_gain=site.ecg.lead_gain, broadband_mv=data.difficulty.ecg_noise,
+                   signal_scale=site.signal_scale)
+    answer = None
+    if task == "ecg_abnormal":
+        if label:
+            spec.rhythm = site.ecg_abnormalities[rng.integers(len(site.ecg_abnormalities))]
+    elif task == "ectopic_beats":
+        spec.ectopics = int(rng.integers(1, 4)) if label else 0
+        if not label and rng.random() < 0.3:  # abnormal but not ectopic: no "abnormal = yes" shortcut
+            spec.rhythm = ("af", "wide_qrs", "t_inversion")[rng.integers(3)]
+    else:  # ecg_noise_qa
+        spec.noise = NOISES[rng.integers(len(NOISES))]
+        answer = spec.noise
+        questions.append({"sample_id": sample_id, "question": TASKS[task].question, "options": list(NOISES),
+                          "answer": answer})
+    signal = compose(rng, bank, spec)
+    folder = out / "ecg" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    write_wfdb(folder / sample_id, signal, spec.fs, comments=[f"site: {site.id}", "synthetic: neurokit2 ECGSYN"])
+    return (folder / f"{sample_id}.hea").relative_to(out).as_posix(), answer
+
+
+def _make_clinical(rng, data: DataParams, site: SiteSpec, task: str, label: int, sample_id: str) -> pd.DataFrame:
+    drift = data.difficulty.icu_drift * site.signal_scale
+    if task == "mortality":
+        hours = data.icu_hours
+        kind = site.deterioration[rng.integers(len(site.deterioration))] if label else None
+    else:  # sepsis: a different signature over a window twice as long
+        hours = 2 * data.icu_hours
+        kind = "sepsis" if label else None
+    if kind is None and rng.random() < 0.3:  # survivors and non-septic patients can be unwell too
+        kind, drift = ("shock", "respiratory", "renal")[rng.integers(3)], drift * 0.35
+    return icu.simulate_patient(rng, hours, kind, drift, site.lab_interval_h, sample_id)
+

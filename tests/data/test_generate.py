@@ -1,0 +1,123 @@
+"""The generated federation: the site format, reproducibility, caching, heterogeneity, safety of existing data."""
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import yaml
+
+from fedkim.config import load_params
+from fedkim.data.catalogue import TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS
+from fedkim.data.formats.ecg import header_facts
+from fedkim.data.siteformat import INDEX_COLUMNS, compute_fingerprint, count_samples, read_index, read_manifest
+from fedkim.data.synth.federation import GenerationError, generate_federation
+from tests.conftest import small_params_dict
+
+
+def params_at(tmp_path, root, **extra):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(small_params_dict(root, **extra)))
+    return load_params(path)
+
+
+def test_layout_and_manifests(small_federation):
+    root = small_federation.root
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    assert names == ["public", "site-a", "site-b", "site-c", "site-d", "test"]
+    for manifest in small_federation.sites:
+        site_dir = root / manifest.site_id
+        index = read_index(site_dir)
+        assert list(index.columns) == list(INDEX_COLUMNS)
+        assert read_manifest(site_dir) == manifest
+        assert manifest.fingerprint == compute_fingerprint(site_dir)
+        assert manifest.counts == count_samples(index)
+        assert index["sample_id"].is_unique
+        for column in ("image_path", "ecg_path", "clinical_path", "text_path"):
+            for rel in index[column].dropna().unique():
+                assert (site_dir / rel).is_file(), rel
+
+
+def test_zero_shot_tasks_only_in_test_and_sites_hold_only_their_modalities(small_federation):
+    root = small_federation.root
+    params = {s.id: s for s in load_params(root.parent / "params.yaml").data.sites}
+    for site_id, spec in params.items():
+        index = read_index(root / site_id)
+        assert set(index["task"]) <= set(TRAIN_TASKS)
+        assert set(index["modality"]) == set(spec.modalities)
+        assert set(index["split"]) == {"train", "val"}
+    assert set(read_index(root / "public")["task"]) == set(TRAIN_TASKS)
+    test = read_index(root / "test")
+    assert set(test["task"]) == set(TASKS) and set(test["split"]) == {"test"}
+    assert set(ZERO_SHOT_TASKS) <= set(test["task"])
+
+
+def test_labels_and_answers_follow_the_catalogue(small_federation):
+    test = read_index(small_federation.root / "test")
+    for task, rows in test.groupby("task"):
+        spec = TASKS[task]
+        assert set(rows["answer"]) <= set(spec.answers)
+        if spec.kind == "binary":
+            assert set(rows["label"]) == {0, 1}
+            assert (rows["answer"] == rows["label"].map({0: "No", 1: "Yes"})).all()
+        else:
+            assert rows["label"].isna().all()
+
+
+def test_site_heterogeneity_is_real(small_federation):
+    root = small_federation.root
+    c = read_index(root / "site-c")
+    dicom_path = root / "site-c" / c["image_path"].dropna().iloc[0]
+    ds = pydicom.dcmread(dicom_path)
+    assert dicom_path.suffix == ".dcm" and ds.Modality == "DX" and ds.PhotometricInterpretation == "MONOCHROME1"
+    assert read_index(root / "site-a")["image_path"].dropna().str.endswith(".png").all()
+    rate = lambda site: {header_facts(root / site / p)["fs"] for p in read_index(root / site)["ecg_path"].dropna()}
+    assert rate("site-a") == {500.0} and rate("site-b") == {250.0}
+    sizes = {m.site_id: sum(sum(s.values()) for s in m.counts.values()) for m in small_federation.sites}
+    assert sizes["site-d"] < sizes["site-a"] / 3  # the small site
+
+
+def test_reproducible_under_a_seed_and_cached(tmp_path, small_federation):
+    again = generate_federation(params_at(tmp_path, tmp_path / "again").data)
+    assert {m.site_id: m.fingerprint for m in again.sites} == {m.site_id: m.fingerprint for m in small_federation.sites}
+    cached = generate_federation(params_at(tmp_path, tmp_path / "again").data)
+    assert cached.cached and cached.params_hash == again.params_hash
+    other = generate_federation(params_at(tmp_path, tmp_path / "other", **{"data.seed": 7}).data)
+    assert other.params_hash != again.params_hash
+    assert all(a.fingerprint != b.fingerprint for a, b in zip(other.sites, again.sites))
+
+
+def test_changed_params_replace_a_generated_federation_atomically(tmp_path):
+    root = tmp_path / "fed"
+    first = generate_federation(params_at(tmp_path, root, **{"data.sites": _two_sites()}).data)
+    second = generate_federation(params_at(tmp_path, root, **{"data.sites": _two_sites(), "data.seed": 9}).data)
+    assert first.params_hash != second.params_hash and not second.cached
+    assert yaml.safe_load((root / "federation.yaml").read_text())["params_hash"] == second.params_hash
+    assert not (tmp_path / "fed.partial").exists() and not (tmp_path / "fed.old").exists()
+
+
+def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path):
+    root = tmp_path / "hospital-export"
+    root.mkdir()
+    precious = root / "patients.csv"
+    precious.write_text("do not lose me")
+    with pytest.raises(GenerationError, match="not a generated federation"):
+        generate_federation(params_at(tmp_path, root).data)
+    assert precious.read_text() == "do not lose me"
+
+
+def test_clinical_files_are_long_format_with_one_window_per_task(small_federation):
+    root = small_federation.root / "test"
+    index = read_index(root)
+    for task, hours in (("mortality", 24), ("sepsis", 48)):
+        path = root / index[index.task == task]["clinical_path"].iloc[0]
+        frame = pd.read_parquet(path)
+        assert list(frame.columns) == ["sample_id", "hour", "variable", "value"]
+        assert frame["hour"].max() < hours and frame["hour"].max() >= hours - 4
+        assert np.isfinite(frame["value"]).all()
+
+
+def _two_sites():
+    return [
+        {"id": "site-x", "modalities": ["image", "ecg", "clinical"], "size_factor": 0.4},
+        {"id": "site-y", "modalities": ["ecg", "clinical"], "size_factor": 0.4},
+    ]

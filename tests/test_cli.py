@@ -1,0 +1,52 @@
+"""The `fedkim` command line: exit codes and messages."""
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from fedkim.cli import app
+from tests.conftest import small_params_dict
+
+runner = CliRunner()
+
+
+def test_generate_then_cached(tmp_path):
+    params = tmp_path / "params.yaml"
+    raw = small_params_dict(tmp_path / "fed", **{"data.sites": [
+        {"id": "site-x", "modalities": ["image", "ecg", "clinical"], "size_factor": 0.4}]})
+    params.write_text(yaml.safe_dump(raw))
+    first = runner.invoke(app, ["data", "generate", "--params", str(params)])
+    assert first.exit_code == 0, first.output
+    assert "generated in" in first.output and "site-x" in first.output and "test" in first.output
+    second = runner.invoke(app, ["data", "generate", "--params", str(params)])
+    assert second.exit_code == 0 and "reused cached" in second.output
+    out = runner.invoke(app, ["data", "generate", "--params", str(params), "--out", str(tmp_path / "other"),
+                              "--seed", "3"])
+    assert out.exit_code == 0 and (tmp_path / "other" / "federation.yaml").is_file()
+
+
+def test_bad_params_exit_2_naming_the_key(tmp_path):
+    params = tmp_path / "params.yaml"
+    raw = small_params_dict(tmp_path / "fed")
+    raw["data"]["sizes"]["site_trian"] = 5
+    params.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["data", "generate", "--params", str(params)])
+    assert result.exit_code == 2
+    assert "data.sizes.site_trian: unknown key" in result.output and "site_train" in result.output
+
+
+def test_generate_refuses_foreign_folder_with_exit_2(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "keep.txt").write_text("x")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(small_params_dict(tmp_path / "export")))
+    result = runner.invoke(app, ["data", "generate", "--params", str(params)])
+    assert result.exit_code == 2 and "refusing to overwrite" in result.output
+    assert (tmp_path / "export" / "keep.txt").read_text() == "x"
+
+
+def test_params_command_prints_resolved_json(small_params_file):
+    result = runner.invoke(app, ["params", "--params", str(small_params_file)])
+    assert result.exit_code == 0
+    assert json.loads(result.output)["data"]["sizes"]["site_train"] == 24
