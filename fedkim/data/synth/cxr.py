@@ -128,7 +128,7 @@ def _plant(rng, image, lungs, a: _Anatomy, f: Findings, contrast: float) -> np.n
             for _ in range(rng.integers(3, 6)):
                 lateral = np.sign(_lung_x(side, a)) * (a.lung_cx + a.lung_rx * rng.uniform(0.45, 0.8))
                 ggo += _blob(yy, xx, rng.uniform(-0.2, 0.3), lateral, rng.uniform(0.05, 0.09))
-        image = image + 0.3 * contrast * rng.uniform(0.8, 1.2) * lungs * np.clip(ggo, 0, 1.5)
+        image = image + 0.15 * contrast * rng.uniform(0.8, 1.2) * lungs * np.clip(ggo, 0, 1.5)
     if f.pleural_effusion:
         side = f.side or "right"
         cx = _lung_x(side, a)

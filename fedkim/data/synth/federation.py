@@ -12,6 +12,7 @@ leaves a half-written federation, and a folder that is not a generated federatio
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 import zlib
@@ -64,8 +65,19 @@ class _Job:
     with_val: bool
 
 
+def _code_digest() -> str:
+    """The generator's own source: a changed generator must not reuse a federation cached by an older one."""
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*package.glob("synth/*.py"), *package.glob("formats/*.py"), package / "siteformat.py"]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def data_hash(data: DataParams) -> str:
-    return params_hash(data.model_copy(update={"workers": 1, "gate": None}))
+    """Cache key: the data params (paths, worker count and gate thresholds excluded) and the generator code."""
+    params = params_hash(data.model_copy(update={"workers": 1, "gate": None}))
+    return hashlib.sha256((params + _code_digest()).encode()).hexdigest()[:16]
 
 
 def generate_federation(data: DataParams, *, force: bool = False, progress: bool = False) -> GenerationResult:

@@ -1,0 +1,24 @@
+# syntax=docker/dockerfile:1
+# Multi-stage image of fedkim, installed from the same lock as ./run.sh. (Not built on the development machines,
+# which have no Docker engine; linted with hadolint in the tests.)
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY requirements.lock.txt requirements-nodeps.txt pyproject.toml README.md ./
+COPY fedkim ./fedkim
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir torch==2.13.0 \
+    && /opt/venv/bin/pip install --no-cache-dir -r requirements.lock.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps --require-hashes -r requirements-nodeps.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps .
+
+FROM python:3.11-slim
+RUN useradd --create-home --uid 10001 fedkim
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY --chown=fedkim:fedkim params.yaml ./
+ENV PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true \
+    DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=false PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    FEDKIM_PARAMS=/app/params.yaml
+USER 10001
+ENTRYPOINT ["fedkim"]
+CMD ["--help"]
