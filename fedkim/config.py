@@ -143,12 +143,32 @@ class DataParams(Strict):
 
 # ------------------------------------------------------------- sections the later stages fill (typed already)
 class SiteTrainingParams(Strict):
-    epochs: int = Field(2, ge=1)
+    """Local training at a hospital, and the size of the modality encoders it trains."""
+
+    epochs: int = Field(2, ge=1, description="local epochs per modality per round")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
-    fedprox_mu: float = Field(0.0, ge=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    fedprox_mu: float = Field(0.0, ge=0, description="FedProx proximal term (0 = FedAvg clients)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     image_input: int = Field(64, ge=16, le=1024, description="loader resizes images to this side")
-    ecg_hz: int = Field(250, ge=50, le=1000, description="loader resamples ECGs to this rate")
+    ecg_hz: int = Field(100, ge=50, le=1000, description="loader resamples ECGs to this rate")
+    image_patch: int = Field(8, ge=2, description="DeiT patch size")
+    image_hidden: int = Field(64, ge=8, description="DeiT width (paper scale: 192)")
+    image_layers: int = Field(2, ge=1, description="DeiT depth (paper scale: 12)")
+    image_heads: int = Field(2, ge=1)
+    token_dim: int = Field(64, ge=8, description="width of ECG and clinical tokens")
+    clinical_heads: int = Field(4, ge=1)
+    head_hidden: int = Field(64, ge=4, description="hidden width of the task heads")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "SiteTrainingParams":
+        if self.image_input % self.image_patch:
+            raise ValueError(f"image_input {self.image_input} must be a multiple of image_patch {self.image_patch}")
+        if self.image_hidden % self.image_heads or self.token_dim % self.clinical_heads:
+            raise ValueError("image_hidden must divide by image_heads and token_dim by clinical_heads")
+        return self
 
 
 class FederationParams(Strict):

@@ -1,0 +1,187 @@
+"""Server-side aggregation of accepted knowledge packages into the new global encoders and heads.
+
+Averages are taken **per modality**: a key is averaged over the packages that carry it, each weighted by that
+site's `sample_counts[modality of the key]`, so a site without ECG data does not dilute the ECG encoder.
+Keys that no package carries keep the global value; non-float tensors (integer buffers such as BatchNorm's
+`num_batches_tracked`) always come from the global state. Call these only with packages that passed
+`screen_packages`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fedkim.federation.package import PackageManifest, key_modality
+
+Packages = Sequence[tuple[PackageManifest, Mapping[str, torch.Tensor]]]
+
+
+@dataclass
+class ServerOptimizerState:
+    """FedAdam's first and second moments, carried from round to round."""
+
+    m: dict[str, torch.Tensor] = field(default_factory=dict)
+    v: dict[str, torch.Tensor] = field(default_factory=dict)
+    step: int = 0
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors = {f"m.{k}": t.contiguous() for k, t in self.m.items()}
+        tensors |= {f"v.{k}": t.contiguous() for k, t in self.v.items()}
+        save_file(tensors, str(path), metadata={"step": str(self.step)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ServerOptimizerState":
+        with safe_open(str(path), framework="pt") as fh:
+            step = int((fh.metadata() or {}).get("step", 0))
+        tensors = load_file(str(path))
+        m = {k[2:]: t for k, t in tensors.items() if k.startswith("m.")}
+        v = {k[2:]: t for k, t in tensors.items() if k.startswith("v.")}
+        return cls(m, v, step)
+
+
+@dataclass
+class AggregateResult:
+    state_dict: dict[str, torch.Tensor]
+    contributors: dict[str, list[str]]  # modality -> site ids whose parameters entered the average
+    weights: dict[str, dict[str, float]]  # modality -> site id -> normalised weight (sample share)
+    optimizer_state: ServerOptimizerState | None = None
+    strategy: str = "fedavg"
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # fp16/bf16 sums would lose precision
+
+
+def weighted_average(global_state: Mapping[str, torch.Tensor], packages: Packages):
+    """Per-modality weighted average of the float keys the packages carry.
+
+    Returns (averages for those keys, modality -> contributing sites, modality -> site -> weight).
+    """
+    if not packages:
+        raise ValueError("no accepted packages to aggregate")
+    averages: dict[str, torch.Tensor] = {}
+    contributors: dict[str, set[str]] = {}
+    for manifest, state in packages:
+        unknown = sorted(set(state) - set(global_state))
+        if unknown:
+            raise ValueError(f"site {manifest.site_id!r}: key(s) {unknown[:5]} not in the global state; "
+                             f"screen packages before aggregating")
+    for key, ref in global_state.items():
+        if not ref.is_floating_point():
+            continue
+        holders = [(manifest, state[key]) for manifest, state in packages if key in state]
+        if not holders:
+            continue
+        modality = key_modality(key)
+        counts = [manifest.sample_counts.get(modality, 0) for manifest, _ in holders]
+        total = sum(counts)
+        if total <= 0:
+            raise ValueError(f"{key}: no positive sample_counts[{modality!r}] among its packages")
+        acc = torch.zeros(ref.shape, dtype=_acc_dtype(ref.dtype))
+        for n, (_, value) in zip(counts, holders):
+            acc += value.to(acc.dtype) * (n / total)
+        averages[key] = acc
+        contributors.setdefault(modality, set()).update(m.site_id for m, _ in holders)
+    by_site = {m.site_id: m for m, _ in packages}
+    weights = {}
+    for modality, sites in contributors.items():
+        total = sum(by_site[s].sample_counts.get(modality, 0) for s in sites)
+        weights[modality] = {s: by_site[s].sample_counts.get(modality, 0) / total for s in sorted(sites)}
+    return averages, {m: sorted(s) for m, s in contributors.items()}, weights
+
+
+def _assemble(global_state: Mapping[str, torch.Tensor], updated: Mapping[str, torch.Tensor]):
+    # Untouched keys are copied so the result never aliases the caller's global tensors.
+    return {k: updated[k].to(g.dtype) if k in updated else g.detach().clone()
+            for k, g in global_state.items()}
+
+
+def fedavg(global_state: Mapping[str, torch.Tensor], packages: Packages) -> AggregateResult:
+    """FedAvg (McMahan et al.) with per-modality sample weights."""
+    averages, contributors, weights = weighted_average(global_state, packages)
+    return AggregateResult(_assemble(global_state, averages), contributors, weights, strategy="fedavg")
+
+
+def fedprox(global_state: Mapping[str, torch.Tensor], packages: Packages, *,
+            mu: float = 0.0) -> AggregateResult:
+    """FedProx (Li et al.): identical to FedAvg on the server.
+
+    The proximal term mu/2 ||w - w_global||^2 acts in the sites' local training (`site.fedprox_mu`); `mu` is
+    accepted here only so the round records it.
+    """
+    result = fedavg(global_state, packages)
+    result.strategy, result.hparams = "fedprox", {"mu": mu}
+    return result
+
+
+def fedadam(
+    global_state: Mapping[str, torch.Tensor],
+    packages: Packages,
+    *,
+    state: ServerOptimizerState | None = None,
+    lr: float = 1e-2,
+    beta1: float = 0.9,
+    beta2: float = 0.99,
+    tau: float = 1e-3,
+) -> AggregateResult:
+    """FedAdam (Reddi et al. 2021, Alg. 2): Adam on the pseudo-gradient delta = average - global.
+
+    m = b1 m + (1-b1) delta;  v = b2 v + (1-b2) delta^2;  global += lr m / (sqrt(v) + tau).
+    Moments start at 0; no bias correction (as in the paper). Keys that no package carries this round are
+    left alone, moments included, so a modality nobody reported does not drift on old momentum.
+    """
+    averages, contributors, weights = weighted_average(global_state, packages)
+    state = ServerOptimizerState() if state is None else state
+    m, v = dict(state.m), dict(state.v)
+    updated = {}
+    for key, avg in averages.items():
+        ref = global_state[key]
+        g = ref.to(avg.dtype)
+        delta = avg - g
+        m_prev = m.get(key, torch.zeros_like(delta)).to(delta.dtype)
+        v_prev = v.get(key, torch.zeros_like(delta)).to(delta.dtype)
+        if m_prev.shape != delta.shape or v_prev.shape != delta.shape:
+            raise ValueError(f"{key}: optimizer state shape {tuple(m_prev.shape)} does not match the global "
+                             f"{tuple(delta.shape)}")
+        m[key] = beta1 * m_prev + (1 - beta1) * delta
+        v[key] = beta2 * v_prev + (1 - beta2) * delta.square()
+        updated[key] = g + lr * m[key] / (v[key].sqrt() + tau)
+    new_state = ServerOptimizerState(m, v, state.step + 1)
+    return AggregateResult(_assemble(global_state, updated), contributors, weights, new_state, "fedadam",
+                           {"lr": lr, "beta1": beta1, "beta2": beta2, "tau": tau})
+
+
+STRATEGIES = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam}
+
+
+def aggregate(
+    strategy: str,
+    global_state: Mapping[str, torch.Tensor],
+    packages: Packages,
+    *,
+    state: ServerOptimizerState | None = None,
+    **hparams: Any,
+) -> AggregateResult:
+    """Run one named strategy. `state` is FedAdam's optimizer state (the others pass it through untouched)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown aggregation strategy {strategy!r}; allowed: {sorted(STRATEGIES)}")
+    fn = STRATEGIES[strategy]
+    allowed = [p for p in inspect.signature(fn).parameters if p not in ("global_state", "packages", "state")]
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ValueError(f"{strategy} takes no hyperparameter(s) {unknown}; allowed: {allowed}")
+    if strategy == "fedadam":
+        return fn(global_state, packages, state=state, **hparams)
+    result = fn(global_state, packages, **hparams)
+    result.optimizer_state = state
+    return result

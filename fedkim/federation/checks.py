@@ -1,0 +1,148 @@
+"""Server-side admission checks for knowledge packages.
+
+A package that fails any check is excluded from the round with its reasons recorded (for the round manifest);
+it is never averaged in. Every check runs, so a site sees all of its problems at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from fedkim.federation.package import (
+    KEY_PREFIXES,
+    TENSORS_FILE,
+    KnowledgePackage,
+    PackageError,
+    key_modality,
+    read_manifest,
+    read_tensors,
+    sha256_file,
+)
+
+PackageLike = str | Path | KnowledgePackage | tuple
+
+
+@dataclass
+class CheckResult:
+    accepted: bool
+    reasons: list[str] = field(default_factory=list)
+    site_id: str | None = None
+    package: KnowledgePackage | None = None  # the loaded package, when it could be read
+    update_norm: float | None = None
+
+
+def check_package(
+    package: PackageLike,
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    max_update_norm: float,
+    expected_round: str | int | None = None,
+) -> CheckResult:
+    """Check one package (a folder, or an already loaded `(manifest, state_dict)`) against the global model.
+
+    The tensor file's sha256 is checked only for a folder; a loaded package was verified when it was read.
+    """
+    reasons: list[str] = []
+    if isinstance(package, (str, Path)):
+        folder = Path(package)
+        try:
+            manifest = read_manifest(folder)
+        except PackageError as exc:
+            return CheckResult(False, [f"bad manifest schema: {exc}"], site_id=folder.name)
+        if (folder / TENSORS_FILE).is_file():
+            actual = sha256_file(folder / TENSORS_FILE)
+            if actual != manifest.tensors_sha256:
+                reasons.append(f"{TENSORS_FILE}: sha256 {actual} does not match manifest tensors_sha256 "
+                               f"{manifest.tensors_sha256} (file altered or corrupted)")
+        try:
+            state = read_tensors(folder)
+        except PackageError as exc:
+            return CheckResult(False, reasons + [str(exc)], site_id=manifest.site_id)
+    else:
+        manifest, state = package
+
+    if expected_round is not None and manifest.round_id != str(expected_round):
+        reasons.append(f"round_id {manifest.round_id!r} does not match the current round "
+                       f"{str(expected_round)!r}")
+    if not state:
+        reasons.append("package holds no tensors")
+
+    comparable: list[str] = []  # keys whose values can be compared with the global model
+    present: set[str] = set()
+    for key, value in state.items():
+        if not key.startswith(KEY_PREFIXES):
+            reasons.append(f"tensor {key!r}: not an encoder or head parameter (never samples or outputs)")
+            continue
+        if key not in global_state:
+            reasons.append(f"tensor {key!r}: unknown key, not in the global model")
+            continue
+        try:
+            present.add(key_modality(key))
+        except KeyError as exc:
+            reasons.append(str(exc.args[0]))
+        ref = global_state[key]
+        ok = True
+        if tuple(value.shape) != tuple(ref.shape):
+            reasons.append(f"tensor {key!r}: shape {tuple(value.shape)} differs from the global "
+                           f"{tuple(ref.shape)}")
+            ok = False
+        if value.dtype != ref.dtype:
+            reasons.append(f"tensor {key!r}: dtype {value.dtype} differs from the global {ref.dtype}")
+            ok = False
+        if value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                reasons.append(f"tensor {key!r}: {bad} non-finite value(s) (NaN/inf)")
+                ok = False
+        if ok and value.is_floating_point():
+            comparable.append(key)
+
+    # Integer buffers (BatchNorm step counters) are excluded: the server never takes them from sites.
+    norm = math.sqrt(sum(float((state[k].double() - global_state[k].double()).square().sum())
+                         for k in comparable))
+    if not norm <= max_update_norm:
+        reasons.append(f"update norm {norm:.4g} exceeds max_update_norm {max_update_norm:g}")
+
+    for modality in sorted(present):
+        if manifest.sample_counts.get(modality, 0) <= 0:
+            count = manifest.sample_counts.get(modality, "missing")
+            reasons.append(f"sample_counts[{modality!r}] is {count}, "
+                           f"must be positive: the package carries {modality} parameters")
+    return CheckResult(not reasons, reasons, site_id=manifest.site_id,
+                       package=KnowledgePackage(manifest, dict(state)), update_norm=norm)
+
+
+def screen_packages(
+    packages: Iterable[PackageLike],
+    global_state: Mapping[str, torch.Tensor],
+    *,
+    max_update_norm: float,
+    expected_round: str | int | None = None,
+) -> tuple[list[KnowledgePackage], dict[str, list[str]]]:
+    """Split packages into (accepted, rejected site_id -> reasons).
+
+    One package per site: when a site sent two, both are rejected.
+    """
+    accepted: list[KnowledgePackage] = []
+    rejected: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for package in packages:
+        result = check_package(package, global_state, max_update_norm=max_update_norm,
+                               expected_round=expected_round)
+        site = result.site_id or "<unknown>"
+        reasons = list(result.reasons)
+        if site in seen:
+            reasons.append(f"duplicate package for site {site!r} in this round")
+        if reasons:
+            rejected.setdefault(site, []).extend(reasons)
+            # Two packages from one site are ambiguous: neither is used.
+            accepted = [p for p in accepted if p.manifest.site_id != site]
+        else:
+            accepted.append(result.package)
+        seen.add(site)
+    return accepted, rejected

@@ -1,0 +1,1 @@
+"""Site side: modality encoders, task heads and local training (runs at a hospital)."""

@@ -1,0 +1,113 @@
+"""Site model: modality encoders that emit token sequences, and one head per training task.
+
+State-dict keys are `encoders.<modality>.*` and `heads.<task>.*`: the knowledge package and the per-modality
+aggregation rely on that naming. Encoders are what the foundation model later consumes (through projectors).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DeiTConfig, DeiTModel
+
+from fedkim.config import DataParams, SiteTrainingParams
+from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.formats.clinical import VARIABLES
+
+MODALITIES = ("image", "ecg", "clinical")
+
+
+class ImageEncoder(nn.Module):
+    """A DeiT-style ViT (CLS + distillation token + patches) from a transformers config, random init."""
+
+    def __init__(self, p: SiteTrainingParams):
+        super().__init__()
+        config = DeiTConfig(image_size=p.image_input, patch_size=p.image_patch, num_channels=1,
+                            hidden_size=p.image_hidden, num_hidden_layers=p.image_layers,
+                            num_attention_heads=p.image_heads, intermediate_size=2 * p.image_hidden)
+        self.vit = DeiTModel(config, add_pooling_layer=False)
+        self.out_dim = p.image_hidden
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        image = (batch["image"] - 0.5) / 0.25  # fixed normalisation: sites must agree without sharing data
+        return self.vit(pixel_values=image).last_hidden_state  # (B, 2 + patches, hidden)
+
+
+class EcgEncoder(nn.Module):
+    """Conv1d stack over the 12 leads, then a per-lead linear map of the time axis: one token per lead."""
+
+    def __init__(self, p: SiteTrainingParams, samples: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv1d(12, 12, kernel_size=7, padding=3), nn.BatchNorm1d(12), nn.ReLU(),
+            nn.Conv1d(12, 12, kernel_size=7, padding=3), nn.BatchNorm1d(12), nn.ReLU(),
+        )
+        self.to_token = nn.Linear(samples, p.token_dim)
+        self.out_dim = p.token_dim
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.to_token(self.conv(batch["ecg"]))  # (B, 12, token_dim)
+
+
+class ClinicalEncoder(nn.Module):
+    """Hourly values + measurement mask -> transformer encoder (batch_first) -> one token per hour."""
+
+    def __init__(self, p: SiteTrainingParams):
+        super().__init__()
+        width = p.token_dim
+        self.inp = nn.Sequential(nn.Linear(2 * len(VARIABLES), width), nn.ReLU())
+        self.layer = nn.TransformerEncoderLayer(width, p.clinical_heads, dim_feedforward=2 * width, dropout=0.1,
+                                                batch_first=True)
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, width))
+        self.out_dim = width
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        x = torch.cat([batch["clinical"], batch["clinical_mask"]], dim=-1)
+        return self.out(self.layer(self.inp(x)))  # (B, hours, token_dim)
+
+
+class TaskHead(nn.Module):
+    """Mean-pool the tokens, MLP, one logit."""
+
+    def __init__(self, in_dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.mlp(tokens.mean(dim=1)).squeeze(-1)
+
+
+def build_encoder(modality: str, p: SiteTrainingParams, data: DataParams) -> nn.Module:
+    if modality == "image":
+        return ImageEncoder(p)
+    if modality == "ecg":
+        return EcgEncoder(p, samples=p.ecg_hz * data.ecg_seconds)
+    if modality == "clinical":
+        return ClinicalEncoder(p)
+    raise ValueError(f"unknown modality {modality!r}; allowed: {MODALITIES}")
+
+
+class SiteModel(nn.Module):
+    def __init__(self, modalities, p: SiteTrainingParams, data: DataParams, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)  # same seed everywhere: round 1 starts every site from one global init
+        self.encoders = nn.ModuleDict({m: build_encoder(m, p, data) for m in MODALITIES if m in modalities})
+        self.heads = nn.ModuleDict({
+            t: TaskHead(self.encoders[TASKS[t].modality].out_dim, p.head_hidden)
+            for t in TRAIN_TASKS if TASKS[t].modality in self.encoders
+        })
+
+    def forward(self, batch: dict, task: str) -> torch.Tensor:
+        tokens = self.encoders[TASKS[task].modality](batch)
+        return self.heads[task](tokens)
+
+
+def global_model(p: SiteTrainingParams, data: DataParams, seed: int = 0) -> SiteModel:
+    """The federation's model: every modality and every training head (what aggregation keeps)."""
+    return SiteModel(MODALITIES, p, data, seed)
+
+
+def load_subset(model: SiteModel, state: dict[str, torch.Tensor]) -> None:
+    """Load the entries of `state` that this (possibly partial) model has."""
+    own = model.state_dict()
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)

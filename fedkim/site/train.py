@@ -1,0 +1,157 @@
+"""Local training at one hospital: start from the global model, train each held modality's encoder and heads on
+the site's train split (modalities in turn, as the reference code), report validation metrics.
+
+AdamW, gradient clipping, bf16 autocast on CUDA, optional FedProx proximal term on the parameters being trained.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from torch.utils.data import DataLoader
+
+from fedkim.config import DataParams, SiteTrainingParams
+from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.loaders import SiteDataset, collate
+from fedkim.data.siteformat import read_index, read_manifest
+from fedkim.site.model import SiteModel, load_subset
+
+
+@dataclass
+class LocalResult:
+    site_id: str
+    state_dict: dict[str, torch.Tensor]
+    sample_counts: dict[str, int]  # modality -> training samples used
+    task_counts: dict[str, int]
+    metrics: dict[str, dict[str, float]]  # task -> validation metrics
+    seconds: float
+    data_fingerprint: str = ""
+    losses: list[float] = field(default_factory=list)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def task_loader(site_dir: Path, task: str, split: str, p: SiteTrainingParams, data: DataParams, *,
+                shuffle: bool, seed: int) -> DataLoader:
+    dataset = SiteDataset(site_dir, split=split, tasks=[task], image_size=p.image_input, ecg_hz=p.ecg_hz,
+                          ecg_seconds=data.ecg_seconds,
+                          hours={"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours})
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=p.batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+
+
+def train_site(site_dir: str | Path, global_state: dict[str, torch.Tensor], p: SiteTrainingParams,
+               data: DataParams, *, seed: int = 0, progress: bool = False) -> LocalResult:
+    site_dir = Path(site_dir)
+    started = time.perf_counter()
+    manifest = read_manifest(site_dir)
+    index = read_index(site_dir)
+    tasks = [t for t in TRAIN_TASKS if (index["task"] == t).any() and (index[index.task == t].split == "train").any()]
+    modalities = sorted({TASKS[t].modality for t in tasks})
+    device = pick_device(p.device)
+    model = SiteModel(modalities, p, data, seed=seed)
+    load_subset(model, global_state)
+    model.to(device)
+    anchor = {k: v.detach().clone().to(device) for k, v in model.state_dict().items()} if p.fedprox_mu > 0 else None
+
+    task_counts = {t: int(((index.task == t) & (index.split == "train")).sum()) for t in tasks}
+    sample_counts = {m: sum(n for t, n in task_counts.items() if TASKS[t].modality == m) for m in modalities}
+    losses: list[float] = []
+    bar = _Bar(progress, f"{manifest.site_id} local training",
+               total=p.epochs * sum(-(-n // p.batch_size) for n in task_counts.values()))
+    for modality in modalities:
+        params = [*model.encoders[modality].parameters(),
+                  *(q for t in tasks if TASKS[t].modality == modality for q in model.heads[t].parameters())]
+        optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+        loaders = {t: task_loader(site_dir, t, "train", p, data, shuffle=True, seed=seed)
+                   for t in tasks if TASKS[t].modality == modality}
+        model.train()
+        for _ in range(p.epochs):
+            for task, loader in loaders.items():
+                for batch in loader:
+                    loss = _step(model, optimizer, to_device(batch, device), task, params, p, anchor)
+                    losses.append(loss)
+                    bar.advance(loss)
+    bar.close()
+    metrics = {t: evaluate_head(model, site_dir, t, p, data, device) for t in tasks}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return LocalResult(manifest.site_id, state, sample_counts, task_counts, metrics,
+                       time.perf_counter() - started, manifest.fingerprint, losses)
+
+
+def _step(model, optimizer, batch, task, params, p: SiteTrainingParams, anchor) -> float:
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["label"].is_cuda):
+        logits = model(batch, task)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["label"].float())
+    if anchor is not None:  # FedProx: stay close to the global model on what this step trains
+        named = dict(model.named_parameters())
+        trained = {id(q) for q in params}
+        prox = sum(((q - anchor[k]) ** 2).sum() for k, q in named.items() if id(q) in trained)
+        loss = loss + 0.5 * p.fedprox_mu * prox
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def predict(model: SiteModel, loader: DataLoader, task: str, device) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    scores, labels = [], []
+    for batch in loader:
+        batch = to_device(batch, device)
+        scores.append(torch.sigmoid(model(batch, task).float()).cpu().numpy())
+        labels.append(batch["label"].cpu().numpy())
+    return np.concatenate(scores), np.concatenate(labels)
+
+
+def binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    predicted = (scores >= 0.5).astype(int)
+    out = {"accuracy": float(accuracy_score(labels, predicted)),
+           "f1": float(f1_score(labels, predicted, zero_division=0)), "n": int(len(labels))}
+    out["auroc"] = float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) == 2 else float("nan")
+    return out
+
+
+def evaluate_head(model, site_dir, task, p, data, device, split: str = "val") -> dict[str, float]:
+    loader = task_loader(site_dir, task, split, p, data, shuffle=False, seed=0)
+    if len(loader.dataset) == 0:
+        return {}
+    scores, labels = predict(model, loader, task, device)
+    return binary_metrics(labels, scores)
+
+
+class _Bar:
+    """A rich progress bar when asked for, silent otherwise."""
+
+    def __init__(self, enabled: bool, label: str, total: int):
+        self.progress = None
+        if enabled:
+            from rich.progress import Progress
+
+            self.progress = Progress(transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(label, total=total)
+            self.label = label
+
+    def advance(self, loss: float) -> None:
+        if self.progress:
+            self.progress.update(self.task, advance=1, description=f"{self.label} loss {loss:.3f}")
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()

@@ -1,0 +1,84 @@
+"""Site encoders, heads and local training."""
+
+import pytest
+import torch
+
+from fedkim.config import load_params
+from fedkim.site.model import SiteModel, global_model, load_subset
+from fedkim.site.train import binary_metrics, train_site
+
+
+@pytest.fixture(scope="module")
+def params(small_params_file):
+    return load_params(small_params_file, {"site.epochs": 2, "site.batch_size": 8})
+
+
+def test_encoders_emit_token_sequences(params):
+    model = global_model(params.site, params.data)
+    p, d = params.site, params.data
+    batch = {"image": torch.rand(3, 1, p.image_input, p.image_input),
+             "ecg": torch.randn(3, 12, p.ecg_hz * d.ecg_seconds),
+             "clinical": torch.randn(3, 24, 9), "clinical_mask": torch.ones(3, 24, 9)}
+    patches = (p.image_input // p.image_patch) ** 2
+    assert model.encoders["image"](batch).shape == (3, patches + 2, p.image_hidden)
+    assert model.encoders["ecg"](batch).shape == (3, 12, p.token_dim)
+    assert model.encoders["clinical"](batch).shape == (3, 24, p.token_dim)
+    assert model(batch, "mortality").shape == (3,)
+
+
+def test_clinical_encoder_does_not_mix_samples(params):
+    """batch_first=True: a sample's tokens do not depend on the other samples of its batch."""
+    encoder = global_model(params.site, params.data).encoders["clinical"].eval()
+    x = {"clinical": torch.randn(4, 24, 9), "clinical_mask": torch.ones(4, 24, 9)}
+    alone = encoder({k: v[:1] for k, v in x.items()})
+    assert torch.allclose(encoder(x)[:1], alone, atol=1e-5)
+
+
+def test_state_dict_naming_and_partial_sites(params):
+    full = global_model(params.site, params.data)
+    keys = full.state_dict().keys()
+    assert all(k.startswith(("encoders.", "heads.")) for k in keys)
+    assert {k.split(".")[1] for k in keys if k.startswith("heads.")} == {"lung_opacity", "covid", "ecg_abnormal",
+                                                                          "mortality"}
+    ecg_only = SiteModel(["ecg"], params.site, params.data, seed=5)
+    assert set(ecg_only.heads) == {"ecg_abnormal"}
+    load_subset(ecg_only, full.state_dict())
+    for k, v in ecg_only.state_dict().items():
+        assert torch.equal(v, full.state_dict()[k])
+
+
+def test_local_training_learns_and_touches_only_held_modalities(params, small_federation):
+    start = global_model(params.site, params.data).state_dict()
+    result = train_site(small_federation.root / "site-b", start, params.site, params.data, seed=1)
+    assert set(result.sample_counts) == {"ecg", "clinical"}
+    assert result.sample_counts["ecg"] == result.task_counts["ecg_abnormal"] > 0
+    assert not any(k.startswith("encoders.image") for k in result.state_dict)
+    changed = [k for k, v in result.state_dict.items() if v.is_floating_point() and not torch.equal(v, start[k])]
+    assert any(k.startswith("encoders.ecg") for k in changed) and any(k.startswith("heads.mortality") for k in changed)
+    assert set(result.metrics) == {"ecg_abnormal", "mortality"}
+    assert all(0 <= m["accuracy"] <= 1 for m in result.metrics.values())
+    assert result.data_fingerprint and len(result.losses) > 0
+
+
+def test_training_is_deterministic_on_cpu(params, small_federation):
+    start = global_model(params.site, params.data).state_dict()
+    a = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
+    b = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_fedprox_keeps_weights_closer_to_the_global_model(params, small_federation):
+    start = global_model(params.site, params.data).state_dict()
+    plain = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
+    prox_params = params.site.model_copy(update={"fedprox_mu": 50.0})
+    prox = train_site(small_federation.root / "site-d", start, prox_params, params.data, seed=3)
+    distance = lambda r: sum(float(((r.state_dict[k] - start[k]) ** 2).sum()) for k in r.state_dict
+                             if r.state_dict[k].is_floating_point() and "running" not in k)
+    assert distance(prox) < distance(plain)
+
+
+def test_binary_metrics_use_sklearn_definitions():
+    import numpy as np
+
+    m = binary_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]))
+    assert m["accuracy"] == 0.5 and m["auroc"] == 0.75 and m["f1"] == 0.5
