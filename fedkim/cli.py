@@ -79,6 +79,31 @@ def data_validate(
     raise typer.Exit(0 if report.success else 1)
 
 
+@app.command("experiment")
+def experiment(
+    out: Path = typer.Option(..., "--out", help="folder for comparison.md, comparison.json and per-variant runs"),
+    params: Optional[Path] = ParamsOption,
+    variants: Optional[str] = typer.Option(None, help="comma-separated subset (default: all)"),
+    rounds: Optional[int] = typer.Option(None, help="override federation.rounds"),
+    fm: Optional[str] = typer.Option(None, "--fm", help="override inject.foundation_model (smollm2, tiny, a folder)"),
+) -> None:
+    """Run FedKIM and every baseline and ablation (multi-round), then compare them on the test split."""
+    from fedkim.data.synth.federation import generate_federation
+    from fedkim.experiment import VARIANTS, run_experiment
+
+    overrides = {k: v for k, v in {"federation.rounds": rounds, "inject.foundation_model": fm}.items() if v is not None}
+    cfg = _params(params, overrides)
+    names = [v.strip() for v in variants.split(",")] if variants else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        err_console.print(f"[red]error:[/red] unknown variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
+        raise typer.Exit(2)
+    generate_federation(cfg.data)  # cached: a no-op when the federation already matches params
+    comparison = run_experiment(cfg, out, names, progress=True)
+    console.print((out / "comparison.md").read_text(), markup=False)
+    console.print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
+
+
 @app.command("params")
 def show_params(params: Optional[Path] = ParamsOption) -> None:
     """Validate params.yaml and print the resolved values."""

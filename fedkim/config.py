@@ -179,15 +179,43 @@ class FederationParams(Strict):
 
 
 class InjectParams(Strict):
+    """Server-side injection: the FM, M3OE, and how experts, gate, projectors (and encoders) are trained."""
+
+    foundation_model: str = Field("smollm2", description="'smollm2', 'tiny' (tests) or a local HF model folder")
     num_experts: int = Field(12, ge=1)
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    scale_one: bool = Field(False, description="reproduce the reference code's LoRA scale 1.0 instead of alpha/r")
     gate: Literal["xattn", "id", "single"] = "xattn"
-    foundation_model: str = "smollm2"
+    top_k: int | None = Field(None, ge=1)
+    balance_weight: float = Field(0.0, ge=0)
+    lm_head: bool = Field(False, description="experts on the LM head too")
+    train_encoders: bool = Field(True, description="fine-tune the injected encoders on the public split")
+    epochs: int = Field(1, ge=1, description="passes over the public split per round")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup: float = Field(0.1, ge=0, lt=1, description="share of steps of linear warm-up, then linear decay")
+    grad_clip: float = Field(1.0, gt=0)
+    task_order: Literal["sequential", "interleaved"] = "sequential"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _gate(self) -> "InjectParams":
+        if self.gate == "single" and self.num_experts != 1:
+            raise ValueError("gate 'single' is a plain LoRA: set num_experts to 1")
+        if self.top_k is not None and self.top_k > self.num_experts:
+            raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
+        return self
 
 
 class EvalParams(Strict):
     tasks: Literal["all", "train", "zero_shot"] = "all"
+    batch_size: int = Field(16, ge=1)
+    max_per_task: int | None = Field(None, ge=1, description="evaluate at most this many test samples per task")
+    generate: bool = Field(False, description="also report greedy generation (slower)")
 
 
 class TrackingParams(Strict):

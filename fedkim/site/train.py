@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from fedkim.config import DataParams, SiteTrainingParams
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
@@ -44,21 +44,32 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def task_loader(site_dir: Path, task: str, split: str, p: SiteTrainingParams, data: DataParams, *,
+def task_loader(site_dirs: Path | list[Path], task: str, split: str, p: SiteTrainingParams, data: DataParams, *,
                 shuffle: bool, seed: int) -> DataLoader:
-    dataset = SiteDataset(site_dir, split=split, tasks=[task], image_size=p.image_input, ecg_hz=p.ecg_hz,
-                          ecg_seconds=data.ecg_seconds,
-                          hours={"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours})
+    """Batches of one task from one site, or from several pooled (the centralised oracle)."""
+    parts = [SiteDataset(d, split=split, tasks=[task], image_size=p.image_input, ecg_hz=p.ecg_hz,
+                         ecg_seconds=data.ecg_seconds, hours={"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours})
+             for d in ([site_dirs] if isinstance(site_dirs, (str, Path)) else site_dirs)]
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=p.batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
-def train_site(site_dir: str | Path, global_state: dict[str, torch.Tensor], p: SiteTrainingParams,
+def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.Tensor], p: SiteTrainingParams,
                data: DataParams, *, seed: int = 0, progress: bool = False) -> LocalResult:
-    site_dir = Path(site_dir)
+    """Train at one site; given a list of site folders, train on their data pooled (the centralised oracle)."""
+    if isinstance(site_dir, (list, tuple)):
+        import pandas as pd
+
+        site_dir = [Path(d) for d in site_dir]
+        site_id, fingerprint = "pooled", ""
+        index = pd.concat([read_index(d) for d in site_dir], ignore_index=True)
+    else:
+        site_dir = Path(site_dir)
+        manifest = read_manifest(site_dir)
+        site_id, fingerprint = manifest.site_id, manifest.fingerprint
+        index = read_index(site_dir)
     started = time.perf_counter()
-    manifest = read_manifest(site_dir)
-    index = read_index(site_dir)
     tasks = [t for t in TRAIN_TASKS if (index["task"] == t).any() and (index[index.task == t].split == "train").any()]
     modalities = sorted({TASKS[t].modality for t in tasks})
     device = pick_device(p.device)
@@ -70,7 +81,7 @@ def train_site(site_dir: str | Path, global_state: dict[str, torch.Tensor], p: S
     task_counts = {t: int(((index.task == t) & (index.split == "train")).sum()) for t in tasks}
     sample_counts = {m: sum(n for t, n in task_counts.items() if TASKS[t].modality == m) for m in modalities}
     losses: list[float] = []
-    bar = _Bar(progress, f"{manifest.site_id} local training",
+    bar = _Bar(progress, f"{site_id} local training",
                total=p.epochs * sum(-(-n // p.batch_size) for n in task_counts.values()))
     for modality in modalities:
         params = [*model.encoders[modality].parameters(),
@@ -88,8 +99,8 @@ def train_site(site_dir: str | Path, global_state: dict[str, torch.Tensor], p: S
     bar.close()
     metrics = {t: evaluate_head(model, site_dir, t, p, data, device) for t in tasks}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return LocalResult(manifest.site_id, state, sample_counts, task_counts, metrics,
-                       time.perf_counter() - started, manifest.fingerprint, losses)
+    return LocalResult(site_id, state, sample_counts, task_counts, metrics,
+                       time.perf_counter() - started, fingerprint, losses)
 
 
 def _step(model, optimizer, batch, task, params, p: SiteTrainingParams, anchor) -> float:

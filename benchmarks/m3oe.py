@@ -1,0 +1,194 @@
+"""What M3OE costs: training step against one LoRA and against a loop over experts; merged inference against the base.
+
+Setup: the SmolLM2 FM, 12 experts of rank 8 on every attention and MLP linear, a batch of 8 x 40 tokens, a training
+step = forward + backward of the LM loss (no optimiser step, for every variant). Variants, timed interleaved in one
+process (median over steps after warm-up):
+  (a) M3OE (gate from the task and modality descriptions, batched experts);
+  (b) one rank-8 peft LoRA on the same targets;
+  (c) LoRAMoE-style: the same gate, but a Python loop over experts, each a LoRA over the whole batch;
+  (d) inference of one (task, modality) mixture exported with `merge` and merged into the weights, against the bare FM.
+
+    python -m benchmarks.m3oe [--steps 7] [--threads N]   -> one JSON object on stdout
+Targets: m3oe_vs_single_lora <= 1.25, loop_vs_m3oe >= 2, merged_vs_base <= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from fedkim.central.foundation import load_foundation
+from fedkim.central.m3oe import DEFAULT_TARGETS, GateState, M3OEConfig, attach_m3oe, merge
+from fedkim.data.catalogue import TASKS
+
+BATCH, SEQ, EXPERTS, RANK = 8, 40, 12, 8
+
+
+class LoopMoELinear(nn.Module):
+    """Reference LoRAMoE-style layer: P separate LoRA modules, each run over the whole batch, summed with the gate."""
+
+    def __init__(self, base: nn.Linear, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dropout: float,
+                 state: GateState):
+        super().__init__()
+        self.base, self.scaling, self.state = base, scaling, state
+        self.dropout = nn.Dropout(dropout)
+        self.lora_a = nn.ModuleList(nn.Linear(base.in_features, lora_a.shape[1], bias=False) for _ in lora_a)
+        self.lora_b = nn.ModuleList(nn.Linear(lora_b.shape[2], base.out_features, bias=False) for _ in lora_b)
+        with torch.no_grad():
+            for p in range(len(lora_a)):
+                self.lora_a[p].weight.copy_(lora_a[p])
+                self.lora_b[p].weight.copy_(lora_b[p])
+
+    def forward(self, x):
+        out = self.base(x)
+        x = self.dropout(x)
+        g = self.state.weights.to(x.dtype) * self.scaling
+        for p, (a, b) in enumerate(zip(self.lora_a, self.lora_b)):
+            out = out + g[:, p, None, None] * b(a(x))
+        return out
+
+
+def to_loop(m3oe) -> None:
+    """Replace every M3OELinear of the FM with the loop reference (same base, experts, gate state)."""
+    for name, layer in m3oe.layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(m3oe.model.get_submodule(parent), child,
+                LoopMoELinear(layer.base, layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling,
+                              m3oe.config.dropout, layer.state))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 7 CPU, 20 CUDA)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all cores)")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.set_num_threads(args.threads)
+    steps = args.steps or (20 if cuda else 7)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    torch.manual_seed(0)
+
+    foundation = load_foundation("smollm2")
+    base_model, tokenizer = foundation.model.to(device), foundation.tokenizer
+    frozen = {id(t): t for t in [*base_model.parameters(), *base_model.buffers()]}
+
+    def fm(share: bool = True):
+        """A copy of the FM; it shares the frozen weights with the others unless a merge will write into them."""
+        return copy.deepcopy(base_model, memo=dict(frozen) if share else None)
+
+    ids = torch.randint(0, tokenizer.vocab_size, (BATCH, SEQ), device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    # a realistic batch mixes the four training tasks
+    train = [TASKS[n] for n in ("lung_opacity", "covid", "ecg_abnormal", "mortality")]
+    tasks = [train[i % 4].task_description for i in range(BATCH)]
+    modalities = [train[i % 4].modality_description for i in range(BATCH)]
+    config = M3OEConfig(num_experts=EXPERTS, rank=RANK, alpha=16.0, dropout=0.1, targets=DEFAULT_TARGETS)
+
+    m3oe_model = fm()
+    m3oe = attach_m3oe(m3oe_model, config, tokenizer)
+    lora_model = get_peft_model(fm(), LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.1,
+                                                 target_modules=list(DEFAULT_TARGETS)))
+    loop_model = fm()
+    loop = attach_m3oe(loop_model, config, tokenizer)
+    loop.load_state_dict(m3oe.state_dict())
+    to_loop(loop)
+    for model in (m3oe_model, lora_model, loop_model):
+        model.train()
+    m3oe.train()
+    loop.train()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def measure(fns: dict, rounds: int) -> dict[str, float]:
+        """Median ms per call. Interleaved, with the order rotated each round, so that drifts in machine speed
+        (other processes on a shared CPU) and cache effects hit every variant alike."""
+        times = {k: [] for k in fns}
+        names = list(fns)
+        for i in range(args.warmup + rounds):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                sync()
+                start = time.perf_counter()
+                fns[name]()
+                sync()
+                if i >= args.warmup:
+                    times[name].append((time.perf_counter() - start) * 1000)
+        return {k: statistics.median(v) for k, v in times.items()}
+
+    def step(model, controller=None):
+        def run():
+            model.zero_grad(set_to_none=True)
+            if controller is not None:
+                controller.zero_grad(set_to_none=True)
+            with autocast():
+                if controller is not None:
+                    controller.set_gate(tasks, modalities)  # the gate is part of every M3OE step
+                loss = model(**inputs).loss
+            loss.backward()
+        return run
+
+    train_ms = measure({"m3oe": step(m3oe_model, m3oe), "single_lora": step(lora_model),
+                        "loop": step(loop_model, loop)}, steps)
+
+    # (d) inference: the exported mixture of one pair, merged into a clean FM, against the bare FM
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for layer in m3oe.layers.values():  # a non-trivial mixture (B starts at zero)
+            layer.lora_B.normal_(0, 0.01)
+        folder = merge(m3oe, tasks[0], modalities[0], tmp)
+        merged_model = PeftModel.from_pretrained(fm(share=False), folder).merge_and_unload().eval()
+    base_model.eval()
+    m3oe_model.eval()
+    m3oe.eval()
+    fwd = {k: v for k, v in inputs.items() if k != "labels"}
+
+    def infer(model, controller=None):
+        def run():
+            with torch.inference_mode(), autocast():
+                if controller is not None:
+                    controller.set_gate(tasks[:1] * BATCH, modalities[:1] * BATCH)
+                model(**fwd)
+        return run
+
+    infer_ms = measure({"base": infer(base_model), "merged": infer(merged_model),
+                        "m3oe_unmerged": infer(m3oe_model, m3oe)}, 3 * steps)
+
+    result = {
+        "m3oe_vs_single_lora": round(train_ms["m3oe"] / train_ms["single_lora"], 3),
+        "loop_vs_m3oe": round(train_ms["loop"] / train_ms["m3oe"], 3),
+        "merged_vs_base": round(infer_ms["merged"] / infer_ms["base"], 3),
+        "unmerged_m3oe_vs_base": round(infer_ms["m3oe_unmerged"] / infer_ms["base"], 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "ms_per_train_step": {k: round(v, 2) for k, v in train_ms.items()},
+        "ms_per_forward": {k: round(v, 2) for k, v in infer_ms.items()},
+        "train_step": "forward + backward, no optimiser step",
+        "trainable_params": {"m3oe": sum(p.numel() for p in m3oe.trainable_parameters()),
+                             "single_lora": sum(p.numel() for p in lora_model.parameters() if p.requires_grad)},
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "dtype": "bf16 autocast" if cuda else "fp32",
+        "threads": torch.get_num_threads(),
+        "batch": [BATCH, SEQ], "experts": EXPERTS, "rank": RANK, "steps": steps, "warmup": args.warmup,
+    }
+    if cuda:
+        result["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    result["targets_met"] = {"m3oe_vs_single_lora": result["m3oe_vs_single_lora"] <= 1.25,
+                             "loop_vs_m3oe": result["loop_vs_m3oe"] >= 2.0,
+                             "merged_vs_base": result["merged_vs_base"] <= 1.05}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

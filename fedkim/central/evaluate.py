@@ -1,0 +1,95 @@
+"""Evaluation on the test split: all 12 tasks, zero-shot ones with their own descriptions in the gate.
+
+Binary tasks are scored deterministically from log p("Yes") − log p("No") (accuracy, F1, AUROC, MCC);
+multi-answer questions take the highest-scoring option (accuracy, macro F1). Greedy generation is a secondary
+report. The primary figure per task is F1 for binary tasks and accuracy for questions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
+from torch.utils.data import DataLoader
+
+from fedkim.central.inject import dataset_for
+from fedkim.central.model import CentralModel
+from fedkim.config import DataParams, EvalParams, SiteTrainingParams
+from fedkim.data.catalogue import TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS
+from fedkim.data.loaders import collate
+from fedkim.site.train import to_device
+
+
+def select_tasks(which: str) -> tuple[str, ...]:
+    return {"all": tuple(TASKS), "train": TRAIN_TASKS, "zero_shot": ZERO_SHOT_TASKS}[which]
+
+
+@torch.no_grad()
+def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: SiteTrainingParams, data: DataParams,
+             *, tasks: tuple[str, ...] | None = None) -> dict:
+    started = time.perf_counter()
+    model.eval()
+    device = model.projectors[next(iter(model.projectors))].weight.device if len(model.projectors) else "cpu"
+    out: dict = {"tasks": {}}
+    for task in tasks or select_tasks(p.tasks):
+        dataset = dataset_for(Path(test_dir), task, "test", site, data, limit=p.max_per_task)
+        if len(dataset) == 0:
+            continue
+        out["tasks"][task] = evaluate_task(model, dataset, task, p, device)
+    out |= summarise(out["tasks"])
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device) -> dict:
+    spec = TASKS[task]
+    scores, predicted, truth, generated = [], [], [], []
+    for batch in DataLoader(dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate):
+        batch = to_device(batch, device)
+        options = batch.get("options") or [list(spec.answers)] * len(batch["answer"])
+        logp = model.option_logprobs(batch, task, options)
+        for row, opts in zip(logp, options):
+            predicted.append(opts[int(row.argmax())])
+            if spec.kind == "binary":
+                scores.append(float(row[opts.index("Yes")] - row[opts.index("No")]))
+        truth += list(batch["answer"])
+        if p.generate:
+            generated += model.generate(batch, task)
+    result = {"n": len(truth), "kind": spec.kind, "role": spec.role}
+    if spec.kind == "binary":
+        y = np.array([a == "Yes" for a in truth], dtype=int)
+        yhat = np.array([a == "Yes" for a in predicted], dtype=int)
+        result |= {"accuracy": accuracy_score(y, yhat), "f1": f1_score(y, yhat, zero_division=0),
+                   "mcc": matthews_corrcoef(y, yhat),
+                   "auroc": roc_auc_score(y, scores) if len(set(y.tolist())) == 2 else math.nan}
+        result["primary"] = result["f1"]
+    else:
+        result |= {"accuracy": accuracy_score(truth, predicted),
+                   "macro_f1": f1_score(truth, predicted, average="macro", zero_division=0),
+                   "chance": float(np.mean([1 / len(TASKS[task].answers)]))}
+        result["primary"] = result["accuracy"]
+    if generated:
+        result["generation_exact_match"] = float(np.mean([g.strip().lower().startswith(t.lower())
+                                                          for g, t in zip(generated, truth)]))
+    return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in result.items()}
+
+
+def summarise(per_task: dict) -> dict:
+    train = [m["f1"] for t, m in per_task.items() if m["role"] == "train"]
+    zero = [m["primary"] for t, m in per_task.items() if m["role"] == "zero_shot"]
+    aurocs = [m["auroc"] for m in per_task.values() if m.get("auroc") is not None and not math.isnan(m["auroc"])]
+    return {"train_mean_f1": float(np.mean(train)) if train else math.nan,
+            "zeroshot_mean": float(np.mean(zero)) if zero else math.nan,
+            "mean_auroc": float(np.mean(aurocs)) if aurocs else math.nan}
+
+
+def write_metrics(metrics: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+    return path

@@ -1,0 +1,129 @@
+"""Knowledge injection, once per round: the aggregated encoders go into the central model, then experts, gate,
+projectors (and the encoders, by flag) train on the server's public split with warm-up then linear decay.
+
+Seeded and deterministic on CPU; bf16 autocast on CUDA. A checkpoint per round lets a crashed round resume.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from fedkim.central.model import CentralModel
+from fedkim.config import DataParams, InjectParams, SiteTrainingParams
+from fedkim.data.loaders import SiteDataset, collate
+from fedkim.site.train import pick_device, to_device
+
+# The reference code's server order: ECG, clinical, then the image tasks.
+SEQUENTIAL_ORDER = ("ecg_abnormal", "mortality", "lung_opacity", "covid")
+
+
+@dataclass
+class InjectResult:
+    round_id: str
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)  # task of each step
+    seconds: float = 0.0
+    resumed: bool = False
+
+
+def dataset_for(site_dir: Path, task: str, split: str | None, site: SiteTrainingParams, data: DataParams,
+                limit: int | None = None) -> SiteDataset:
+    dataset = SiteDataset(site_dir, split=split, tasks=[task], image_size=site.image_input, ecg_hz=site.ecg_hz,
+                          ecg_seconds=data.ecg_seconds,
+                          hours={"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours})
+    if limit is not None and len(dataset) > limit:
+        dataset.index = dataset.index.iloc[:limit].reset_index(drop=True)
+    return dataset
+
+
+def _batches(public_dir: Path, p: InjectParams, site: SiteTrainingParams, data: DataParams, seed: int):
+    """(task, batch) pairs for one pass over the public split, in the configured task order."""
+    loaders = {}
+    for task in SEQUENTIAL_ORDER:
+        dataset = dataset_for(public_dir, task, None, site, data)
+        if len(dataset):
+            loaders[task] = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, collate_fn=collate,
+                                       generator=torch.Generator().manual_seed(seed + len(loaders)))
+    if p.task_order == "sequential":
+        return [(task, batch) for task, loader in loaders.items() for batch in loader]
+    streams = [[(task, b) for b in loader] for task, loader in loaders.items()]
+    return [pair for group in itertools.zip_longest(*streams) for pair in group if pair is not None]
+
+
+def warmup_decay(total: int, warmup: float):
+    warm = max(1, int(round(total * warmup)))
+    return lambda step: min((step + 1) / warm, max(0.0, (total - step) / max(1, total - warm)))
+
+
+def inject(model: CentralModel, public_dir: str | Path, p: InjectParams, site: SiteTrainingParams, data: DataParams,
+           *, round_id: str = "0", checkpoint_dir: Path | None = None, progress: bool = False) -> InjectResult:
+    started = time.perf_counter()
+    ckpt = Path(checkpoint_dir) / f"inject-{round_id}.pt" if checkpoint_dir else None
+    if ckpt is not None and ckpt.is_file():  # resume: this round's injection already finished
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_trainable_state(saved["state"])
+        result = saved["result"]
+        result.resumed = True
+        return result
+    torch.manual_seed(p.seed)
+    device = pick_device(p.device)
+    model.to(device).train()
+    model.fm.eval()  # the FM's own dropout stays off: it is frozen
+    if model.m3oe is not None:
+        model.m3oe.train()
+        for layer in model.m3oe.layers.values():
+            layer.train()
+    params = model.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
+    plan = [pair for epoch in range(p.epochs) for pair in _batches(Path(public_dir), p, site, data, p.seed + epoch)]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(len(plan), p.warmup))
+    result = InjectResult(str(round_id))
+    bar = _progress(progress, len(plan), f"round {round_id} injection")
+    for task, batch in plan:
+        batch = to_device(batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model.loss(batch, task, batch["answer"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+        optimizer.step()
+        result.lrs.append(schedule.get_last_lr()[0])
+        schedule.step()
+        result.losses.append(float(loss.detach()))
+        result.tasks.append(task)
+        bar(f"{task} loss {result.losses[-1]:.3f}")
+    model.eval()
+    result.seconds = time.perf_counter() - started
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        partial = ckpt.with_suffix(".partial")
+        torch.save({"state": model.trainable_state(), "result": result}, partial)
+        partial.rename(ckpt)
+    return result
+
+
+def _progress(enabled: bool, total: int, label: str):
+    if not enabled:
+        return lambda text: None
+    from rich.progress import Progress
+
+    progress = Progress(transient=True)
+    progress.start()
+    task = progress.add_task(label, total=total)
+    done = [0]
+
+    def advance(text: str) -> None:
+        done[0] += 1
+        progress.update(task, advance=1, description=f"{label}: {text}")
+        if done[0] >= total:
+            progress.stop()
+
+    return advance
+

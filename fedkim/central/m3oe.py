@@ -1,0 +1,428 @@
+"""M3OE: a mixture of LoRA experts inside a frozen foundation model, mixed by one gate per sample.
+
+Every targeted `nn.Linear` of the FM becomes an `M3OELinear`: the frozen base layer plus P LoRA experts of rank r,
+stored stacked (`lora_A` (P, r, in), `lora_B` (P, out, r)). One gate per sample, computed from the sample's task
+description and modality description, gives weights g (batch, P) shared by all layers and tokens (FedKIM §3.2). The
+gate acts on the rank dimension,
+
+    y = W0 x + s * B_flat ((x A_flat^T) * repeat(g, r)),    A_flat (P*r, in), B_flat (out, P*r),
+
+so one step costs about one LoRA of rank P*r and no Python loop over experts runs. Because the gate depends only on
+the (task, modality) pair, the mixture of one pair is itself a LoRA of rank P*r: `merge` exports it as a plain
+peft adapter folder.
+
+Usage:
+    m3oe = attach_m3oe(fm.model, M3OEConfig(), fm.tokenizer)
+    out = m3oe(task_descriptions, modality_descriptions, input_ids=..., attention_mask=..., labels=...)
+    loss = out.loss + m3oe.config.balance_weight * m3oe.aux_loss
+    torch.optim.AdamW(m3oe.trainable_parameters())
+    torch.save(m3oe.state_dict(), path)            # gate + experts only
+    merge(m3oe, task.task_description, task.modality_description, folder)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GateKind = Literal["xattn", "id", "single"]
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class M3OEConfig:
+    num_experts: int = 12
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1                      # on the adapter input
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes or full-name regexes
+    lm_head: bool = False                     # also put experts on the output embedding (FedKIM's intent)
+    scale_one: bool = False                   # the reference code never applies alpha/r: scale 1.0
+    gate: GateKind = "xattn"
+    top_k: int | None = None                  # None: dense soft gate (as in the reference code)
+    balance_weight: float = 0.0               # weight of M3OE.aux_loss in the training loss (reference: none)
+    gate_dropout: float = 0.1                 # attention dropout inside the xattn gate (reference code)
+    mask_padding: bool = True                 # the reference code attends to and pools over padding
+    id_dim: int = 64                          # embedding width of the id gate
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if self.gate not in ("xattn", "id", "single"):
+            raise ValueError(f"gate must be 'xattn', 'id' or 'single', got {self.gate!r}")
+        if self.gate == "single" and self.num_experts != 1:
+            raise ValueError("gate 'single' is a plain LoRA: it needs num_experts=1")
+        if self.num_experts < 1 or self.rank < 1:
+            raise ValueError("num_experts and rank must be >= 1")
+        if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be in 1..{self.num_experts} or None, got {self.top_k}")
+
+    @property
+    def scaling(self) -> float:
+        return 1.0 if self.scale_one else self.alpha / self.rank
+
+
+# ------------------------------------------------------------------------------------------------ expert layers
+class GateState:
+    """Per-sample gate weights shared by every M3OELinear of one model; the controller sets them once per forward."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.weights: torch.Tensor | None = None   # (batch, P)
+        self.per_rank: torch.Tensor | None = None  # (batch, P*r): each expert's weight repeated over its rank
+
+    def set(self, weights: torch.Tensor) -> None:
+        self.weights = weights
+        self.per_rank = weights.repeat_interleave(self.rank, dim=-1)
+
+    def clear(self) -> None:
+        self.weights = self.per_rank = None
+
+
+class LoraExperts(nn.Module):
+    """P stacked LoRA experts of one linear layer. A separate module so that the controller can register the experts
+    (and only them) for parameters(), state_dict() and train()/eval()."""
+
+    def __init__(self, in_features: int, out_features: int, num_experts: int, rank: int, dropout: float,
+                 device=None, dtype=None):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(num_experts, rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, rank, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # peft's init, expert by expert: kaiming_uniform_ on a 3-D tensor would take r*in as the fan-in.
+        for a in self.lora_A.data:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_flat (P*r, in), B_flat (out, P*r)): all experts as one LoRA of rank P*r, row p*r+j = expert p, j."""
+        num, out, rank = self.lora_B.shape
+        return self.lora_A.flatten(0, 1), self.lora_B.permute(1, 0, 2).reshape(out, num * rank)
+
+    def forward(self, x: torch.Tensor, per_rank: torch.Tensor, scaling: float) -> torch.Tensor:
+        a_flat, b_flat = self.flat()
+        h = F.linear(self.dropout(x), a_flat)  # (batch, ..., P*r): one matmul for every expert
+        # Gate and scaling on the rank dimension: a (batch, P*r) vector broadcast over the tokens.
+        g = (per_rank * scaling).to(h.dtype)
+        h = h * g.view(g.shape[0], *([1] * (h.dim() - 2)), g.shape[-1])
+        return F.linear(h, b_flat)
+
+
+class M3OELinear(nn.Module):
+    """A frozen `nn.Linear` plus a gated mixture of LoRA experts."""
+
+    def __init__(self, base: nn.Linear, num_experts: int, rank: int, scaling: float, dropout: float,
+                 state: GateState):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.experts = LoraExperts(base.in_features, base.out_features, num_experts, rank, dropout,
+                                   device=base.weight.device, dtype=base.weight.dtype)
+        self.scaling = scaling
+        self.state = state
+
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.experts.lora_A
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.experts.lora_B
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that inspects e.g. lm_head.weight keeps working
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        per_rank = self.state.per_rank
+        if per_rank is None:
+            raise RuntimeError("M3OE gate not set: call M3OE.set_gate(...) (or M3OE(...)) before the forward")
+        if per_rank.shape[0] not in (1, x.shape[0]):
+            raise RuntimeError(f"gate set for {per_rank.shape[0]} samples but the batch has {x.shape[0]}")
+        return self.base(x) + self.experts(x, per_rank, self.scaling)
+
+
+# ------------------------------------------------------------------------------------------------ gates
+class _Gate(nn.Module):
+    """Logits -> softmax -> optional top-k (renormalised) -> (batch, P)."""
+
+    def __init__(self, num_experts: int, top_k: int | None = None):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.aux_loss = torch.zeros(())
+
+    def route(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(-1)
+        if self.top_k is not None and self.top_k < self.num_experts:
+            top, idx = probs.topk(self.top_k, dim=-1)
+            probs = torch.zeros_like(probs).scatter(-1, idx, top / top.sum(-1, keepdim=True))
+        return probs
+
+    def balance(self, weights: torch.Tensor) -> torch.Tensor:
+        """Load-balancing loss, unweighted: squared coefficient of variation of the mean expert load over the batch
+        (Shazeer et al. 2017). 0 when every expert gets the same share."""
+        if self.num_experts == 1:
+            return weights.new_zeros(())
+        load = weights.mean(0)
+        return load.var(unbiased=False) / load.mean().pow(2)
+
+
+class XAttnGate(_Gate):
+    """FedKIM's gate: queries from the modality-description tokens, keys and values from the task-description tokens,
+    both embedded with the FM's frozen input embedding table; single head scaled by sqrt(d); mean-pool; Linear; softmax.
+    Unlike the reference code, padding is masked in the attention and in the pool (unless mask_padding=False)."""
+
+    def __init__(self, embedding: nn.Embedding, num_experts: int, top_k=None, dropout: float = 0.1,
+                 mask_padding: bool = True):
+        super().__init__(num_experts, top_k)
+        d = embedding.embedding_dim
+        self._embedding = [embedding]  # the FM's table: used, not registered (neither trained nor saved here)
+        self.w_q, self.w_k, self.w_v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.out = nn.Linear(d, num_experts)
+        self.drop = nn.Dropout(dropout)
+        self.mask_padding = mask_padding
+
+    def forward(self, task_ids, task_mask, modality_ids, modality_mask) -> torch.Tensor:
+        embed = self._embedding[0]
+        dtype = self.w_q.weight.dtype
+        e_t, e_m = embed(task_ids).to(dtype), embed(modality_ids).to(dtype)
+        q, k, v = self.w_q(e_m), self.w_k(e_t), self.w_v(e_t)
+        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])  # (batch, L_M, L_T)
+        if self.mask_padding:
+            scores = scores.masked_fill(~task_mask.bool()[:, None, :], float("-inf"))
+        beta = self.drop(scores.softmax(-1)) @ v  # (batch, L_M, d)
+        if self.mask_padding:
+            keep = modality_mask.to(beta.dtype)[..., None]
+            pooled = (beta * keep).sum(1) / keep.sum(1)
+        else:
+            pooled = beta.mean(1)
+        return self.route(self.out(pooled))
+
+
+class IdGate(_Gate):
+    """A cheaper discrete router: learned task and modality embeddings, indexed by id -> Linear -> softmax."""
+
+    def __init__(self, num_tasks: int, num_modalities: int, num_experts: int, dim: int = 64, top_k=None):
+        super().__init__(num_experts, top_k)
+        self.task = nn.Embedding(num_tasks, dim)
+        self.modality = nn.Embedding(num_modalities, dim)
+        self.out = nn.Linear(2 * dim, num_experts)
+
+    def forward(self, task_ids: torch.Tensor, modality_ids: torch.Tensor) -> torch.Tensor:
+        return self.route(self.out(torch.cat([self.task(task_ids), self.modality(modality_ids)], -1)))
+
+
+class SingleGate(_Gate):
+    """P = 1 with weight 1: the experts reduce to one plain LoRA (the single-adapter baseline)."""
+
+    def __init__(self):
+        super().__init__(1)
+
+    def forward(self, batch: int, device=None) -> torch.Tensor:
+        return torch.ones(batch, 1, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ controller
+def _as_list(texts: str | Sequence[str]) -> list[str]:
+    return [texts] if isinstance(texts, str) else list(texts)
+
+
+class M3OE(nn.Module):
+    """The gate and the experts of every wrapped layer of one FM. Its parameters and state_dict hold only these
+    (gate.*, experts.<layer>.lora_A/B), so checkpoints are small; the FM itself is referenced, not registered."""
+
+    def __init__(self, model: nn.Module, config: M3OEConfig, layers: dict[str, M3OELinear], gate: _Gate,
+                 state: GateState, tokenizer=None, task_vocab: Sequence[str] = (),
+                 modality_vocab: Sequence[str] = ()):
+        super().__init__()
+        self.config = config
+        self.gate = gate
+        self.experts = nn.ModuleDict({name.replace(".", "__"): layer.experts for name, layer in layers.items()})
+        self.layers = layers  # a plain dict: name in the FM -> M3OELinear
+        self.state = state
+        self.tokenizer = tokenizer
+        self.task_vocab = {t: i for i, t in enumerate(task_vocab)}
+        self.modality_vocab = {m: i for i, m in enumerate(modality_vocab)}
+        self._model = [model]
+        self._token_cache: dict[str, list[int]] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.values())).lora_A.device
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Unweighted load-balancing loss of the last gate computation; the trainer adds
+        config.balance_weight * aux_loss (it is computed, and worth logging, whatever the weight)."""
+        return self.gate.aux_loss
+
+    # -- gate -----------------------------------------------------------------------------------------------------
+    def encode(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (no special tokens) right-padded to the longest text, and the mask of real tokens."""
+        rows = []
+        for text in texts:
+            if text not in self._token_cache:
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise ValueError(f"description {text!r} has no tokens")
+                self._token_cache[text] = ids
+            rows.append(self._token_cache[text])
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+        return ids, mask
+
+    def _ids(self, vocab: dict[str, int], texts: list[str], what: str) -> torch.Tensor:
+        unknown = sorted({t for t in texts if t not in vocab})
+        if unknown:
+            raise KeyError(f"the id gate has no {what} id for {unknown}; pass it in {what}_vocab at attach time")
+        return torch.tensor([vocab[t] for t in texts], device=self.device)
+
+    def compute_gate(self, tasks: str | Sequence[str], modalities: str | Sequence[str]) -> torch.Tensor:
+        """Gate weights (batch, P) for (task description, modality description) pairs, with autograd.
+
+        Each distinct pair is routed once and the result gathered back per sample (batches repeat pairs)."""
+        tasks, modalities = _as_list(tasks), _as_list(modalities)
+        if len(tasks) != len(modalities):
+            raise ValueError(f"{len(tasks)} task descriptions but {len(modalities)} modality descriptions")
+        slot: dict[tuple[str, str], int] = {}
+        index = torch.tensor([slot.setdefault(p, len(slot)) for p in zip(tasks, modalities)], device=self.device)
+        pairs = list(slot)
+        u_tasks, u_mods = [p[0] for p in pairs], [p[1] for p in pairs]
+        if isinstance(self.gate, XAttnGate):
+            unique = self.gate(*self.encode(u_tasks), *self.encode(u_mods))
+        elif isinstance(self.gate, IdGate):
+            unique = self.gate(self._ids(self.task_vocab, u_tasks, "task"),
+                               self._ids(self.modality_vocab, u_mods, "modality"))
+        else:
+            unique = self.gate(len(pairs), device=self.device)
+        weights = unique[index]
+        self.gate.aux_loss = self.gate.balance(weights)
+        return weights
+
+    @torch.no_grad()
+    def gate_weights(self, tasks: str | Sequence[str], modalities: str | Sequence[str]) -> torch.Tensor:
+        """Deterministic (eval-mode, no grad) gate weights, for logging and export."""
+        was_training = self.gate.training
+        self.gate.eval()
+        try:
+            return self.compute_gate(tasks, modalities)
+        finally:
+            self.gate.train(was_training)
+
+    def set_gate(self, tasks: str | Sequence[str], modalities: str | Sequence[str]) -> torch.Tensor:
+        """Compute the gate for a batch of pairs and hand it to every wrapped layer; returns (batch, P)."""
+        weights = self.compute_gate(tasks, modalities)
+        self.state.set(weights)
+        return weights
+
+    def set_gate_weights(self, weights: torch.Tensor) -> None:
+        """Use explicit gate weights (batch or 1, P), e.g. a fixed mixture."""
+        if weights.dim() != 2 or weights.shape[1] != self.config.num_experts:
+            raise ValueError(f"gate weights must be (batch, {self.config.num_experts}), got {tuple(weights.shape)}")
+        self.state.set(weights)
+
+    def clear_gate(self) -> None:
+        self.state.clear()
+
+    def forward(self, tasks: str | Sequence[str], modalities: str | Sequence[str], **model_inputs):
+        """Set the gate for this batch's pairs, then run the FM on `model_inputs`."""
+        self.set_gate(tasks, modalities)
+        return self.model(**model_inputs)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # -- export ---------------------------------------------------------------------------------------------------
+    def export_peft(self, folder: str | Path, task_description: str, modality_description: str) -> Path:
+        """Write the mixture of one (task, modality) pair as a standard peft LoRA adapter folder.
+
+        Exact: with g the pair's gate, the mixture is the rank-P*r LoRA A' = stack_p A_p, B' = [g_p B_p]_p, and
+        lora_alpha = s * P*r makes peft's scaling lora_alpha / r' equal ours."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        g = self.gate_weights(task_description, modality_description)[0]
+        cfg = self.config
+        rank = cfg.num_experts * cfg.rank
+        tensors = {}
+        for name, layer in self.layers.items():
+            a_flat, _ = layer.experts.flat()
+            b = layer.lora_B.detach() * g.to(layer.lora_B.dtype)[:, None, None]
+            b_flat = b.permute(1, 0, 2).reshape(b.shape[1], rank)
+            # peft's saved keys: base_model.model.<module name>.lora_{A,B}.weight (adapter name stripped)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a_flat.detach().contiguous().cpu()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b_flat.contiguous().cpu()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        lora = LoraConfig(r=rank, lora_alpha=cfg.scaling * rank, lora_dropout=cfg.dropout, bias="none",
+                          target_modules=sorted(self.layers),  # full module names: exactly the wrapped layers
+                          base_model_name_or_path=getattr(self.model.config, "name_or_path", None) or None)
+        lora.save_pretrained(str(folder))
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (folder / "m3oe_export.json").write_text(json.dumps({
+            "task_description": task_description, "modality_description": modality_description,
+            "gate": g.tolist(), "config": asdict(cfg)}, indent=2))
+        return folder
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(name == p or name.endswith("." + p) or re.fullmatch(p, name) for p in patterns)
+
+
+def attach_m3oe(model: nn.Module, config: M3OEConfig, tokenizer=None, *,
+                task_vocab: Sequence[str] | None = None, modality_vocab: Sequence[str] | None = None) -> M3OE:
+    """Wrap the FM's matching nn.Linear layers with M3OELinear, in place, and return the controller.
+
+    tokenizer: the FM's tokenizer (needed by the xattn gate). task_vocab / modality_vocab: the descriptions the id
+    gate knows (default: every task and modality description of the catalogue)."""
+    if any(isinstance(m, M3OELinear) for m in model.modules()):
+        raise ValueError("this model already has M3OE layers attached")
+    output = model.get_output_embeddings() if config.lm_head and hasattr(model, "get_output_embeddings") else None
+    state = GateState(config.rank)
+    layers: dict[str, M3OELinear] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or not (module is output or _matches(name, config.targets)):
+            continue
+        wrapped = M3OELinear(module, config.num_experts, config.rank, config.scaling, config.dropout, state)
+        wrapped.train(model.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, wrapped)
+        layers[name] = wrapped
+    if not layers:
+        raise ValueError(f"no nn.Linear in the model matches targets {config.targets}")
+
+    if config.gate == "xattn":
+        if tokenizer is None:
+            raise ValueError("the xattn gate needs the FM tokenizer")
+        gate = XAttnGate(model.get_input_embeddings(), config.num_experts, config.top_k, config.gate_dropout,
+                         config.mask_padding)
+    elif config.gate == "id":
+        from fedkim.data.catalogue import MODALITY_DESCRIPTIONS, TASKS
+
+        task_vocab = list(task_vocab or [t.task_description for t in TASKS.values()])
+        modality_vocab = list(modality_vocab or MODALITY_DESCRIPTIONS.values())
+        gate = IdGate(len(task_vocab), len(modality_vocab), config.num_experts, config.id_dim, config.top_k)
+    else:
+        gate = SingleGate()
+    weight = next(iter(layers.values())).base.weight
+    gate.to(device=weight.device)
+    gate.train(model.training)
+    return M3OE(model, config, layers, gate, state, tokenizer, task_vocab or (), modality_vocab or ())
+
+
+def merge(m3oe: M3OE, task_description: str, modality_description: str, folder: str | Path) -> Path:
+    """Export the mixture for one (task, modality) pair as a peft LoRA adapter folder (see M3OE.export_peft)."""
+    return m3oe.export_peft(folder, task_description, modality_description)

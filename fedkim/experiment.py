@@ -1,0 +1,221 @@
+"""The whole method in plain Python: federated rounds (sites train → knowledge packages → checks → aggregation →
+injection → encoders back to the sites), evaluation, and every baseline and ablation as a variant.
+
+Flows and pipelines call these same functions; `fedkim experiment --out DIR` runs all variants in one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedkim.central.evaluate import evaluate, write_metrics
+from fedkim.central.foundation import load_foundation
+from fedkim.central.inject import InjectResult, inject
+from fedkim.central.m3oe import M3OEConfig
+from fedkim.central.model import CentralModel, GateMode
+from fedkim.config import Params
+from fedkim.federation.aggregate import aggregate
+from fedkim.federation.checks import screen_packages
+from fedkim.federation.package import ValidationSummary, read_package, write_package
+from fedkim.site.model import global_model
+from fedkim.site.train import LocalResult, train_site
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How one compared system differs from full FedKIM."""
+
+    federated: bool = True  # encoders come from the sites' federation
+    pooled: bool = False  # centralised oracle: one model trained on all sites' data at the server
+    experts: bool = True  # M3OE on the FM (False: projectors and encoders only)
+    single_lora: bool = False  # one plain LoRA instead of the mixture
+    train_encoders: bool | None = None  # None: inject.train_encoders
+    use_task: bool = True
+    use_modality: bool = True
+    description: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "fedkim": Variant(description="full FedKIM: federated encoders injected through M3OE"),
+    "no_injection": Variant(federated=False, experts=False, train_encoders=False,
+                            description="FM + projectors trained on public data, untrained frozen encoders"),
+    "fedplug": Variant(experts=False, description="aggregated encoders plugged in, no experts"),
+    "fedplug_lora": Variant(single_lora=True, description="aggregated encoders + a single LoRA"),
+    "fedkim_pub": Variant(federated=False, description="no federation: encoders and M3OE trained on public data"),
+    "no_task_desc": Variant(use_task=False, description="gate without the task description"),
+    "no_modality_desc": Variant(use_modality=False, description="gate without the modality description"),
+    "centralized": Variant(federated=False, pooled=True, description="oracle: all site data pooled at the server"),
+}
+
+
+@dataclass
+class RoundRecord:
+    round_id: str
+    sites: dict[str, dict] = field(default_factory=dict)  # site -> sample counts, metrics, seconds
+    rejected: dict[str, list[str]] = field(default_factory=dict)
+    injection: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    variant: str
+    metrics: dict
+    rounds: list[RoundRecord]
+    seconds: float
+    model: CentralModel | None = None
+
+
+def m3oe_config(params: Params, variant: Variant) -> M3OEConfig | None:
+    if not variant.experts:
+        return None
+    p = params.inject
+    if variant.single_lora:
+        return M3OEConfig(num_experts=1, rank=p.rank, alpha=p.alpha, dropout=p.dropout, scale_one=p.scale_one,
+                          gate="single", lm_head=p.lm_head)
+    return M3OEConfig(num_experts=p.num_experts, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
+                      scale_one=p.scale_one, gate=p.gate, top_k=p.top_k, balance_weight=p.balance_weight,
+                      lm_head=p.lm_head)
+
+
+def build_central(params: Params, variant: Variant, encoders_state: dict | None = None) -> CentralModel:
+    encoders = global_model(params.site, params.data, seed=params.data.seed).encoders
+    train_encoders = params.inject.train_encoders if variant.train_encoders is None else variant.train_encoders
+    model = CentralModel(load_foundation(params.inject.foundation_model), encoders, m3oe_config(params, variant),
+                         gate_mode=GateMode(variant.use_task, variant.use_modality), train_encoders=train_encoders)
+    if encoders_state is not None:
+        model.load_encoders(encoders_state)
+    return model
+
+
+def _state_key(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class SiteCache:
+    """Local training results keyed by (site, starting global state): variants that start a round from the same
+    global model reuse one training run instead of repeating it (the comparison stays fair: same inputs)."""
+
+    def __init__(self):
+        self._store: dict[tuple[str, str], LocalResult] = {}
+
+    def train(self, site_dir, global_state, params: Params, seed: int) -> LocalResult:
+        key = (str(site_dir), _state_key(global_state) + str(seed))
+        if key not in self._store:
+            self._store[key] = train_site(site_dir, global_state, params.site, params.data, seed=seed)
+        return self._store[key]
+
+
+def federated_round(params: Params, round_id: str, global_state: dict, work_dir: Path,
+                    cache: SiteCache | None = None) -> tuple[dict, RoundRecord]:
+    """Every site trains from the global state, writes its knowledge package; the server screens and aggregates."""
+    record = RoundRecord(round_id)
+    folders = []
+    for spec in params.data.sites:
+        site_dir = params.data.root / spec.id
+        trainer = cache.train if cache else (lambda d, g, p, s: train_site(d, g, p.site, p.data, seed=s))
+        local = trainer(site_dir, global_state, params, params.data.seed + int(round_id))
+        folder = work_dir / "rounds" / round_id / "sites" / spec.id
+        write_package(folder, local.state_dict, site_id=spec.id, round_id=round_id,
+                      sample_counts=local.sample_counts, task_counts=local.task_counts,
+                      data_fingerprint=local.data_fingerprint, local_metrics=_finite(local.metrics),
+                      validation_summary=ValidationSummary(success=True, findings=0))
+        folders.append(folder)
+        record.sites[spec.id] = {"sample_counts": local.sample_counts, "metrics": local.metrics,
+                                 "seconds": round(local.seconds, 1)}
+    accepted, rejected = screen_packages(folders, global_state, max_update_norm=params.federation.max_update_norm,
+                                         expected_round=round_id)
+    record.rejected = rejected
+    if len(accepted) < params.federation.quorum:
+        raise RuntimeError(f"round {round_id}: {len(accepted)} accepted package(s), below the quorum of "
+                           f"{params.federation.quorum}; rejected: {rejected}")
+    hparams = {"mu": params.site.fedprox_mu} if params.federation.strategy == "fedprox" else {}
+    result = aggregate(params.federation.strategy, global_state, accepted, **hparams)
+    return result.state_dict, record
+
+
+def _finite(metrics: dict) -> dict:
+    return {t: {k: v for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            for t, m in metrics.items()}
+
+
+def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache | None = None,
+                progress: bool = False, keep_model: bool = False) -> RunResult:
+    variant = VARIANTS[name]
+    started = time.perf_counter()
+    work_dir = Path(work_dir) / name
+    global_state = global_model(params.site, params.data, seed=params.data.seed).state_dict()
+    model = build_central(params, variant)
+    public, test = params.data.root / "public", params.data.root / "test"
+    rounds: list[RoundRecord] = []
+    for r in range(params.federation.rounds):
+        round_id = str(r + 1)
+        record = RoundRecord(round_id)
+        if variant.federated:
+            global_state, record = federated_round(params, round_id, global_state, work_dir, cache)
+            model.load_encoders(global_state)
+        elif variant.pooled:
+            sites = [params.data.root / s.id for s in params.data.sites]
+            pooled = train_site(sites, global_state, params.site, params.data, seed=params.data.seed + r)
+            global_state = {**global_state, **pooled.state_dict}
+            model.load_encoders(global_state)
+        injection: InjectResult = inject(model, public, params.inject, params.site, params.data, round_id=round_id,
+                                         checkpoint_dir=work_dir / "checkpoints", progress=progress)
+        record.injection = {"steps": len(injection.losses), "seconds": round(injection.seconds, 1),
+                            "first_loss": injection.losses[0] if injection.losses else None,
+                            "last_loss": injection.losses[-1] if injection.losses else None}
+        global_state = {**global_state, **model.encoder_state()}  # encoders go back to the sites
+        rounds.append(record)
+    metrics = evaluate(model, test, params.eval, params.site, params.data)
+    write_metrics(metrics, work_dir / "metrics.json")
+    return RunResult(name, metrics, rounds, time.perf_counter() - started, model if keep_model else None)
+
+
+def run_experiment(params: Params, out: Path, variants: list[str] | None = None, progress: bool = False) -> dict:
+    """All variants in one process; writes out/comparison.json and out/comparison.md."""
+    out = Path(out)
+    names = variants or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; allowed: {list(VARIANTS)}")
+    cache = SiteCache()
+    comparison = {}
+    for name in names:
+        result = run_variant(params, name, out, cache=cache, progress=progress)
+        comparison[name] = {"description": VARIANTS[name].description, "seconds": round(result.seconds, 1),
+                            "train_mean_f1": result.metrics["train_mean_f1"],
+                            "zeroshot_mean": result.metrics["zeroshot_mean"],
+                            "mean_auroc": result.metrics["mean_auroc"],
+                            "tasks": result.metrics["tasks"],
+                            "rounds": [r.__dict__ for r in result.rounds]}
+    comparison_meta = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                       "foundation_model": params.inject.foundation_model, "rounds": params.federation.rounds}
+    (out / "comparison.json").write_text(json.dumps({"variants": comparison, **comparison_meta}, indent=2,
+                                                    default=float))
+    (out / "comparison.md").write_text(comparison_markdown(comparison, comparison_meta))
+    return comparison
+
+
+def comparison_markdown(comparison: dict, meta: dict) -> str:
+    tasks = list(next(iter(comparison.values()))["tasks"]) if comparison else []
+    lines = [f"# FedKIM comparison ({meta['foundation_model']}, {meta['rounds']} round(s))", "",
+             "| variant | train mean F1 | zero-shot mean | mean AUROC | " + " | ".join(tasks) + " | seconds |",
+             "|---" * (len(tasks) + 5) + "|"]
+    for name, row in comparison.items():
+        cells = [f"{row['tasks'][t]['primary']:.3f}" for t in tasks]
+        lines.append(f"| {name} | {row['train_mean_f1']:.3f} | {row['zeroshot_mean']:.3f} | {row['mean_auroc']:.3f} | "
+                     + " | ".join(cells) + f" | {row['seconds']} |")
+    lines += ["", "Primary figure per task: F1 for yes/no tasks, accuracy for multiple-answer questions. "
+              "Zero-shot mean: mean primary figure over the 8 zero-shot tasks.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""The central model, injection and evaluation on the tiny FM, and a small end-to-end federation."""
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from fedkim.central.evaluate import evaluate
+from fedkim.central.inject import inject, warmup_decay
+from fedkim.config import load_params
+from fedkim.data.catalogue import TASKS
+from fedkim.experiment import VARIANTS, build_central, run_experiment, run_variant
+from fedkim.site.train import task_loader
+from tests.conftest import small_params_dict
+
+TINY = {"inject.foundation_model": "tiny", "inject.num_experts": 4, "inject.rank": 4, "inject.batch_size": 8,
+        "site.epochs": 1, "site.batch_size": 16, "eval.max_per_task": 6, "eval.batch_size": 6}
+
+
+@pytest.fixture(scope="module")
+def params(small_federation, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("central")
+    raw = small_params_dict(small_federation.root, **TINY)
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
+    return load_params(folder / "params.yaml")
+
+
+def fm_weights(model):
+    return {k: v.clone() for k, v in model.fm.state_dict().items() if "lora_" not in k and "experts" not in k}
+
+
+def batch_of(params, task, site="public", split="public", n=4):
+    loader = task_loader(params.data.root / site, task, split, params.site.model_copy(update={"batch_size": n}),
+                         params.data, shuffle=False, seed=0)
+    return next(iter(loader))
+
+
+def test_tags_are_in_the_vocabulary_and_the_fm_is_frozen(params):
+    model = build_central(params, VARIANTS["fedkim"])
+    vocab = model.tokenizer.get_vocab()
+    assert all(t in vocab for t in ("<image>", "</image>", "<ecg>", "</ecg>", "<clinical>", "</clinical>"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("encoders.", "projectors.", "m3oe.")) or "lora_" in n for n in trainable)
+    assert not any(p.requires_grad for n, p in model.fm.named_parameters() if "lora_" not in n)
+
+
+def test_loss_covers_only_the_answer_tokens(params):
+    model = build_central(params, VARIANTS["fedkim"])
+    batch = batch_of(params, "ecg_abnormal")
+    inputs = model.build(batch, "ecg_abnormal", batch["answer"])
+    answer_tokens = [len(model._ids(" " + a + "\n###")) for a in batch["answer"]]
+    assert (inputs["labels"] != -100).sum(-1).tolist() == answer_tokens
+    n_tokens = inputs["attention_mask"].sum(-1)
+    assert (n_tokens >= 12).all()  # 12 ECG lead tokens are part of every prompt
+
+
+def test_injection_trains_only_what_it_should_and_is_deterministic(params, tmp_path):
+    model = build_central(params, VARIANTS["fedkim"])
+    before = fm_weights(model)
+    encoders_before = {k: v.clone() for k, v in model.encoder_state().items()}
+    first = inject(model, params.data.root / "public", params.inject, params.site, params.data, round_id="1",
+                   checkpoint_dir=tmp_path / "a")
+    after = fm_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the FM is bit-identical
+    assert any(not torch.equal(v, model.encoder_state()[k]) for k, v in encoders_before.items())
+    assert len(first.losses) > 4 and all(math.isfinite(x) for x in first.losses)
+    again = build_central(params, VARIANTS["fedkim"])
+    second = inject(again, params.data.root / "public", params.inject, params.site, params.data, round_id="1",
+                    checkpoint_dir=tmp_path / "b")
+    assert first.losses == second.losses
+    resumed = build_central(params, VARIANTS["fedkim"])
+    third = inject(resumed, params.data.root / "public", params.inject, params.site, params.data, round_id="1",
+                   checkpoint_dir=tmp_path / "a")
+    assert third.resumed and third.losses == first.losses
+    state, resumed_state = model.trainable_state(), resumed.trainable_state()
+    assert all(torch.equal(state[k], resumed_state[k]) for k in state)
+
+
+def test_injection_learns_the_public_answers(params):
+    model = build_central(params, VARIANTS["fedkim"])
+    p = params.inject.model_copy(update={"epochs": 4, "lr": 3e-3})
+    result = inject(model, params.data.root / "public", p, params.site, params.data)
+    first, last = sum(result.losses[:4]) / 4, sum(result.losses[-4:]) / 4
+    assert last < first - 0.5
+
+
+def test_warmup_then_linear_decay():
+    f = warmup_decay(100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(50) == pytest.approx(50 / 90) and f(99) == pytest.approx(1 / 90)
+
+
+def test_scoring_handles_ragged_options_and_evaluation_covers_every_task(params):
+    model = build_central(params, VARIANTS["fedkim"])
+    batch = batch_of(params, "cxr_vqa", site="test", split="test", n=6)
+    scores = model.option_logprobs(batch, "cxr_vqa", batch["options"])
+    for row, options in zip(scores, batch["options"]):
+        assert torch.isfinite(row[: len(options)]).all() and torch.isinf(row[len(options):]).all()
+    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data)
+    assert set(metrics["tasks"]) == set(TASKS)
+    for task, m in metrics["tasks"].items():
+        assert m["n"] == 6 and 0.0 <= m["primary"] <= 1.0
+        if TASKS[task].kind == "binary":
+            assert {"accuracy", "f1", "auroc", "mcc"} <= set(m)
+    assert 0 <= metrics["train_mean_f1"] <= 1 and 0 <= metrics["zeroshot_mean"] <= 1
+
+
+def test_gate_ablations_change_the_gate_inputs(params):
+    full, no_task = build_central(params, VARIANTS["fedkim"]), build_central(params, VARIANTS["no_task_desc"])
+    t = TASKS["mortality"]
+    assert full.gate_mode.pair("mortality") == (t.task_description, t.modality_description)
+    assert no_task.gate_mode.pair("mortality") == (t.modality_description, t.modality_description)
+
+
+def test_two_sites_two_rounds_end_to_end(params, tmp_path):
+    sites = [s.model_dump() for s in params.data.sites if s.id in ("site-a", "site-b")]
+    two = params.model_copy(update={
+        "data": params.data.model_copy(update={"sites": [type(params.data.sites[0])(**s) for s in sites]}),
+        "federation": params.federation.model_copy(update={"rounds": 2}),
+    })
+    result = run_variant(two, "fedkim", tmp_path)
+    assert [r.round_id for r in result.rounds] == ["1", "2"]
+    assert all(set(r.sites) == {"site-a", "site-b"} and not r.rejected for r in result.rounds)
+    assert (tmp_path / "fedkim" / "rounds" / "2" / "sites" / "site-b" / "manifest.json").is_file()
+    assert (tmp_path / "fedkim" / "metrics.json").is_file() and len(result.metrics["tasks"]) == 12
+
+
+def test_experiment_writes_the_comparison(params, tmp_path):
+    comparison = run_experiment(params, tmp_path, variants=["fedplug", "no_injection"])
+    assert set(comparison) == {"fedplug", "no_injection"}
+    text = (tmp_path / "comparison.md").read_text()
+    assert "| fedplug |" in text and "| no_injection |" in text
+    assert (tmp_path / "comparison.json").is_file()
+    with pytest.raises(ValueError, match="unknown variant"):
+        run_experiment(params, tmp_path, variants=["nope"])
