@@ -134,3 +134,32 @@ def test_experiment_writes_the_comparison(params, tmp_path):
     assert (tmp_path / "comparison.json").is_file()
     with pytest.raises(ValueError, match="unknown variant"):
         run_experiment(params, tmp_path, variants=["nope"])
+
+
+def test_single_token_fast_path_equals_the_full_scoring(params):
+    """Yes/No are one token each: the one-pass score must equal the general one-sequence-per-option score."""
+    model = build_central(params, VARIANTS["fedkim"])
+    batch = batch_of(params, "ecg_abnormal", n=4)
+    options = [["No", "Yes"]] * 4
+    assert all(len(model._ids(" " + o)) == 1 for o in options[0])
+    fast = model.option_logprobs(batch, "ecg_abnormal", options)
+    assert torch.allclose(fast, _general_scores(model, batch, "ecg_abnormal", options), atol=1e-4)
+
+
+def _general_scores(model, batch, task, options):
+    from fedkim.central.model import _take
+
+    pairs = [(i, j) for i, row in enumerate(options) for j in range(len(row))]
+    flat = _take(batch, [i for i, _ in pairs])
+    answers = [options[i][j] for i, j in pairs]
+    inputs = model.build(flat, task, answers)
+    labels = inputs["labels"].clone()
+    for row, answer in enumerate(answers):
+        positions = (labels[row] != -100).nonzero().flatten()
+        labels[row, positions[len(model._ids(" " + answer)):]] = -100
+    model.set_gate(task, len(pairs))
+    with torch.no_grad():
+        logits, target = model._forward(inputs, labels)
+    picked = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    scores = (picked * (target != -100)).sum(-1).view(len(options), -1)
+    return scores
