@@ -17,12 +17,11 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
 from torch.utils.data import DataLoader
 
-from fedkim.central.inject import dataset_for
 from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, EvalParams, SiteTrainingParams
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS
 from fedkim.data.loaders import collate
-from fedkim.site.train import to_device
+from fedkim.site.train import task_dataset, to_device
 
 
 def select_tasks(which: str) -> tuple[str, ...]:
@@ -37,7 +36,7 @@ def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: Sit
     device = model.projectors[next(iter(model.projectors))].weight.device if len(model.projectors) else "cpu"
     out: dict = {"tasks": {}}
     for task in tasks or select_tasks(p.tasks):
-        dataset = dataset_for(Path(test_dir), task, "test", site, data, limit=p.max_per_task)
+        dataset = task_dataset(Path(test_dir), task, "test", site, data, limit=p.max_per_task)
         if len(dataset) == 0:
             continue
         out["tasks"][task] = evaluate_task(model, dataset, task, p, device)

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, InjectParams, SiteTrainingParams
-from fedkim.data.loaders import SiteDataset, collate
-from fedkim.site.train import pick_device, to_device
+from fedkim.data.loaders import collate
+from fedkim.site.train import pick_device, task_dataset, to_device
 
 # The reference code's server order: ECG, clinical, then the image tasks.
 SEQUENTIAL_ORDER = ("ecg_abnormal", "mortality", "lung_opacity", "covid")
@@ -33,21 +33,11 @@ class InjectResult:
     resumed: bool = False
 
 
-def dataset_for(site_dir: Path, task: str, split: str | None, site: SiteTrainingParams, data: DataParams,
-                limit: int | None = None) -> SiteDataset:
-    dataset = SiteDataset(site_dir, split=split, tasks=[task], image_size=site.image_input, ecg_hz=site.ecg_hz,
-                          ecg_seconds=data.ecg_seconds,
-                          hours={"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours})
-    if limit is not None and len(dataset) > limit:
-        dataset.index = dataset.index.iloc[:limit].reset_index(drop=True)
-    return dataset
-
-
 def _batches(public_dir: Path, p: InjectParams, site: SiteTrainingParams, data: DataParams, seed: int):
     """(task, batch) pairs for one pass over the public split, in the configured task order."""
     loaders = {}
     for task in SEQUENTIAL_ORDER:
-        dataset = dataset_for(public_dir, task, None, site, data)
+        dataset = task_dataset(public_dir, task, None, site, data)
         if len(dataset):
             loaders[task] = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, collate_fn=collate,
                                        generator=torch.Generator().manual_seed(seed + len(loaders)))

@@ -44,15 +44,24 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def task_dataset(site_dirs: Path | list[Path], task: str, split: str | None, p: SiteTrainingParams,
+                 data: DataParams, limit: int | None = None):
+    """One task's samples from one site, or from several pooled (the centralised oracle), shaped by params."""
+    parts = []
+    for d in ([site_dirs] if isinstance(site_dirs, (str, Path)) else site_dirs):
+        part = SiteDataset(d, split=split, tasks=[task], image_size=p.image_input, ecg_hz=p.ecg_hz,
+                           ecg_seconds=data.ecg_seconds, hours={"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours})
+        if limit is not None and len(part) > limit:
+            part.index = part.index.iloc[:limit].reset_index(drop=True)
+        parts.append(part)
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+
+
 def task_loader(site_dirs: Path | list[Path], task: str, split: str, p: SiteTrainingParams, data: DataParams, *,
                 shuffle: bool, seed: int) -> DataLoader:
-    """Batches of one task from one site, or from several pooled (the centralised oracle)."""
-    parts = [SiteDataset(d, split=split, tasks=[task], image_size=p.image_input, ecg_hz=p.ecg_hz,
-                         ecg_seconds=data.ecg_seconds, hours={"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours})
-             for d in ([site_dirs] if isinstance(site_dirs, (str, Path)) else site_dirs)]
-    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=p.batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+    return DataLoader(task_dataset(site_dirs, task, split, p, data), batch_size=p.batch_size, shuffle=shuffle,
+                      collate_fn=collate, generator=generator)
 
 
 def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.Tensor], p: SiteTrainingParams,
