@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fedkim.central.evaluate import evaluate, write_metrics
+from fedkim.central.evaluate import evaluate, gate_table, plot_gate_heatmap, write_metrics
 from fedkim.central.foundation import load_foundation
 from fedkim.central.inject import InjectResult, inject
 from fedkim.central.m3oe import M3OEConfig
@@ -178,6 +178,8 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
         global_state = {**global_state, **model.encoder_state()}  # encoders go back to the sites
         rounds.append(record)
     metrics = evaluate(model, test, params.eval, params.site, params.data)
+    metrics["gate"] = gate_table(model)  # per (task, modality): which experts the gate mixes
+    plot_gate_heatmap(metrics["gate"], work_dir / "gate_heatmap.png")
     write_metrics(metrics, work_dir / "metrics.json")
     return RunResult(name, metrics, rounds, time.perf_counter() - started, model if keep_model else None)
 

@@ -92,3 +92,39 @@ def write_metrics(metrics: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True, default=float))
     return path
+
+
+@torch.no_grad()
+def gate_table(model: CentralModel) -> dict[str, list[float]]:
+    """Gate weights per task (each with its canonical task and modality descriptions), as the gate sees them."""
+    if model.m3oe is None:
+        return {}
+    tasks = list(TASKS)
+    pairs = [model.gate_mode.pair(t) for t in tasks]
+    weights = model.m3oe.gate_weights([p[0] for p in pairs], [p[1] for p in pairs]).float().cpu()
+    return {t: [round(float(w), 5) for w in row] for t, row in zip(tasks, weights)}
+
+
+def plot_gate_heatmap(table: dict[str, list[float]], path: str | Path) -> Path | None:
+    """A (task × expert) heatmap PNG of the gate weights."""
+    if not table:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(table)
+    data = np.array([table[t] for t in tasks])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * data.shape[1], 0.9 + 0.35 * len(tasks)))
+    image = ax.imshow(data, aspect="auto", cmap="viridis")
+    ax.set_yticks(range(len(tasks)), [f"{t} ({TASKS[t].modality})" for t in tasks], fontsize=8)
+    ax.set_xticks(range(data.shape[1]), [str(i) for i in range(data.shape[1])], fontsize=8)
+    ax.set_xlabel("expert")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

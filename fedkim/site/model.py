@@ -29,7 +29,10 @@ class ImageEncoder(nn.Module):
         self.out_dim = p.image_hidden
 
     def forward(self, batch: dict) -> torch.Tensor:
-        image = (batch["image"] - 0.5) / 0.25  # fixed normalisation: sites must agree without sharing data
+        image = batch["image"]
+        mean = image.mean(dim=(1, 2, 3), keepdim=True)
+        std = image.std(dim=(1, 2, 3), keepdim=True)
+        image = (image - mean) / (std + 1e-6)  # per image: robust to each site's exposure and gamma
         return self.vit(pixel_values=image).last_hidden_state  # (B, 2 + patches, hidden)
 
 

@@ -124,6 +124,9 @@ def test_two_sites_two_rounds_end_to_end(params, tmp_path):
     assert all(set(r.sites) == {"site-a", "site-b"} and not r.rejected for r in result.rounds)
     assert (tmp_path / "fedkim" / "rounds" / "2" / "sites" / "site-b" / "manifest.json").is_file()
     assert (tmp_path / "fedkim" / "metrics.json").is_file() and len(result.metrics["tasks"]) == 12
+    gate = result.metrics["gate"]  # logged per (task, modality), one row per task, rows sum to 1
+    assert set(gate) == set(TASKS) and all(abs(sum(row) - 1) < 1e-4 for row in gate.values())
+    assert (tmp_path / "fedkim" / "gate_heatmap.png").stat().st_size > 1000
 
 
 def test_experiment_writes_the_comparison(params, tmp_path):
