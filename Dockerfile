@@ -15,10 +15,14 @@ FROM python:3.11-slim
 RUN useradd --create-home --uid 10001 fedkim
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY --chown=fedkim:fedkim params.yaml ./
-ENV PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1 DO_NOT_TRACK=true MLFLOW_DISABLE_TELEMETRY=true \
-    DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=false PREFECT_SERVER_ANALYTICS_ENABLED=false \
-    FEDKIM_PARAMS=/app/params.yaml
+# The flows and stage scripts travel with the image: a hospital's site worker (`prefect worker start --pool
+# site-<id>`) and the central worker run them from /app, the deployments' working directory.
+COPY --chown=fedkim:fedkim params.yaml prefect.yaml dvc.yaml ./
+COPY --chown=fedkim:fedkim flows ./flows
+COPY --chown=fedkim:fedkim pipelines ./pipelines
+ENV PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=true \
+    MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=false \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_HOME=/app/.prefect FEDKIM_PARAMS=/app/params.yaml
 USER 10001
 ENTRYPOINT ["fedkim"]
 CMD ["--help"]

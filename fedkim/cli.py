@@ -111,5 +111,143 @@ def show_params(params: Optional[Path] = ParamsOption) -> None:
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
 
+# ------------------------------------------------------------------------------------------- fedkim registry
+registry_app = typer.Typer(help="The MLflow model registry: versions, aliases, promotion decisions.",
+                           no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+@registry_app.command("show")
+def registry_show(params: Optional[Path] = ParamsOption) -> None:
+    """List the registered versions of tracking.registered_model with aliases, round, decision and lineage."""
+    from rich.table import Table
+
+    from fedkim import tracking
+    from fedkim.config import default_params_path
+
+    cfg = _params(params)
+    base = (params or default_params_path()).resolve().parent  # relative sqlite paths follow params.yaml
+    uri = tracking.configure(cfg.tracking, base)
+    rows = tracking.registry_show()
+    if not rows:
+        console.print(f"no versions of {cfg.tracking.registered_model} in {uri}", highlight=False)
+        return
+    table = Table(title=f"{cfg.tracking.registered_model} ({uri})")
+    for column in ("version", "aliases", "round", "decision", "train F1", "AUROC", "lineage (run → round run)"):
+        table.add_column(column, overflow="fold")  # run ids are copied from here: wrap them, never cut them
+    for row in rows:
+        figures = [f"{row[k]:.3f}" if row[k] is not None else "–" for k in ("train_mean_f1", "mean_auroc")]
+        table.add_row(str(row["version"]), ", ".join(row["aliases"]) or "–", row["round_id"], row["decision"],
+                      *figures, f"{row['run_id'] or '?'} → {row['round_run_id'] or '?'}")
+    Console().print(table)  # sized now (COLUMNS, terminal), not when the module was imported
+
+
+
+# ---------------------------------------------------------------------------------------------- fedkim stack
+stack_app = typer.Typer(help="The deployed mode on this machine: Prefect, MLflow and S3 servers, work pools, "
+                             "workers and deployments, all on 127.0.0.1 (state in .fedkim/stack/).",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+
+def _stack_error(exc: Exception) -> None:
+    err_console.print("[red]error:[/red] ", end="")
+    err_console.print(str(exc), markup=False, highlight=False)  # paths and logs may hold "[...]"
+    raise typer.Exit(1) from None
+
+
+@stack_app.command("up")
+def stack_up(
+    params: Optional[Path] = ParamsOption,
+    prefect_port: int = typer.Option(4200, envvar="FEDKIM_PREFECT_PORT", help="Prefect server (API + UI)"),
+    mlflow_port: int = typer.Option(5000, envvar="FEDKIM_MLFLOW_PORT", help="MLflow server (tracking + UI)"),
+    s3_port: int = typer.Option(9000, envvar="FEDKIM_S3_PORT", help="S3 server (rclone serve s3)"),
+    timeout: float = typer.Option(120.0, help="seconds each service may take to become ready"),
+) -> None:
+    """Start Prefect, MLflow and S3 servers, a worker per pool (central, site-<id>) and the deployments."""
+    from fedkim import stack
+
+    _params(params)  # bad params: exit 2 naming the key, before anything starts
+    try:
+        state = stack.up(params, ports=stack.Ports(prefect_port, mlflow_port, s3_port), timeout_s=timeout,
+                         log=lambda line: console.print(line, markup=False, highlight=False))
+    except stack.StackError as exc:
+        _stack_error(exc)
+    s3 = state["s3"]
+    console.print(f"""
+fedkim stack is up ({state['project']}):
+  Prefect UI   {state['prefect_url']}
+  MLflow UI    {state['mlflow_url']}
+  S3 endpoint  {s3['endpoint']}  bucket {s3['bucket']}  (key pair: `fedkim stack env`)
+  workers      {', '.join(state['pools'])}
+next:
+  export PREFECT_API_URL={state['prefect_api_url']}
+  prefect deployment run fedkim/round --watch      # -p mode=federated: each site's part on its own pool
+stop: fedkim stack down""", markup=False, highlight=False)
+
+
+@stack_app.command("down")
+def stack_down(
+    params: Optional[Path] = ParamsOption,
+    grace: float = typer.Option(10.0, help="seconds between SIGTERM and SIGKILL"),
+) -> None:
+    """Stop everything `fedkim stack up` started (a no-op when nothing runs)."""
+    from fedkim import stack
+
+    try:
+        stack.down(params, grace_s=grace, log=lambda line: console.print(line, markup=False, highlight=False))
+    except stack.StackError as exc:
+        _stack_error(exc)
+
+
+@stack_app.command("status")
+def stack_status(params: Optional[Path] = ParamsOption) -> None:
+    """What the stack runs. Exit 0 when everything recorded runs, 1 when something is down or nothing runs."""
+    from rich.table import Table
+
+    from fedkim import stack
+
+    try:
+        state, rows = stack.status(params)
+    except stack.StackError as exc:
+        _stack_error(exc)
+    if state is None:
+        console.print(f"no stack running for {stack.project_dir(params)}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    table = Table(title=f"fedkim stack of {state['project']} (since {state['started']})")
+    for column in ("service", "pid", "state", "url / pool", "log"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row.name, str(row.pid), "running" if row.running else "[red]stopped[/red]", row.where,
+                      row.log)
+    Console().print(table)
+    raise typer.Exit(0 if all(r.running for r in rows) else 1)
+
+
+@stack_app.command("env")
+def stack_env(
+    params: Optional[Path] = ParamsOption,
+    pool: str = typer.Option("central", help="central, or a site's pool (site-<id>)"),
+) -> None:
+    """Print the `export` lines a worker of POOL needs to join the running stack (they hold the S3 secret)."""
+    import shlex
+
+    from fedkim import stack
+
+    state, _ = stack.status(params)
+    if state is None:
+        err_console.print(f"no stack running for {stack.project_dir(params)}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    if pool not in state["pools"]:
+        err_console.print(f"no pool {pool!r} in this stack; its pools: {', '.join(state['pools'])}", markup=False)
+        raise typer.Exit(2)
+    keys = ["PREFECT_API_URL", "FEDKIM_HOME", "FEDKIM_PARAMS", "FEDKIM_STORE_KIND", "FEDKIM_S3_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI"]
+    env = stack.worker_env(state, pool, base={})
+    for key in (k for k in keys if k in env):
+        print(f"export {key}={shlex.quote(env[key])}")
+    print(f"# then: prefect worker start --pool {pool} --type process")
+
+
 if __name__ == "__main__":
     app()

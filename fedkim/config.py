@@ -3,7 +3,8 @@
 Every section forbids unknown keys, so a typo fails at start-up with a message that names the key and the keys
 that are allowed there. Relative paths are resolved against the directory that holds params.yaml (the repo root).
 
-Environment overrides: FEDKIM_PARAMS (path of the params file), FEDKIM_DATA_ROOT (data.root).
+Environment overrides: FEDKIM_PARAMS (path of the params file), FEDKIM_DATA_ROOT (data.root),
+FEDKIM_STORE_KIND (store.kind: `fedkim stack up` switches its workers to its S3 server this way).
 """
 
 from __future__ import annotations
@@ -176,6 +177,33 @@ class FederationParams(Strict):
     rounds: int = Field(1, ge=1)
     quorum: int = Field(2, ge=1)
     max_update_norm: float = Field(1e3, gt=0)
+    # How the Prefect round flow (flows/round.py) runs the sites' work.
+    mode: Literal["simulation", "federated"] = Field(
+        "simulation", description="simulation: site tasks in the central process; federated: deployments "
+                                  "fedkim-site/<site> on the work pools site-<site>")
+    site_timeout_s: float = Field(3600.0, gt=0, description="limit of one attempt of a site's gate or training")
+    retries: int = Field(2, ge=0, le=20, description="extra attempts of a site's training + upload")
+    retry_delay_s: float = Field(10.0, ge=0, description="wait before the first retry; doubles at each retry")
+    site_start_s: float = Field(300.0, ge=0, description="federated: allowance for a site worker to start a run")
+    parallel_sites: int = Field(1, ge=0, description="simulation: site trainings at once (0: all); 1 makes a "
+                                                     "round bit-reproducible (torch's global RNG is per process)")
+    work_dir: Path = Field(Path(".cache/rounds"), description="central scratch (injection checkpoints to resume)")
+    round_id: str = Field("1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                          description="the round `dvc repro` runs: names its store keys and seeds its training")
+
+    @field_validator("round_id", mode="before")
+    @classmethod
+    def _round_id_text(cls, v: Any) -> Any:
+        # YAML reads `round_id: 3` as an int; a round id is a name (`2026-05-01` works too).
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class ReportParams(Strict):
+    """The round report the Prefect flow writes (Markdown + PNGs)."""
+
+    root: Path = Field(Path("reports/rounds"), description="<root>/<round id>/report.md")
+    comparison: Path | None = Field(None, description="comparison.json of `fedkim experiment` for the baseline "
+                                                      "rows; None: the newest one under the report root's parent")
 
 
 class InjectParams(Strict):
@@ -216,19 +244,33 @@ class EvalParams(Strict):
     batch_size: int = Field(16, ge=1)
     max_per_task: int | None = Field(None, ge=1, description="evaluate at most this many test samples per task")
     generate: bool = Field(False, description="also report greedy generation (slower)")
+    calibration: Literal["public_median", "none"] = Field(
+        "public_median", description="yes/no decision threshold: the median score on unlabelled public inputs of "
+                                     "the task's modality (label-free), or none (log p(Yes) > log p(No))")
+    calibration_samples: int = Field(48, ge=2, description="public inputs scored per task for the threshold")
 
 
 class TrackingParams(Strict):
     uri: str = "sqlite:///mlruns/mlflow.db"
     experiment: str = "fedkim"
     registered_model: str = "fedkim-foundation"
+    bundle_adapters: Literal["all", "train", "none"] = Field(
+        "train", description="merged peft adapters in the registered bundle: every task, the training tasks, none")
 
 
 class StoreParams(Strict):
+    """Where packages and aggregates travel (fedkim.federation.store.open_store). S3 credentials come from the
+    standard AWS env vars / ~/.aws, never from here; FEDKIM_S3_ENDPOINT_URL overrides endpoint_url and
+    FEDKIM_STORE_KIND overrides kind."""
+
     kind: Literal["local", "s3"] = "local"
     root: Path = Path("artifacts")
-    endpoint_url: str | None = None
-    bucket: str = "fedkim"
+    endpoint_url: str | None = Field(None, description="S3-compatible server, e.g. http://127.0.0.1:9000")
+    bucket: str = Field("fedkim", pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", description="S3 bucket name")
+    prefix: str = Field("", pattern=r"^([^/]+(/[^/]+)*)?$", description="key prefix in the bucket, no '/' ends")
+    region: str = "us-east-1"
+    create_bucket: bool = Field(False, description="create the bucket when missing (self-hosted servers)")
+    max_attempts: int = Field(5, ge=1, le=20, description="S3 request attempts, retried with backoff")
 
 
 class Params(Strict):
@@ -239,6 +281,7 @@ class Params(Strict):
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
     store: StoreParams = StoreParams()
+    report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
     def _catalogue_covered(self) -> "Params":
@@ -270,6 +313,8 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         _set_dotted(raw, dotted, value)
     if os.environ.get("FEDKIM_DATA_ROOT"):
         raw.setdefault("data", {})["root"] = os.environ["FEDKIM_DATA_ROOT"]
+    if os.environ.get("FEDKIM_STORE_KIND"):
+        raw.setdefault("store", {})["kind"] = os.environ["FEDKIM_STORE_KIND"]
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
@@ -293,7 +338,11 @@ def _resolve_paths(params: Params, base: Path) -> Params:
 
     data = params.data.model_copy(update={"root": absolute(params.data.root)})
     store = params.store.model_copy(update={"root": absolute(params.store.root)})
-    return params.model_copy(update={"data": data, "store": store})
+    federation = params.federation.model_copy(update={"work_dir": absolute(params.federation.work_dir)})
+    comparison = params.report.comparison
+    report = params.report.model_copy(update={"root": absolute(params.report.root),
+                                              "comparison": None if comparison is None else absolute(comparison)})
+    return params.model_copy(update={"data": data, "store": store, "federation": federation, "report": report})
 
 
 def params_hash(section: BaseModel) -> str:

@@ -1,2 +1,7 @@
-"""Prefect flows (`fedkim/round` and per-site deployments): thin wiring over fedkim/, added by the pipeline
-issue. The library under fedkim/ never imports Prefect."""
+"""Prefect flows: thin wiring over fedkim/ (the library never imports Prefect).
+
+    round.py    flow `fedkim` (deployment `fedkim/round`): one federated round; `python -m flows.round`
+    site.py     flow `fedkim-site` (deployments `fedkim-site/<site-id>`): a site's gate, training and upload
+    report.py   the round report (Markdown + PNGs), plain Python
+
+Deployments, work pools and the round's schedule: prefect.yaml at the repo root."""

@@ -1,28 +1,31 @@
-"""DVC stage `validate`: run the Great Expectations gate on every directory of the federation.
+"""DVC stage `validate@<n>`: run the Great Expectations gate on one site's data folder.
 
-Writes reports/validation/<site>.json and exits non-zero when any site fails, so `dvc repro` stops there.
+Writes the site's report (JSON) to --out and exits non-zero when the site fails, so `dvc repro` stops there. The
+report leaves out the gate's timing and names the site folder relative to the repo: the same data gives the same
+file, so re-validating (e.g. after a change to the gate's code) does not retrain the site. GX data docs are not
+written: they would land inside the site folder, which is the `generate` stage's out.
 """
 
-import json
+import os
 import sys
 from pathlib import Path
 
-from fedkim.config import REPO_ROOT, load_params
-from fedkim.data.validate import validate_site
+from fedkim.rounds import validate_site_step
+from pipelines.common import params_path, parser, setup, write_json
 
 
-def main() -> int:
-    params = load_params()
-    out = REPO_ROOT / "reports" / "validation"
-    out.mkdir(parents=True, exist_ok=True)
-    failed = []
-    for site_dir in sorted(p for p in Path(params.data.root).iterdir() if p.is_dir()):
-        report = validate_site(site_dir, params.data.gate)
-        (out / f"{site_dir.name}.json").write_text(json.dumps(report.model_dump(mode="json"), indent=2))
-        print(report.summary())
-        if not report.success:
-            failed.append(site_dir.name)
-    return 1 if failed else 0
+def main(argv: list[str] | None = None) -> int:
+    cli = parser(__doc__, store=False, site=True)
+    cli.add_argument("--out", required=True, type=Path, help="where the site's validation report (JSON) goes")
+    args = cli.parse_args(argv)
+    params, _, _ = setup(args)
+    report = validate_site_step(params, args.site, write_docs=False)
+    print(report.summary())
+    payload = report.model_dump(mode="json")
+    payload["stats"].pop("seconds", None)
+    payload["site_dir"] = Path(os.path.relpath(payload["site_dir"], params_path().resolve().parent)).as_posix()
+    write_json(args.out, payload)
+    return 0 if report.success else 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,13 @@
 Binary tasks are scored deterministically from log p("Yes") − log p("No") (accuracy, F1, AUROC, MCC);
 multi-answer questions take the highest-scoring option (accuracy, macro F1). Greedy generation is a secondary
 report. The primary figure per task is F1 for binary tasks and accuracy for questions.
+
+The yes/no decision threshold is calibrated without labels (`eval.calibration: public_median`): an LLM's raw
+log p(Yes) − log p(No) carries a prompt-specific bias (Zhao et al. 2021, "Calibrate before use"), so a fixed
+threshold of 0 answers nearly everything Yes or No and F1 then measures the bias, not the model. The threshold is
+the median score of the same task prompt on unlabelled inputs of the task's modality from the server's public
+split: no test data and no labels are used, and every variant gets the same treatment. AUROC does not depend
+on it; the uncalibrated F1 is reported beside it.
 """
 
 from __future__ import annotations
@@ -15,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, EvalParams, SiteTrainingParams
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS
+from fedkim.data.catalogue import TASKS, TRAIN_TASKS, YES_NO, ZERO_SHOT_TASKS
 from fedkim.data.loaders import collate
 from fedkim.site.train import task_dataset, to_device
 
@@ -35,17 +42,50 @@ def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: Sit
     model.eval()
     device = model.projectors[next(iter(model.projectors))].weight.device if len(model.projectors) else "cpu"
     out: dict = {"tasks": {}}
+    public = Path(data.root) / "public"
     for task in tasks or select_tasks(p.tasks):
         dataset = task_dataset(Path(test_dir), task, "test", site, data, limit=p.max_per_task)
         if len(dataset) == 0:
             continue
-        out["tasks"][task] = evaluate_task(model, dataset, task, p, device)
+        threshold = None
+        if TASKS[task].kind == "binary" and p.calibration == "public_median":
+            threshold = calibrate_threshold(model, public, task, p, site, data, device)
+        out["tasks"][task] = evaluate_task(model, dataset, task, p, device, threshold=threshold)
     out |= summarise(out["tasks"])
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
 
 
-def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device) -> dict:
+def yes_no_scores(model: CentralModel, dataset, task: str, batch_size: int, device) -> list[float]:
+    """log p("Yes") − log p("No") for every sample, with this task's prompt and gate."""
+    scores = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        logp = model.option_logprobs(to_device(batch, device), task, [list(YES_NO)] * len(batch["answer"]))
+        scores += (logp[:, YES_NO.index("Yes")] - logp[:, YES_NO.index("No")]).float().cpu().tolist()
+    return scores
+
+
+def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, data: DataParams, limit: int):
+    """Unlabelled public inputs of the task's modality, taken evenly from the training tasks that have it (a
+    zero-shot task has no public samples of its own, but its modality does)."""
+    donors = [t for t in TRAIN_TASKS if TASKS[t].modality == TASKS[task].modality]
+    if not donors or not public_dir.is_dir():
+        return None
+    parts = [task_dataset(public_dir, t, None, site, data, limit=max(1, limit // len(donors))) for t in donors]
+    parts = [d for d in parts if len(d)]
+    return ConcatDataset(parts) if parts else None
+
+
+def calibrate_threshold(model: CentralModel, public_dir: Path, task: str, p: EvalParams, site: SiteTrainingParams,
+                        data: DataParams, device) -> float | None:
+    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples)
+    if inputs is None or len(inputs) < 2:
+        return None  # nothing to calibrate on: fall back to log p(Yes) > log p(No)
+    return float(np.median(yes_no_scores(model, inputs, task, p.batch_size, device)))
+
+
+def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device, *,
+                  threshold: float | None = None) -> dict:
     spec = TASKS[task]
     scores, predicted, truth, generated = [], [], [], []
     for batch in DataLoader(dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate):
@@ -62,10 +102,14 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
     result = {"n": len(truth), "kind": spec.kind, "role": spec.role}
     if spec.kind == "binary":
         y = np.array([a == "Yes" for a in truth], dtype=int)
-        yhat = np.array([a == "Yes" for a in predicted], dtype=int)
+        raw = np.array([a == "Yes" for a in predicted], dtype=int)
+        yhat = raw if threshold is None else (np.array(scores) > threshold).astype(int)
         result |= {"accuracy": accuracy_score(y, yhat), "f1": f1_score(y, yhat, zero_division=0),
                    "mcc": matthews_corrcoef(y, yhat),
-                   "auroc": roc_auc_score(y, scores) if len(set(y.tolist())) == 2 else math.nan}
+                   "auroc": roc_auc_score(y, scores) if len(set(y.tolist())) == 2 else math.nan,
+                   "f1_uncalibrated": f1_score(y, raw, zero_division=0),
+                   "threshold": 0.0 if threshold is None else threshold,
+                   "positive_rate": float(yhat.mean()) if len(yhat) else math.nan}
         result["primary"] = result["f1"]
     else:
         result |= {"accuracy": accuracy_score(truth, predicted),

@@ -24,6 +24,10 @@ from fedkim.federation.store import (
     IntegrityError,
     KeyExistsError,
     LocalStore,
+    MissingKeyError,
+    S3Store,
+    StoreError,
+    open_store,
     package_key,
     package_prefix,
 )
@@ -33,5 +37,6 @@ __all__ = [
     "CheckResult", "check_package", "screen_packages",
     "SCHEMA_VERSION", "KnowledgePackage", "PackageError", "PackageManifest", "ValidationSummary",
     "read_package", "write_package",
-    "ArtifactStore", "IntegrityError", "KeyExistsError", "LocalStore", "package_key", "package_prefix",
+    "ArtifactStore", "IntegrityError", "KeyExistsError", "LocalStore", "MissingKeyError", "S3Store", "StoreError",
+    "open_store", "package_key", "package_prefix",
 ]

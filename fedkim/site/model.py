@@ -37,23 +37,35 @@ class ImageEncoder(nn.Module):
 
 
 class EcgEncoder(nn.Module):
-    """Conv1d stack over the 12 leads, then a per-lead linear map of the time axis: one token per lead."""
+    """A 1-D CNN shared by the 12 leads, then mean/max/std pooling over time: one token per lead.
 
-    def __init__(self, p: SiteTrainingParams, samples: int):
+    Each lead is standardised on its own (robust to each site's amplifier gain and baseline), the filters are
+    shared across leads (12x the data per filter) and a learned lead embedding says which lead a token is.
+    GroupNorm rather than BatchNorm: running statistics would be site-specific, and FedAvg would mix them.
+    """
+
+    def __init__(self, p: SiteTrainingParams, samples: int, widths: tuple[int, ...] = (16, 32, 32)):
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv1d(12, 12, kernel_size=7, padding=3), nn.BatchNorm1d(12), nn.ReLU(),
-            nn.Conv1d(12, 12, kernel_size=7, padding=3), nn.BatchNorm1d(12), nn.ReLU(),
-        )
-        self.to_token = nn.Linear(samples, p.token_dim)
+        layers, width = [], 1
+        for out in widths:  # stride 2 each: at 100 Hz the last layer sees about 0.6 s, one beat and its intervals
+            layers += [nn.Conv1d(width, out, kernel_size=7, stride=2, padding=3), nn.GroupNorm(4, out), nn.GELU()]
+            width = out
+        self.conv = nn.Sequential(*layers)
+        self.to_token = nn.Linear(3 * width, p.token_dim)
+        self.lead = nn.Parameter(torch.zeros(12, p.token_dim))
         self.out_dim = p.token_dim
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.to_token(self.conv(batch["ecg"]))  # (B, 12, token_dim)
+        ecg = batch["ecg"]  # (B, 12, T)
+        ecg = (ecg - ecg.mean(-1, keepdim=True)) / (ecg.std(-1, keepdim=True) + 1e-3)
+        maps = self.conv(ecg.reshape(-1, 1, ecg.shape[-1]))  # (B*12, C, T')
+        stats = torch.cat([maps.mean(-1), maps.amax(-1), maps.std(-1)], dim=-1)  # rhythm variability too
+        return self.to_token(stats).view(ecg.shape[0], 12, -1) + self.lead  # (B, 12, token_dim)
 
 
 class ClinicalEncoder(nn.Module):
-    """Hourly values + measurement mask -> transformer encoder (batch_first) -> one token per hour."""
+    """Hourly values + measurement mask + the hour's position -> transformer encoder (batch_first) -> one token
+    per hour. The sinusoidal position lets the encoder see trends (a 24 h or a 48 h window alike)."""
 
     def __init__(self, p: SiteTrainingParams):
         super().__init__()
@@ -64,9 +76,19 @@ class ClinicalEncoder(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, width))
         self.out_dim = width
 
+    @staticmethod
+    def position(hours: int, width: int, device) -> torch.Tensor:
+        t = torch.arange(hours, device=device, dtype=torch.float32)[:, None]
+        freq = torch.exp(-torch.arange(0, width, 2, device=device, dtype=torch.float32) * (4.0 / width))
+        table = torch.zeros(hours, width, device=device)
+        table[:, 0::2], table[:, 1::2] = torch.sin(t * freq), torch.cos(t * freq)
+        return table
+
     def forward(self, batch: dict) -> torch.Tensor:
         x = torch.cat([batch["clinical"], batch["clinical_mask"]], dim=-1)
-        return self.out(self.layer(self.inp(x)))  # (B, hours, token_dim)
+        h = self.inp(x)
+        h = h + self.position(h.shape[1], h.shape[2], h.device).to(h.dtype)
+        return self.out(self.layer(h))  # (B, hours, token_dim)
 
 
 class TaskHead(nn.Module):

@@ -102,8 +102,29 @@ def test_scoring_handles_ragged_options_and_evaluation_covers_every_task(params)
     for task, m in metrics["tasks"].items():
         assert m["n"] == 6 and 0.0 <= m["primary"] <= 1.0
         if TASKS[task].kind == "binary":
-            assert {"accuracy", "f1", "auroc", "mcc"} <= set(m)
+            assert {"accuracy", "f1", "auroc", "mcc", "f1_uncalibrated", "threshold", "positive_rate"} <= set(m)
     assert 0 <= metrics["train_mean_f1"] <= 1 and 0 <= metrics["zeroshot_mean"] <= 1
+
+
+def test_yes_no_threshold_is_the_median_over_unlabelled_public_inputs_of_the_modality(params):
+    from fedkim.central.evaluate import calibrate_threshold, calibration_inputs, evaluate_task, yes_no_scores
+    from fedkim.site.train import task_dataset
+
+    model = build_central(params, VARIANTS["fedkim"])
+    public = params.data.root / "public"
+    # A zero-shot image task has no public samples of its own: its threshold comes from public radiographs.
+    inputs = calibration_inputs(public, "atelectasis", params.site, params.data, limit=8)
+    assert len(inputs) == 8 and {inputs[i]["task"] for i in range(len(inputs))} == {"lung_opacity", "covid"}
+    threshold = calibrate_threshold(model, public, "atelectasis", params.eval, params.site, params.data, "cpu")
+    scores = yes_no_scores(model, calibration_inputs(public, "atelectasis", params.site, params.data,
+                                                     params.eval.calibration_samples), "atelectasis", 4, "cpu")
+    assert sum(s > threshold for s in scores) == pytest.approx(len(scores) / 2, abs=1)  # half above, half below
+
+    test = task_dataset(params.data.root / "test", "atelectasis", "test", params.site, params.data, limit=6)
+    never = evaluate_task(model, test, "atelectasis", params.eval, "cpu", threshold=math.inf)
+    always = evaluate_task(model, test, "atelectasis", params.eval, "cpu", threshold=-math.inf)
+    assert never["positive_rate"] == 0.0 and never["f1"] == 0.0 and always["positive_rate"] == 1.0
+    assert never["auroc"] == always["auroc"]  # the ranking does not depend on the threshold
 
 
 def test_gate_ablations_change_the_gate_inputs(params):

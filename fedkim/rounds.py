@@ -1,0 +1,262 @@
+"""One federated round as idempotent steps around the artifact store: what Prefect flows, DVC stages and plain
+Python all call (the orchestrators only decide where and when each step runs).
+
+Store layout of a round (keys relative to the store root):
+
+    rounds/<r>/global/encoders.safetensors       the global model the sites start from
+    rounds/<r>/sites/<site>/...                  each site's knowledge package (manifest.json + tensors)
+    rounds/<r>/aggregate/encoders.safetensors    the screened, aggregated model  (+ aggregate.json)
+    rounds/<r>/central/trainable.safetensors     M3OE experts, gate, projectors after injection (+ inject.json)
+    rounds/<r>/central/encoders.safetensors      encoders after injection: what goes back to the sites
+    rounds/<r>/evaluation/metrics.json           per-task metrics of the injected model
+    rounds/LATEST.json                           the last completed round (where the next one starts)
+
+Every step first looks for its own output in the store and returns it when present, so re-running a round id
+never trains, uploads or aggregates twice.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedkim.central.evaluate import evaluate, gate_table
+from fedkim.central.inject import inject
+from fedkim.central.model import CentralModel
+from fedkim.config import Params
+from fedkim.federation.aggregate import aggregate
+from fedkim.federation.checks import screen_packages
+from fedkim.federation.package import ValidationSummary, read_manifest, write_package
+from fedkim.federation.store import ArtifactStore, package_prefix
+from fedkim.site.model import global_model
+from fedkim.site.train import train_site
+
+LATEST_KEY = "rounds/LATEST.json"
+
+
+class QuorumError(RuntimeError):
+    """Fewer sites than `federation.quorum` delivered an acceptable package."""
+
+
+def round_key(round_id: str, *parts: str) -> str:
+    return "/".join(["rounds", str(round_id), *parts])
+
+
+def round_seed(round_id: str, base: int) -> int:
+    """Numeric round ids keep the seeds of `fedkim experiment`; other ids (e.g. dates) hash to a seed."""
+    text = str(round_id)
+    return base + (int(text) if text.isdigit() else zlib.crc32(text.encode()) % 100_000)
+
+
+# ------------------------------------------------------------------------------------------ tensors in the store
+def put_state(store: ArtifactStore, key: str, state: dict[str, torch.Tensor], *, overwrite: bool = False) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+        return store.put_file(key, path, overwrite=overwrite)
+
+
+def get_state(store: ArtifactStore, key: str) -> dict[str, torch.Tensor]:
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_file(str(store.get_file(key, Path(tmp) / "state.safetensors")))
+
+
+def put_json(store: ArtifactStore, key: str, payload: dict, *, overwrite: bool = False) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "payload.json"
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=float))
+        return store.put_file(key, path, overwrite=overwrite)
+
+
+def get_json(store: ArtifactStore, key: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(store.get_file(key, Path(tmp) / "payload.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ steps
+@dataclass
+class SiteOutcome:
+    site_id: str
+    status: str  # trained | reused | excluded | failed
+    reason: str = ""
+    sample_counts: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    data_fingerprint: str = ""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AggregateOutcome:
+    round_id: str
+    accepted: list[str]
+    rejected: dict[str, list[str]]
+    strategy: str
+    reused: bool = False
+
+
+def start_round(params: Params, store: ArtifactStore, round_id: str) -> str:
+    """Publish the global model of this round: the previous round's encoders after injection, or the initial
+    model. Returns its key. Idempotent: an existing global model of this round is kept as it is."""
+    key = round_key(round_id, "global", "encoders.safetensors")
+    if store.exists(key):
+        return key
+    state = global_model(params.site, params.data, seed=params.data.seed).state_dict()
+    previous = latest_round(store)
+    if previous is not None and previous != str(round_id):
+        state = {**state, **get_state(store, round_key(previous, "aggregate", "encoders.safetensors")),
+                 **get_state(store, round_key(previous, "central", "encoders.safetensors"))}
+    put_state(store, key, state)
+    return key
+
+
+def latest_round(store: ArtifactStore) -> str | None:
+    return get_json(store, LATEST_KEY)["round_id"] if store.exists(LATEST_KEY) else None
+
+
+def validate_site_step(params: Params, site_id: str, *, write_docs: bool = True):
+    """The GX gate on one site's data (runs at the site). Returns the ValidationReport; never raises for bad data."""
+    from fedkim.data.validate import validate_site
+
+    return validate_site(params.data.root / site_id, params.data.gate, write_docs=write_docs)
+
+
+def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id: str, *,
+                    validation: ValidationSummary | None = None, progress: bool = False) -> SiteOutcome:
+    """Train at one site from the round's global model and upload its knowledge package (runs at the site)."""
+    prefix = package_prefix(round_id, site_id)
+    if store.exists(f"{prefix}/manifest.json"):  # this site already reported for this round
+        manifest = read_manifest_from_store(store, prefix)
+        return SiteOutcome(site_id, "reused", sample_counts=dict(manifest.sample_counts),
+                           metrics=dict(manifest.local_metrics), data_fingerprint=manifest.data_fingerprint)
+    global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
+    local = train_site(params.data.root / site_id, global_state, params.site, params.data,
+                       seed=round_seed(round_id, params.data.seed), progress=progress)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / site_id
+        write_package(folder, local.state_dict, site_id=site_id, round_id=str(round_id),
+                      sample_counts=local.sample_counts, task_counts=local.task_counts,
+                      data_fingerprint=local.data_fingerprint, local_metrics=_finite(local.metrics),
+                      validation_summary=validation or ValidationSummary(success=True, findings=0))
+        # The manifest goes last: its presence is what marks the package as complete.
+        files = sorted(folder.iterdir(), key=lambda f: f.name == "manifest.json")
+        for f in files:
+            store.put_file(f"{prefix}/{f.name}", f)
+    return SiteOutcome(site_id, "trained", sample_counts=local.sample_counts, metrics=_finite(local.metrics),
+                       data_fingerprint=local.data_fingerprint, seconds=round(local.seconds, 1))
+
+
+def read_manifest_from_store(store: ArtifactStore, prefix: str):
+    with tempfile.TemporaryDirectory() as tmp:
+        store.get_file(f"{prefix}/manifest.json", Path(tmp) / "manifest.json")
+        return read_manifest(tmp)
+
+
+def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids: list[str]) -> AggregateOutcome:
+    """Collect the reporting sites' packages, screen them, check the quorum and aggregate (runs at the server)."""
+    key = round_key(round_id, "aggregate", "encoders.safetensors")
+    if store.exists(key):
+        saved = get_json(store, round_key(round_id, "aggregate", "aggregate.json"))
+        return AggregateOutcome(str(round_id), saved["accepted"], saved["rejected"], saved["strategy"], reused=True)
+    global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folders, missing = [], {}
+        for site in site_ids:
+            prefix = package_prefix(round_id, site)
+            if not store.exists(f"{prefix}/manifest.json"):
+                missing[site] = [f"no package in the store at {prefix}/"]
+                continue
+            folders.append(store.get_dir(prefix, Path(tmp) / site))
+        accepted, rejected = screen_packages(folders, global_state, max_update_norm=params.federation.max_update_norm,
+                                             expected_round=str(round_id))
+        rejected = {**missing, **rejected}
+        if len(accepted) < params.federation.quorum:
+            raise QuorumError(f"round {round_id}: {len(accepted)} acceptable package(s), below the quorum of "
+                              f"{params.federation.quorum}; rejected or missing: {rejected}")
+        hparams = {"mu": params.site.fedprox_mu} if params.federation.strategy == "fedprox" else {}
+        result = aggregate(params.federation.strategy, global_state, accepted, **hparams)
+    names = [p.manifest.site_id for p in accepted]
+    put_json(store, round_key(round_id, "aggregate", "aggregate.json"),
+             {"accepted": names, "rejected": rejected, "strategy": params.federation.strategy})
+    put_state(store, key, result.state_dict)  # last: marks the aggregation as done
+    return AggregateOutcome(str(round_id), names, rejected, params.federation.strategy)
+
+
+def load_central(params: Params, store: ArtifactStore, round_id: str, *, injected: bool) -> CentralModel:
+    """The central model for a round: aggregated encoders, plus this round's injected weights (injected=True) or
+    the previous round's (the experts keep learning across rounds)."""
+    from fedkim.experiment import VARIANTS, build_central
+
+    model = build_central(params, VARIANTS["fedkim"])
+    model.load_encoders(get_state(store, round_key(round_id, "aggregate", "encoders.safetensors")))
+    source = str(round_id) if injected else latest_round(store)
+    if source is not None and (injected or source != str(round_id)):
+        model.load_trainable_state(get_state(store, round_key(source, "central", "trainable.safetensors")))
+        if not injected:  # the previous round's trained experts, but this round's aggregated encoders
+            model.load_encoders(get_state(store, round_key(round_id, "aggregate", "encoders.safetensors")))
+    return model
+
+
+def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: Path, *,
+                progress: bool = False) -> tuple[CentralModel, dict]:
+    """M3OE injection on the server's public split (runs on the central pool; uses CUDA when present)."""
+    done = round_key(round_id, "central", "inject.json")
+    if store.exists(done):
+        return load_central(params, store, round_id, injected=True), get_json(store, done)
+    model = load_central(params, store, round_id, injected=False)
+    result = inject(model, params.data.root / "public", params.inject, params.site, params.data,
+                    round_id=str(round_id), checkpoint_dir=Path(work_dir) / "checkpoints", progress=progress)
+    model.to("cpu")
+    summary = {"round_id": str(round_id), "losses": result.losses, "lrs": result.lrs, "tasks": result.tasks,
+               "seconds": round(result.seconds, 1), "steps": len(result.losses)}
+    put_state(store, round_key(round_id, "central", "trainable.safetensors"), model.trainable_state(), overwrite=True)
+    put_state(store, round_key(round_id, "central", "encoders.safetensors"), model.encoder_state(), overwrite=True)
+    put_json(store, done, summary, overwrite=True)  # last: marks the injection as done
+    return model, summary
+
+
+def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: CentralModel) -> dict:
+    key = round_key(round_id, "evaluation", "metrics.json")
+    if store.exists(key):
+        return get_json(store, key)
+    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data)
+    metrics["gate"] = gate_table(model)
+    put_json(store, key, metrics)
+    return metrics
+
+
+def finish_round(store: ArtifactStore, round_id: str) -> None:
+    """Mark the round complete: the next round starts from its encoders."""
+    if latest_round(store) != str(round_id):
+        put_json(store, LATEST_KEY, {"round_id": str(round_id), "finished": time.time()}, overwrite=True)
+
+
+def run_round(params: Params, store: ArtifactStore, round_id: str, work_dir: Path, *,
+              progress: bool = False) -> dict:
+    """The whole round in plain Python, sites one after another (the orchestration-free baseline)."""
+    started = time.perf_counter()
+    start_round(params, store, round_id)
+    sites = [train_site_step(params, store, round_id, s.id, progress=progress) for s in params.data.sites]
+    agg = aggregate_step(params, store, round_id, [s.site_id for s in sites])
+    model, injection = inject_step(params, store, round_id, work_dir, progress=progress)
+    metrics = evaluate_step(params, store, round_id, model)
+    finish_round(store, round_id)
+    return {"round_id": str(round_id), "sites": [s.as_dict() for s in sites], "aggregate": asdict(agg),
+            "injection": {k: v for k, v in injection.items() if k not in ("losses", "lrs", "tasks")},
+            "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _finite(metrics: dict) -> dict:
+    import math
+
+    return {t: {k: v for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            for t, m in metrics.items()}

@@ -1,0 +1,47 @@
+"""DVC stage `evaluate`: the injected model on the test split of every catalogue task.
+
+Reads <store>/rounds/<round>/{aggregate,central}/ and the test split; writes <store>/rounds/<round>/evaluation/
+(metrics.json with the gate table), the DVC metrics file (--metrics: per-task f1/auroc/accuracy/primary and the
+summaries, without the gate table) and plot data: --tasks (CSV, one row per task) and --gate (heatmap PNG of the
+gate weights per task and expert).
+"""
+
+import csv
+from pathlib import Path
+
+from fedkim.central.evaluate import plot_gate_heatmap
+from fedkim.data.catalogue import TASKS
+from fedkim.rounds import evaluate_step, load_central
+from pipelines.common import parser, setup, write_json
+
+COLUMNS = ("f1", "auroc", "accuracy", "primary")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = parser(__doc__)
+    cli.add_argument("--metrics", required=True, type=Path, help="DVC metrics file (JSON)")
+    cli.add_argument("--tasks", required=True, type=Path, help="per-task metrics (CSV) for `dvc plots`")
+    cli.add_argument("--gate", required=True, type=Path, help="gate heatmap (PNG) for `dvc plots`")
+    args = cli.parse_args(argv)
+    params, store, round_id = setup(args)
+    metrics = evaluate_step(params, store, round_id, load_central(params, store, round_id, injected=True))
+
+    write_json(args.metrics, {"round_id": round_id, **{k: v for k, v in metrics.items() if k != "gate"}})
+    args.tasks.parent.mkdir(parents=True, exist_ok=True)
+    with args.tasks.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["task", "role", "modality", *COLUMNS])
+        for task, m in metrics["tasks"].items():
+            writer.writerow([task, TASKS[task].role, TASKS[task].modality, *(_number(m.get(c)) for c in COLUMNS)])
+    if plot_gate_heatmap(metrics.get("gate") or {}, args.gate) is None:
+        raise SystemExit(f"round {round_id}: the model has no M3OE gate to plot (inject.num_experts, inject.gate)")
+    print(f"round {round_id}: {len(metrics['tasks'])} tasks, train mean F1 {metrics['train_mean_f1']:.3f}, "
+          f"zero-shot mean {metrics['zeroshot_mean']:.3f}, mean AUROC {metrics['mean_auroc']:.3f}")
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{float(value):.6g}"
+
+
+if __name__ == "__main__":
+    main()

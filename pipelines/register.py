@@ -1,0 +1,102 @@
+"""DVC stage `register`: log the round to MLflow, register the injected model and run the promotion gate.
+
+Reads <store>/rounds/<round>/{sites,aggregate,central,evaluation}/; logs a round run (nested runs per site and for
+the injection: loss curve, evaluation, gate, comparison with the champion), saves the model bundle, registers it
+as `tracking.registered_model` with alias `challenger`, promotes it to `champion` when it beats the champion, and
+writes --out (registry.json: version, aliases, decision).
+
+MLflow keys a round by its id (one run and one registered version per id) and refuses one id with two sets of
+params, while `dvc exp run -S ...` varies the params of one `federation.round_id`. So the round is tracked as
+`dvc-<round>-<digest>`, the digest over the settings that decide the model and the round's weights and figures:
+re-running the stage on the same outputs finds the same run and version again; an experiment, or new data or code,
+gets its own.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from fedkim import tracking
+from fedkim.config import Params
+from fedkim.federation.store import package_prefix
+from fedkim.rounds import get_json, load_central, read_manifest_from_store, round_key
+from pipelines.common import params_path, parser, setup, write_json
+
+
+# What decides the model and its figures: not where files, runs and reports go, nor how a round is orchestrated.
+WHOLE_SECTIONS = ("site", "inject", "eval")
+DATA_IGNORED = ("root", "workers")
+FEDERATION_KEYS = ("strategy", "quorum", "max_update_norm")
+PRODUCED = ("aggregate/encoders.safetensors", "central/trainable.safetensors", "central/encoders.safetensors")
+
+
+def params_digest(params: Params) -> str:
+    dumped = params.model_dump(mode="json")
+    payload = {section: dumped[section] for section in WHOLE_SECTIONS}
+    payload["data"] = {k: v for k, v in dumped["data"].items() if k not in DATA_IGNORED}
+    payload["federation"] = {k: dumped["federation"][k] for k in FEDERATION_KEYS}
+    return _digest(payload)
+
+
+def tracked_round(params: Params, store, round_id: str, metrics: dict) -> tuple[str, str]:
+    """(the MLflow round id, the params digest). The id carries a digest of the settings that decide the model and
+    of what the round produced (weights and figures): the same round finds its run and version again, while new
+    params, data or code give a new id (and so a new version)."""
+    produced = {key: store.sha256(round_key(round_id, *key.split("/"))) for key in PRODUCED}
+    figures = {k: v for k, v in metrics.items() if k != "seconds"}
+    settings = params_digest(params)
+    return f"dvc-{round_id}-{_digest({'params': settings, 'files': produced, 'metrics': figures})[:8]}", settings
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = parser(__doc__)
+    cli.add_argument("--out", required=True, type=Path, help="registry.json: the registered version and decision")
+    args = cli.parse_args(argv)
+    params, store, round_id = setup(args)
+    tracking.configure(params.tracking, base_dir=params_path().resolve().parent)
+    metrics = get_json(store, round_key(round_id, "evaluation", "metrics.json"))
+    tracked_id, digest = tracked_round(params, store, round_id, metrics)
+
+    version = tracking.find_version(tracked_id)  # this round's outputs were registered before: log nothing twice
+    if version is None:
+        version = log_and_register(params, store, round_id, tracked_id, digest, metrics)
+    decision = tracking.promote(version, metrics)
+
+    aliases = next((row["aliases"] for row in tracking.registry_show(version.name)
+                    if row["version"] == int(version.version)), [])
+    write_json(args.out, {
+        "round_id": round_id, "tracked_round_id": tracked_id, "params_digest": digest,
+        "registered_model": version.name, "version": int(version.version), "aliases": aliases,
+        "decision": decision.decision, "reason": decision.reason, "champion": decision.champion,
+        "previous_champion": decision.previous_champion, "run_id": version.run_id,
+        "round_run_id": version.tags.get(tracking.ROUND_RUN_TAG, ""), "tracking_uri": params.tracking.uri,
+    })
+    print(f"round {round_id} ({tracked_id}): {version.name} v{version.version} {aliases}, {decision.decision}: "
+          f"{decision.reason}")
+
+
+def log_and_register(params: Params, store, round_id: str, tracked_id: str, digest: str, metrics: dict):
+    aggregated = get_json(store, round_key(round_id, "aggregate", "aggregate.json"))
+    manifests = {site: read_manifest_from_store(store, package_prefix(round_id, site))
+                 for site in aggregated["accepted"]}
+    fingerprints = {site: m.data_fingerprint for site, m in manifests.items()}
+    injection = get_json(store, round_key(round_id, "central", "inject.json"))
+    model = load_central(params, store, round_id, injected=True)
+    with tracking.round_run(params, tracked_id, sites=fingerprints, params_hash=digest) as parent:
+        for site, manifest in manifests.items():
+            tracking.log_site(parent, site, metrics=manifest.local_metrics, validation=manifest.validation_summary,
+                              sample_counts=dict(manifest.sample_counts), fingerprint=manifest.data_fingerprint)
+        with tracking.injection_run(parent) as run:
+            run.log_injection(injection["losses"], injection["lrs"], injection["tasks"])
+            run.log_evaluation(metrics)
+            run.compare_with_champion(metrics)
+        version, _ = tracking.register_round(model, params, run.run_id, tracked_id, metrics, fingerprints)
+        return version
+
+
+if __name__ == "__main__":
+    main()

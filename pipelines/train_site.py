@@ -1,0 +1,35 @@
+"""DVC stage `train_site@<n>`: local training at one site from the round's global model.
+
+Reads the site's data folder, its validation report and <store>/rounds/<round>/global/; writes the site's knowledge
+package (manifest.json + encoders.safetensors) to <store>/rounds/<round>/sites/<site>/, the stage's out.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from fedkim.federation.package import ValidationSummary
+from fedkim.rounds import train_site_step
+from pipelines.common import parser, setup
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = parser(__doc__, site=True)
+    cli.add_argument("--validation", required=True, type=Path, help="the site's report from the validate stage")
+    args = cli.parse_args(argv)
+    params, store, round_id = setup(args)
+    report = json.loads(args.validation.read_text())
+    if report.get("site_id") not in (None, args.site):
+        print(f"{args.validation} is the report of site {report['site_id']!r}, not of {args.site!r}", file=sys.stderr)
+        return 1
+    if not report["success"]:
+        print(f"{args.validation}: site {args.site} did not pass the data gate; not training", file=sys.stderr)
+        return 1
+    validation = ValidationSummary(success=True, findings=len(report.get("findings", [])))
+    outcome = train_site_step(params, store, round_id, args.site, validation=validation)
+    print(f"round {round_id}, {args.site}: {outcome.status} in {outcome.seconds} s, samples {outcome.sample_counts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

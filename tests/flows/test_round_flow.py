@@ -1,0 +1,324 @@
+"""The Prefect round flow end to end: real Prefect (test harness API), GX gate, local store, MLflow on SQLite
+under tmp, the tiny FM on the small federation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterTags, TaskRunFilter,
+                                            TaskRunFilterName)
+from prefect.settings import PREFECT_HOME, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
+from fedkim.config import REPO_ROOT, load_params
+from fedkim.federation.store import LocalStore, package_key, package_prefix
+from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_round
+from flows.round import fedkim_flow
+from tests.conftest import small_params_dict
+from tests.model.test_central import TINY
+
+# One retry without delay keeps the crash scenario short while still proving that retries happen. The small
+# federation has fewer than the default 5 samples per (task, split, label): the gate's minimum follows it.
+FAST = {**TINY, "federation.retries": 1, "federation.retry_delay_s": 0, "federation.site_timeout_s": 600,
+        "data.gate.min_samples_per_class": 1}
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}):
+        with prefect_test_harness(server_startup_timeout=180):
+            yield
+
+
+@pytest.fixture(scope="module")
+def federation(small_federation, tmp_path_factory) -> Path:
+    """A private copy: the gate writes its reports into the site folders, and some tests corrupt a site."""
+    return Path(shutil.copytree(small_federation.root, tmp_path_factory.mktemp("flow") / "federation"))
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # would override tracking.uri
+
+
+def write_params(folder: Path, federation_root: Path, **extra) -> Path:
+    """A params file whose store, MLflow database, reports and scratch all live in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = small_params_dict(federation_root, **{
+        **FAST, "tracking.uri": f"sqlite:///{folder / 'mlflow.db'}", "store.root": str(folder / "store"),
+        "report.root": str(folder / "reports"), "federation.work_dir": str(folder / "work"), **extra})
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def mlflow_client(folder: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def runs(folder: Path, round_id: str, kind: str):
+    client = mlflow_client(folder)
+    experiment = client.get_experiment_by_name("fedkim")
+    return client.search_runs([experiment.experiment_id],
+                              f"tags.`fedkim.round_id` = '{round_id}' and tags.`fedkim.kind` = '{kind}'")
+
+
+def versions(folder: Path) -> list:
+    return mlflow_client(folder).search_model_versions("name = 'fedkim-foundation'")
+
+
+def store_snapshot(store: LocalStore) -> dict[str, str]:
+    return {k: store.sha256(k) for k in store.list("rounds/")}
+
+
+def block_upload(store_root: Path, round_id: str, site_id: str) -> None:
+    """Make the site's upload fail: a plain file where its package folder must go (as a full or read-only
+    bucket would). Its gate and training run normally; the upload raises, on every attempt."""
+    blocker = store_root / package_prefix(round_id, site_id)
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")
+
+
+# ------------------------------------------------------------------------------------ (a) and (d): a clean round
+@pytest.fixture(scope="module")
+def clean_round(prefect_api, federation, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clean")
+    params = write_params(folder, federation, **{"federation.parallel_sites": 1})  # bit-reproducible
+    return folder, params, fedkim_flow(round_id="1", params_path=str(params))
+
+
+def test_a_simulation_round_registers_a_version_and_writes_its_report(clean_round):
+    folder, _, summary = clean_round
+    sites = ["site-a", "site-b", "site-c", "site-d"]
+    assert summary["status"] == "completed" and summary["mode"] == "simulation"
+    assert summary["included"] == sites and summary["excluded"] == {} and summary["failed"] == {}
+    assert all(summary["sites"][s]["status"] == "trained" for s in sites)
+
+    store = LocalStore(folder / "store")
+    for site in sites:  # each site's package and gate summary travelled through the store
+        assert store.exists(package_key("1", site, "manifest.json"))
+        assert get_json(store, round_key("1", "validation", f"{site}.json"))["success"] is True
+    assert get_json(store, LATEST_KEY)["round_id"] == "1"
+    assert get_json(store, round_key("1", "round.json"))["status"] == "completed"
+
+    model = summary["model"]
+    assert model["version"] == 1 and {"challenger", "champion"} <= set(model["aliases"])  # first: no champion yet
+    assert [int(v.version) for v in versions(folder)] == [1]
+
+    parent = runs(folder, "1", "round")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.tags["fedkim.registered_version"] == "1"
+    assert len(runs(folder, "1", "site")) == 4 and len(runs(folder, "1", "injection")) == 1
+
+    report = Path(summary["report"])
+    text = report.read_text()
+    for name in ("task_metrics.png", "gate_heatmap.png", "loss_curve.png", "summary.json"):
+        assert (report.parent / name).stat().st_size > 0, name
+    assert "| lung_opacity | train |" in text and "| site-d | trained |" in text and "first registered" in text
+    assert not (folder / "work" / "1").exists()  # injection checkpoints are removed once the round is done
+
+
+def test_d_rerunning_a_round_id_reuses_everything(clean_round):
+    folder, params, first = clean_round
+    store = LocalStore(folder / "store")
+    before = {k: v for k, v in store_snapshot(store).items() if not k.endswith("round.json")}
+
+    again = fedkim_flow(round_id="1", params_path=str(params))
+
+    assert again["status"] == "completed" and {s["status"] for s in again["sites"].values()} == {"reused"}
+    assert again["aggregate"]["reused"] and again["model"]["version"] == first["model"]["version"]
+    after = {k: v for k, v in store_snapshot(store).items() if not k.endswith("round.json")}
+    assert after == before  # nothing retrained, re-uploaded or overwritten
+    assert len(versions(folder)) == 1  # no second registry version
+    assert len(runs(folder, "1", "round")) == 1  # the parent run was resumed, not duplicated
+    assert len(runs(folder, "1", "site")) == 4 and len(runs(folder, "1", "injection")) == 1
+
+
+def test_the_flow_computes_exactly_what_run_round_computes(clean_round, tmp_path):
+    """Orchestration adds gate, tracking and registry, never a different model: same round id, same tensors."""
+    folder, params, _ = clean_round
+    plain = LocalStore(tmp_path / "store")
+    run_round(load_params(params), plain, "1", tmp_path / "work")
+    flow = LocalStore(folder / "store")
+    keys = [package_key("1", s, "encoders.safetensors") for s in ("site-a", "site-b", "site-c", "site-d")]
+    keys += [round_key("1", "aggregate", "encoders.safetensors"), round_key("1", "central", "trainable.safetensors")]
+    assert {k: flow.sha256(k) for k in keys} == {k: plain.sha256(k) for k in keys}
+    metrics = [json.dumps(get_json(store, round_key("1", "evaluation", "metrics.json"))["tasks"], sort_keys=True)
+               for store in (flow, plain)]
+    assert metrics[0] == metrics[1]  # through JSON, where NaN (AUROC of a one-class task) equals NaN
+
+
+def test_the_next_round_is_judged_against_the_champion_and_reported_with_the_baselines(clean_round):
+    folder, params, first = clean_round
+    # What `fedkim experiment` writes (comparison.json), found as the newest one under the reports' parent folder.
+    rows = {t: {"primary": 0.123, "role": "train"} for t in ("lung_opacity", "covid")}
+    experiment = folder / "experiment" / "comparison.json"
+    experiment.parent.mkdir()
+    experiment.write_text(json.dumps({"variants": {"no_injection": {"tasks": rows}}, "foundation_model": "tiny",
+                                      "rounds": 1}))
+
+    second = fedkim_flow(round_id="2", params_path=str(params))
+
+    model = second["model"]
+    assert model["version"] == 2 and "challenger" in model["aliases"]
+    assert model["decision"] in ("promoted", "kept") and ("champion" in model["aliases"]) == (
+        model["decision"] == "promoted") and "v1" in model["reason"]  # judged against champion v1
+    assert get_json(LocalStore(folder / "store"), LATEST_KEY)["round_id"] == "2"
+    text = Path(second["report"]).read_text()
+    assert "| champion v1 | baseline no_injection |" in text and "| lung_opacity | train |" in text
+    assert "0.123" in text and str(experiment) in text
+
+
+# ------------------------------------------------------------------------------- (b) and (c): failing sites
+@pytest.fixture(scope="module")
+def broken_federation(federation, tmp_path_factory) -> Path:
+    """site-b fails the data gate: its index.parquet is gone."""
+    root = Path(shutil.copytree(federation, tmp_path_factory.mktemp("broken") / "federation"))
+    (root / "site-b" / "index.parquet").unlink()
+    return root
+
+
+def task_run_count(flow_run_id: str, name: str) -> int:
+    with get_client(sync_client=True) as client:
+        found = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                      task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[name])))
+    assert len(found) == 1, [t.name for t in found]
+    return found[0].run_count
+
+
+def test_b_c_a_gate_failure_and_a_crash_leave_the_round_to_the_quorum(prefect_api, broken_federation, tmp_path):
+    params = write_params(tmp_path, broken_federation)
+    block_upload(tmp_path / "store", "2", "site-c")
+
+    summary = fedkim_flow(round_id="2", params_path=str(params))
+
+    assert summary["status"] == "completed" and summary["included"] == ["site-a", "site-d"]
+    # (b) excluded by the gate, with the rule and file that failed; its summary (no examples) is in the store
+    assert set(summary["excluded"]) == {"site-b"} and "index.parquet" in summary["excluded"]["site-b"]
+    gate = get_json(LocalStore(tmp_path / "store"), round_key("2", "validation", "site-b.json"))
+    assert gate["success"] is False and gate["findings"] and "examples" not in gate["findings"][0]
+    # (c) crashed on upload, retried once, recorded as failed with the error
+    assert set(summary["failed"]) == {"site-c"}
+    assert "after 2 attempt(s)" in summary["failed"]["site-c"] and "FileExistsError" in summary["failed"]["site-c"]
+    assert task_run_count(summary["prefect_flow_run_id"], "train-site-c") == 2
+    site_runs = {r.data.tags["fedkim.site_id"]: r for r in runs(tmp_path, "2", "site")}
+    assert set(site_runs) == {"site-a", "site-b", "site-c", "site-d"}
+    assert site_runs["site-b"].data.tags["fedkim.validation.success"] == "false"
+    assert summary["model"]["version"] == 1
+    assert "| site-b | excluded |" in Path(summary["report"]).read_text()
+
+
+def test_c_a_crash_below_the_quorum_fails_the_round_with_the_reasons(prefect_api, broken_federation, tmp_path):
+    params = write_params(tmp_path, broken_federation, **{"federation.quorum": 3})
+    block_upload(tmp_path / "store", "3", "site-c")
+
+    state = fedkim_flow(round_id="3", params_path=str(params), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(QuorumError) as failure:
+        state.result()
+    message = str(failure.value)
+    assert "2 acceptable package(s), below the quorum of 3" in message
+    assert "site-b excluded: data gate failed" in message and "site-c failed: training/upload failed" in message
+    store = LocalStore(tmp_path / "store")
+    assert get_json(store, round_key("3", "round.json"))["status"] == "failed"
+    assert not store.exists(round_key("3", "aggregate", "encoders.safetensors")) and not store.exists(LATEST_KEY)
+    assert versions(tmp_path) == []  # nothing registered
+    assert [r.info.status for r in runs(tmp_path, "3", "round")] == ["FAILED"]
+
+
+def test_c_sites_that_time_out_are_recorded_as_failed(prefect_api, federation, tmp_path):
+    params = write_params(tmp_path, federation, **{"federation.site_timeout_s": 0.2})  # the gate alone takes seconds
+
+    state = fedkim_flow(round_id="5", params_path=str(params), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(QuorumError) as failure:
+        state.result()
+    message = str(failure.value)
+    assert "0 acceptable package(s)" in message
+    assert all(f"{s} failed: data gate did not finish" in message for s in ("site-a", "site-b", "site-c", "site-d"))
+    assert "timed out after 0.2 second(s)" in message.lower()
+
+
+# ------------------------------------------------------------------------------------------ federated mode
+@contextlib.contextmanager
+def serving_sites(site_ids: list[str]):
+    """Deployments fedkim-site/<site> served from this process, each flow run in its own subprocess, as a site's
+    worker would run them: the round reaches the sites only through the Prefect API and the store."""
+    from prefect.runner import Runner
+
+    from flows.site import site_flow
+
+    runner = Runner(name="fedkim-test-sites", query_seconds=1, pause_on_shutdown=False, limit=len(site_ids))
+
+    async def serve():
+        for site in site_ids:
+            await runner.aadd_flow(site_flow, name=site, parameters={"site_id": site})
+        await runner.start()
+
+    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not runner.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the site runner did not start"
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        runner.execute_in_background(runner.astop).result(60)
+        thread.join(60)
+
+
+@pytest.mark.slow
+def test_federated_round_runs_each_site_as_its_own_deployment(prefect_api, broken_federation, tmp_path):
+    from flows.site import site_flow
+
+    params = write_params(tmp_path, broken_federation, **{"federation.site_start_s": 20})
+    site_flow.to_deployment(name="site-d", parameters={"site_id": "site-d"}).apply()  # deployed; its worker is down
+    with serving_sites(["site-a", "site-b", "site-c"]):
+        summary = fedkim_flow(round_id="4", params_path=str(params), mode="federated")
+
+    assert summary["mode"] == "federated" and summary["included"] == ["site-a", "site-c"]
+    assert "index.parquet" in summary["excluded"]["site-b"]  # its site run failed on the gate, summary uploaded
+    assert "no worker picked up" in summary["failed"]["site-d"] and "work pool site-d" in summary["failed"]["site-d"]
+    with get_client(sync_client=True) as client:  # the sites' work ran as runs of their own deployments
+        site_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["round:4"])))
+    states = {client_run.parameters["site_id"]: client_run.state.type.value for client_run in site_runs}
+    assert states == {"site-a": "COMPLETED", "site-b": "FAILED", "site-c": "COMPLETED",
+                      "site-d": "CANCELLED"}  # so that it cannot start into a later round
+    store = LocalStore(tmp_path / "store")
+    assert all(store.exists(package_key("4", s, "manifest.json")) for s in ("site-a", "site-c"))
+    assert summary["model"]["version"] == 1
+
+
+# ------------------------------------------------------------------------------------------- prefect.yaml
+def test_prefect_yaml_deploys_the_round_and_one_site_deployment_per_site():
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    sites = [s["id"] for s in yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["data"]["sites"]]
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    round_ = deployments.pop("round")
+    assert round_["entrypoint"] == "flows/round.py:fedkim_flow" and round_["work_pool"]["name"] == "central"
+    assert round_["schedules"][0]["active"] is False and round_["concurrency_limit"]["limit"] == 1
+    assert {d["entrypoint"] for d in deployments.values()} == {"flows/site.py:site_flow"}
+    from flows.round import fedkim_flow as round_flow
+    from flows.site import site_flow, site_pool
+
+    assert {n: (d["work_pool"]["name"], d["parameters"]["site_id"]) for n, d in deployments.items()} == {
+        s: (site_pool(s), s) for s in sites}
+    assert site_pool("charite") == "site-charite"
+
+    assert (round_flow.name, site_flow.name) == ("fedkim", "fedkim-site")  # fedkim/round, fedkim-site/<site>
+    assert "{{ $FEDKIM_HOME }}" in str(spec["pull"])  # no machine path: each worker says where its checkout is

@@ -1,0 +1,297 @@
+"""`fedkim stack`: real Prefect, MLflow and S3 (rclone) servers and process workers on 127.0.0.1; a federated
+round started with the real `prefect deployment run fedkim/round`; then `fedkim stack down`. No mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fedkim import stack
+from fedkim.cli import app
+from tests.conftest import small_params_dict
+from tests.model.test_central import TINY
+
+BIN = Path(sys.executable).parent
+FEDKIM = [sys.executable, "-m", "fedkim.cli"]
+SITES = ["site-a", "site-b"]  # two sites keep it short; site-a alone holds every training modality
+ROUND = "stack-1"
+SLEEP = "import time; time.sleep(300)"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind((stack.HOST, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def write_project(folder: Path, federation: Path, sites: list[dict] | None = None) -> Path:
+    """params.yaml in `folder`: its relative paths (MLflow db, reports, scratch) all land in `folder`."""
+    raw = small_params_dict(federation, **TINY, **{
+        # The small federation has fewer than the default 5 samples per (task, split, label).
+        "data.gate.min_samples_per_class": 1, "federation.retries": 0, "federation.site_start_s": 120,
+        "federation.site_timeout_s": 300})
+    raw["data"]["sites"] = sites or [s for s in raw["data"]["sites"] if s["id"] in SITES]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
+    return folder / "params.yaml"
+
+
+def stack_env(tmp: Path) -> dict[str, str]:
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"),
+           "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick runs up at once: every worker here polls loopback
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "FEDKIM_PARAMS", "FEDKIM_STORE_KIND"):
+        env.pop(key, None)
+    return env
+
+
+def run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def process_tree(state: dict) -> list[tuple[int, int | None]]:
+    roots = [(e["pid"], e["ticks"]) for e in state["services"].values()]
+    return roots + [d for pid, ticks in roots for d in stack.descendants(pid, ticks)]
+
+
+def proc_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+# ---------------------------------------------------------------------------------------------- integration
+@pytest.fixture
+def project(small_federation, tmp_path) -> Path:
+    """A project on a private copy of two sites of the federation (the gate writes into site folders)."""
+    federation = tmp_path / "federation"
+    federation.mkdir()
+    for part in ["federation.yaml", "public", "test", *SITES]:
+        source = small_federation.root / part
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, federation / part)
+    params = write_project(tmp_path / "project", federation)
+    yield params
+    stack.down(params, grace_s=5, log=lambda _: None)  # whatever failed above: leave no process behind
+
+
+@pytest.mark.integration
+def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project, tmp_path):
+    started = time.monotonic()
+    env = stack_env(tmp_path)
+    prefect_port, mlflow_port, s3_port = free_ports(3)
+    up = run([*FEDKIM, "stack", "up", "--params", str(project), "--prefect-port", str(prefect_port),
+              "--mlflow-port", str(mlflow_port), "--s3-port", str(s3_port)], env, 300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    for line in (f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}",
+                 f"http://127.0.0.1:{s3_port}", "prefect deployment run fedkim/round"):
+        assert line in up.stdout
+
+    # The state file: pids, ports and logs of everything started; owner-only, as it holds the S3 secret.
+    state_file = project.parent / ".fedkim" / "stack" / "state.json"
+    assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
+    state = json.loads(state_file.read_text())
+    services = state["services"]
+    assert set(services) == {"prefect", "mlflow", "s3", "worker-central", "worker-site-a", "worker-site-b"}
+    assert {n: services[n]["port"] for n in ("prefect", "mlflow", "s3")} == {
+        "prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}
+    assert all(stack.alive(e["pid"], e["ticks"]) and Path(e["log"]).is_file() for e in services.values())
+    assert state["pools"] == ["central", *SITES]
+    secret = state["s3"]["secret_access_key"]
+    assert secret not in Path(f"/proc/{services['s3']['pid']}/cmdline").read_text()  # not shown by `ps`
+    # A site worker holds what a hospital's would: the Prefect API and the object store, never MLflow.
+    site_env = proc_env(services["worker-site-a"]["pid"])
+    assert site_env["PREFECT_API_URL"] == f"http://127.0.0.1:{prefect_port}/api"
+    assert site_env["FEDKIM_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{s3_port}"
+    assert site_env["FEDKIM_STORE_KIND"] == "s3" and site_env["AWS_SECRET_ACCESS_KEY"] == secret
+    assert "MLFLOW_TRACKING_URI" not in site_env
+    central_env = proc_env(services["worker-central"]["pid"])
+    assert central_env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{mlflow_port}"
+
+    # The round through the served API, as a user starts it; each site's part runs on its own pool.
+    round_ = run([str(BIN / "prefect"), "deployment", "run", "fedkim/round", "--watch", "--watch-timeout",
+                  "400", "-p", "mode=federated", "-p", f"round_id={ROUND}"],
+                 {**env, "PREFECT_API_URL": state["prefect_api_url"]}, 450)
+    assert round_.returncode == 0 and "Completed" in round_.stdout, (
+        round_.stdout[-4000:] + round_.stderr[-2000:] + "\n".join(
+            f"--- {n}\n{stack._log_tail(Path(e['log']), 40)}" for n, e in services.items() if "worker" in n))
+
+    from mlflow import MlflowClient
+
+    from fedkim import tracking
+
+    client = MlflowClient(state["mlflow_url"], registry_uri=state["mlflow_url"])
+    aliases = client.get_registered_model("fedkim-foundation").aliases
+    assert {"challenger", "champion"} & set(aliases)
+    version = client.get_model_version("fedkim-foundation", aliases.get("challenger") or aliases["champion"])
+    assert version.tags[tracking.ROUND] == ROUND
+
+    import boto3
+    from botocore.config import Config
+
+    s3 = state["s3"]
+    bucket = boto3.session.Session().client(
+        "s3", endpoint_url=s3["endpoint"], aws_access_key_id=s3["access_key_id"],
+        aws_secret_access_key=secret, region_name=s3["region"],
+        config=Config(s3={"addressing_style": "path"}))
+    for site in SITES:
+        listed = bucket.list_objects_v2(Bucket=s3["bucket"], Prefix=f"rounds/{ROUND}/sites/{site}/")
+        names = {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
+        assert names == {"manifest.json", "encoders.safetensors"}
+    assert not (project.parent / "artifacts").exists()  # the round's store was S3, not the local default
+
+    tree = process_tree(state)
+    assert len(tree) > len(services)  # the servers' helper processes are found too
+    down = run([*FEDKIM, "stack", "down", "--params", str(project)], env, 120)
+    assert down.returncode == 0 and "stopped prefect" in down.stdout, down.stdout + down.stderr
+    assert [pid for pid, ticks in tree if stack.alive(pid, ticks)] == []
+    assert not state_file.exists()
+    assert not any(stack.port_in_use(p) for p in (prefect_port, mlflow_port, s3_port))
+    again = run([*FEDKIM, "stack", "down", "--params", str(project)], env, 60)
+    assert again.returncode == 0 and "no stack running" in again.stdout
+    print(f"stack up + federated round + down: {time.monotonic() - started:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------------- unit
+@pytest.fixture
+def params_file(tmp_path) -> Path:
+    return write_project(tmp_path / "project", tmp_path / "no-federation")  # nothing here reads the data
+
+
+def test_a_taken_port_fails_before_anything_starts_naming_service_and_port(params_file):
+    prefect_port, mlflow_port, s3_port = free_ports(3)
+    ports = ["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
+             "--s3-port", str(s3_port)]
+    with socket.socket() as taken:
+        taken.bind((stack.HOST, mlflow_port))
+        taken.listen()
+        message = f"port {mlflow_port} on 127.0.0.1 for the MLflow server is already in use"
+        with pytest.raises(stack.StackError, match=message):
+            stack.up(params_file, ports=stack.Ports(prefect_port, mlflow_port, s3_port))
+        result = CliRunner().invoke(app, ["stack", "up", "--params", str(params_file), *ports])
+    assert result.exit_code == 1 and message in result.output and "--mlflow-port" in result.output
+    assert not (stack.stack_dir(params_file.parent) / "logs").exists()  # nothing was started
+    assert not stack.state_path(params_file.parent).exists()
+
+
+def test_a_service_that_dies_while_starting_is_named_with_its_log(tmp_path):
+    crash = "print('no such backend store'); raise SystemExit(3)"
+    entry = stack._launch("mlflow", [sys.executable, "-c", crash], dict(os.environ), tmp_path / "logs",
+                          tmp_path)
+    with pytest.raises(stack.StackError) as failure:
+        stack._wait("MLflow server on port 5999", lambda: False, entry, timeout_s=60)
+    message = str(failure.value)
+    assert message.startswith("MLflow server on port 5999 exited before it was ready")
+    assert str(tmp_path / "logs" / "mlflow.log") in message and "no such backend store" in message
+
+
+def test_a_site_without_a_deployment_in_prefect_yaml_is_named(tmp_path):
+    sites = [{"id": "charite", "modalities": ["image", "ecg", "clinical"]}]
+    params = write_project(tmp_path / "project", tmp_path / "no-federation", sites=sites)
+    with pytest.raises(stack.StackError, match="no deployment named charite"):
+        stack.up(params, ports=stack.Ports(*free_ports(3)))
+
+
+def test_down_and_status_with_nothing_running(params_file):
+    runner = CliRunner()
+    down = runner.invoke(app, ["stack", "down", "--params", str(params_file)])
+    assert down.exit_code == 0 and "no stack running" in down.output
+    assert stack.down(params_file, log=lambda _: None) == []
+    status = runner.invoke(app, ["stack", "status", "--params", str(params_file)])
+    assert status.exit_code == 1 and "no stack running" in status.output
+
+
+def launch_with_child(logs: Path, name: str, detached: bool, **extra) -> dict:
+    """A process with a child, in a session of its own (as a worker's flow run) or in the parent's (a
+    server's helper)."""
+    code = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {SLEEP!r}], "
+            f"start_new_session={detached}); time.sleep(300)")
+    entry = stack._launch(name, [sys.executable, "-c", code], dict(os.environ), logs, logs, **extra)
+    deadline = time.monotonic() + 20
+    while not stack.descendants(entry["pid"], entry["ticks"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return entry
+
+
+def test_the_state_file_lists_pids_and_ports_and_down_stops_each_process_tree(params_file):
+    project = params_file.parent
+    logs = stack.stack_dir(project) / "logs"
+    worker = launch_with_child(logs, "worker-central", detached=True, pool="central")
+    server = launch_with_child(logs, "s3", detached=False, port=free_ports(1)[0], url="http://127.0.0.1:1")
+    state = {"services": {"s3": server, "worker-central": worker}}
+    stack._write_private(stack.state_path(project), state)
+    tree = process_tree(state)
+    assert len(tree) == 4 and all(stack.alive(pid, ticks) for pid, ticks in tree)
+
+    recorded = json.loads(stack.state_path(project).read_text())
+    assert stat.S_IMODE(stack.state_path(project).stat().st_mode) == 0o600
+    assert {n: (e["pid"], e.get("port")) for n, e in recorded["services"].items()} == {
+        "s3": (server["pid"], server["port"]), "worker-central": (worker["pid"], None)}
+    listed, rows = stack.status(params_file)
+    assert listed == recorded
+    assert [(r.name, r.running) for r in rows] == [("s3", True), ("worker-central", True)]
+    with pytest.raises(stack.StackError, match="already running"):  # one stack per project
+        stack.up(params_file, ports=stack.Ports(*free_ports(3)))
+
+    os.kill(server["pid"], signal.SIGKILL)  # a server that died and left its helper behind
+    while stack.alive(server["pid"], server["ticks"]):
+        time.sleep(0.05)
+    lines: list[str] = []
+    assert stack.down(params_file, grace_s=5, log=lines.append) == ["worker-central"]
+    assert [pid for pid, ticks in tree if stack.alive(pid, ticks)] == []  # children and orphans too
+    assert not stack.state_path(project).exists()
+    assert lines == [f"stopped worker-central (pid {worker['pid']}); already gone: s3"]
+
+
+def test_a_recorded_pid_now_used_by_another_process_is_left_alone(params_file):
+    """The state holds each process's start time: a pid now used by someone else is never signalled."""
+    other = subprocess.Popen([sys.executable, "-c", SLEEP])
+    try:
+        entry = {"pid": other.pid, "ticks": stack.start_ticks(other.pid) - 1, "log": "x.log"}
+        stack._write_private(stack.state_path(params_file.parent), {"services": {"s3": entry}})
+        assert stack.down(params_file, grace_s=1, log=lambda _: None) == []
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_site_workers_get_the_api_and_the_store_but_not_mlflow():
+    from flows.site import site_pool
+
+    ids = ("site-a", "charite")
+    assert [stack.site_pool(s) for s in ids] == [site_pool(s) for s in ids]
+    state = {"prefect_api_url": "http://127.0.0.1:1/api", "repo": "/repo", "params": "/p/params.yaml",
+             "mlflow_url": "http://127.0.0.1:2",
+             "s3": {"endpoint": "http://127.0.0.1:3", "access_key_id": "k", "secret_access_key": "s",
+                    "region": "us-east-1"}}
+    base = {"AWS_PROFILE": "prod", "MLFLOW_TRACKING_URI": "sqlite:///x.db", "PATH": "/bin"}
+    site, central = stack.worker_env(state, "site-a", base), stack.worker_env(state, "central", base)
+    assert "MLFLOW_TRACKING_URI" not in site and central["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:2"
+    for env in (site, central):
+        assert env["PREFECT_API_URL"] == "http://127.0.0.1:1/api" and env["FEDKIM_STORE_KIND"] == "s3"
+        assert env["FEDKIM_S3_ENDPOINT_URL"] == "http://127.0.0.1:3" and env["AWS_SECRET_ACCESS_KEY"] == "s"
+        assert "AWS_PROFILE" not in env and env["FEDKIM_HOME"] == "/repo" and env["PATH"] == "/bin"
+
+
+def test_the_store_kind_env_override_switches_the_flows_to_s3(params_file, monkeypatch):
+    from fedkim.config import load_params
+
+    assert load_params(params_file).store.kind == "local"
+    monkeypatch.setenv("FEDKIM_STORE_KIND", "s3")
+    assert load_params(params_file).store.kind == "s3"
