@@ -203,7 +203,7 @@ def load_central(params: Params, store: ArtifactStore, round_id: str, *, injecte
         model.load_trainable_state(get_state(store, round_key(source, "central", "trainable.safetensors")))
         if not injected:  # the previous round's trained experts, but this round's aggregated encoders
             model.load_encoders(get_state(store, round_key(round_id, "aggregate", "encoders.safetensors")))
-    return model
+    return model.eval()  # inference by default (dropout off); injection switches training on itself
 
 
 def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: Path, *,

@@ -60,7 +60,12 @@ class CentralModel(nn.Module):
         new = [t for pair in TAGS.values() for t in pair if t not in self.tokenizer.get_vocab()]
         if new:
             self.tokenizer.add_special_tokens({"additional_special_tokens": new})
-            self.fm.resize_token_embeddings(len(self.tokenizer), mean_resizing=True)
+            # mean_resizing samples the new rows from the global RNG: seed it privately, so every process that
+            # rebuilds the model (a DVC stage, a Prefect worker, a bundle load) gets the very same tag rows the
+            # experts were trained with, and the caller's RNG stream is left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.fm.resize_token_embeddings(len(self.tokenizer), mean_resizing=True)
 
     # ------------------------------------------------------------------------------------------ parameters
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -70,3 +70,24 @@ def test_a_tampered_package_is_rejected_with_its_reason_and_the_quorum_decides(p
     assert outcome.accepted == [sites[1]]
     assert any("sha256" in r or "hash" in r for r in outcome.rejected[sites[0]])
     assert outcome.rejected["site-z"] == [f"no package in the store at rounds/7/sites/site-z/"]
+
+
+def test_a_model_rebuilt_from_the_store_answers_exactly_like_the_injected_one(params, tmp_path):
+    """DVC stages and Prefect workers rebuild the central model in a new process: the FM's modality-tag rows
+    must come out the same there, or the trained experts meet different inputs."""
+    from fedkim.rounds import inject_step, load_central
+    from tests.model.test_central import batch_of
+
+    store = LocalStore(tmp_path / "store")
+    start_round(params, store, "3")
+    for site in params.data.sites[:2]:
+        train_site_step(params, store, "3", site.id)
+    aggregate_step(params, store, "3", [s.id for s in params.data.sites[:2]])
+    injected, _ = inject_step(params, store, "3", tmp_path / "work")
+    torch.manual_seed(12345)  # a different global RNG state, as in another process
+    torch.rand(1000)
+    rebuilt = load_central(params, store, "3", injected=True)
+    for task in ("lung_opacity", "ecg_abnormal", "mortality"):
+        batch = batch_of(params, task)
+        expected = injected.option_logprobs(batch, task, [["No", "Yes"]] * 4)
+        assert torch.allclose(rebuilt.option_logprobs(batch, task, [["No", "Yes"]] * 4), expected, atol=1e-5)

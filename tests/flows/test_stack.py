@@ -152,7 +152,9 @@ def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project
     for site in SITES:
         listed = bucket.list_objects_v2(Bucket=s3["bucket"], Prefix=f"rounds/{ROUND}/sites/{site}/")
         names = {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
-        assert names == {"manifest.json", "encoders.safetensors"}
+        # each object with its sha256 sidecar (kept because rclone forgets object metadata on restart)
+        assert names == {"manifest.json", "encoders.safetensors", "manifest.json.sha256",
+                         "encoders.safetensors.sha256"}
     assert not (project.parent / "artifacts").exists()  # the round's store was S3, not the local default
 
     tree = process_tree(state)

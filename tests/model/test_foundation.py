@@ -38,3 +38,20 @@ def test_a_tampered_cache_is_refused(tmp_path):
 def test_a_local_directory_must_be_a_model(tmp_path):
     with pytest.raises(FoundationError, match="no config.json"):
         load_foundation(str(tmp_path))
+
+
+def test_modality_tags_get_the_same_embedding_rows_in_every_process():
+    """SmolLM2 lacks the tag tokens, so they are added with fresh rows: every rebuild (a DVC stage, a worker, a
+    bundle load) must get the rows the experts were trained with, whatever the caller's RNG state."""
+    import torch
+    from torch import nn
+
+    from fedkim.central.model import TAGS, CentralModel
+
+    rows = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = CentralModel(load_foundation("smollm2"), nn.ModuleDict(), None)
+        ids = [model.tokenizer.convert_tokens_to_ids(t) for pair in TAGS.values() for t in pair]
+        rows.append(model.fm.get_input_embeddings().weight[ids].detach().clone())
+    assert torch.equal(rows[0], rows[1])
