@@ -30,6 +30,19 @@ def _rss_mb(who: int) -> float:
     return round(resource.getrusage(who).ru_maxrss / 1024, 1)
 
 
+def _children_cpu() -> float:
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # exited meanwhile
+            pass
+    return round(total, 1)
+
+
 def _same(a: dict, b: dict) -> bool:
     """Equal per-task metrics (through JSON, where NaN equals NaN)."""
     return json.dumps(a, sort_keys=True, default=float) == json.dumps(b, sort_keys=True, default=float)
@@ -73,16 +86,19 @@ def main() -> None:
             raise SystemExit(f"{plain_params.data.root}: no federation there; run `fedkim data generate` first")
         load_foundation(plain_params.inject.foundation_model)  # the one-off GGUF dequantisation is not the subject
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         plain = run_round(plain_params, LocalStore(plain_params.store.root), args.round_id,
                           plain_params.federation.work_dir / args.round_id)
         plain_seconds = time.perf_counter() - started
+        plain_cpu = time.process_time() - cpu
         rss_after_plain = _rss_mb(resource.RUSAGE_SELF)
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         flow = fedkim_flow(round_id=args.round_id, params_path=str(params_path), overrides=overrides("flow"),
                            mode="simulation")
         flow_seconds = time.perf_counter() - started
+        flow_cpu = time.process_time() - cpu
+        helpers_cpu = _children_cpu()  # Prefect's ephemeral API server runs as a subprocess
         flow_metrics = get_json(LocalStore(Path(tmp) / "flow" / "store"),
                                 round_key(args.round_id, "evaluation", "metrics.json"))
 
@@ -95,6 +111,15 @@ def main() -> None:
         "peak_rss_mb": _rss_mb(resource.RUSAGE_SELF),
         "peak_rss_mb_after_plain": rss_after_plain,
         "gate_seconds": {s: info.get("gate_seconds") for s, info in flow["sites"].items()},  # concurrent
+        # Where the time goes: wall seconds per phase on each side, each site's training alone, and CPU seconds
+        # of this process (all threads) and of its child processes (Prefect's API server).
+        "phases": {"plain": plain["timings"], "flow": flow.get("timings", {})},
+        "site_train_seconds": {"plain": {s["site_id"]: s["seconds"] for s in plain["sites"]},
+                               "flow": {s: info.get("seconds") for s, info in flow["sites"].items()}},
+        "inject_seconds": {"plain": plain["injection"].get("seconds"), "flow": flow["injection"].get("seconds")},
+        "evaluate_seconds": {"plain": plain["metrics"].get("seconds"), "flow": flow_metrics.get("seconds")},
+        "cpu_seconds": {"plain": round(plain_cpu, 1), "flow": round(flow_cpu, 1),
+                        "flow_child_processes": helpers_cpu},
         "foundation_model": plain_params.inject.foundation_model,
         "sites": {"plain": [s["site_id"] for s in plain["sites"]], "flow": flow["included"]},
         "flow_excluded": flow["excluded"], "flow_failed": flow["failed"],

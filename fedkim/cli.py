@@ -86,12 +86,23 @@ def experiment(
     variants: Optional[str] = typer.Option(None, help="comma-separated subset (default: all)"),
     rounds: Optional[int] = typer.Option(None, help="override federation.rounds"),
     fm: Optional[str] = typer.Option(None, "--fm", help="override inject.foundation_model (smollm2, tiny, a folder)"),
+    seeds: int = typer.Option(1, min=1, help="trials per variant with shifted training seeds (same data): "
+                                             "mean ± sd and per-seed wins are reported"),
+    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                       help="override a setting, e.g. --set eval.max_per_task=160 (repeatable)"),
 ) -> None:
     """Run FedKIM and every baseline and ablation (multi-round), then compare them on the test split."""
+    from fedkim.config import ConfigError, parse_overrides
     from fedkim.data.synth.federation import generate_federation
     from fedkim.experiment import VARIANTS, run_experiment
 
-    overrides = {k: v for k, v in {"federation.rounds": rounds, "inject.foundation_model": fm}.items() if v is not None}
+    try:
+        overrides = parse_overrides(settings)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    overrides |= {k: v for k, v in {"federation.rounds": rounds, "inject.foundation_model": fm}.items()
+                  if v is not None}
     cfg = _params(params, overrides)
     names = [v.strip() for v in variants.split(",")] if variants else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -99,7 +110,7 @@ def experiment(
         err_console.print(f"[red]error:[/red] unknown variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
         raise typer.Exit(2)
     generate_federation(cfg.data)  # cached: a no-op when the federation already matches params
-    comparison = run_experiment(cfg, out, names, progress=True)
+    comparison = run_experiment(cfg, out, names, progress=True, seeds=seeds)
     console.print((out / "comparison.md").read_text(), markup=False)
     console.print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
 

@@ -245,8 +245,10 @@ class EvalParams(Strict):
     max_per_task: int | None = Field(None, ge=1, description="evaluate at most this many test samples per task")
     generate: bool = Field(False, description="also report greedy generation (slower)")
     calibration: Literal["public_median", "none"] = Field(
-        "public_median", description="yes/no decision threshold: the median score on unlabelled public inputs of "
-                                     "the task's modality (label-free), or none (log p(Yes) > log p(No))")
+        "public_median", description="label-free calibration on unlabelled public inputs of the task's modality: "
+                                     "the yes/no threshold is their median score, and a question's options are "
+                                     "scored relative to their mean log-probability on them (text-only: on 'N/A'); "
+                                     "none: log p(Yes) > log p(No) and the raw best option")
     calibration_samples: int = Field(48, ge=2, description="public inputs scored per task for the threshold")
 
 
@@ -320,6 +322,20 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from None
     return _resolve_paths(params, path.resolve().parent)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings (dotted keys, YAML values: 3 -> int, true -> bool, [a, b] -> list) -> overrides."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value with a dotted key (e.g. inject.rank=4), got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML: {exc}") from None
+    return out
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:

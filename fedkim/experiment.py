@@ -85,8 +85,10 @@ def m3oe_config(params: Params, variant: Variant) -> M3OEConfig | None:
                       lm_head=p.lm_head)
 
 
-def build_central(params: Params, variant: Variant, encoders_state: dict | None = None) -> CentralModel:
-    encoders = global_model(params.site, params.data, seed=params.data.seed).encoders
+def build_central(params: Params, variant: Variant, encoders_state: dict | None = None, *,
+                  seed: int = 0) -> CentralModel:
+    """The central model of a variant; `seed` shifts the encoders' initialisation (a trial of `--seeds`)."""
+    encoders = global_model(params.site, params.data, seed=params.data.seed + seed).encoders
     train_encoders = params.inject.train_encoders if variant.train_encoders is None else variant.train_encoders
     model = CentralModel(load_foundation(params.inject.foundation_model), encoders, m3oe_config(params, variant),
                          gate_mode=GateMode(variant.use_task, variant.use_modality), train_encoders=train_encoders)
@@ -118,14 +120,14 @@ class SiteCache:
 
 
 def federated_round(params: Params, round_id: str, global_state: dict, work_dir: Path,
-                    cache: SiteCache | None = None) -> tuple[dict, RoundRecord]:
+                    cache: SiteCache | None = None, seed: int = 0) -> tuple[dict, RoundRecord]:
     """Every site trains from the global state, writes its knowledge package; the server screens and aggregates."""
     record = RoundRecord(round_id)
     folders = []
     for spec in params.data.sites:
         site_dir = params.data.root / spec.id
         trainer = cache.train if cache else (lambda d, g, p, s: train_site(d, g, p.site, p.data, seed=s))
-        local = trainer(site_dir, global_state, params, params.data.seed + int(round_id))
+        local = trainer(site_dir, global_state, params, params.data.seed + seed + int(round_id))
         folder = work_dir / "rounds" / round_id / "sites" / spec.id
         write_package(folder, local.state_dict, site_id=spec.id, round_id=round_id,
                       sample_counts=local.sample_counts, task_counts=local.task_counts,
@@ -151,23 +153,28 @@ def _finite(metrics: dict) -> dict:
 
 
 def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache | None = None,
-                progress: bool = False, keep_model: bool = False) -> RunResult:
+                progress: bool = False, keep_model: bool = False, seed: int = 0) -> RunResult:
+    """One variant, all rounds, then the test split. `seed` (a trial of `fedkim experiment --seeds`) shifts every
+    training seed: encoder initialisation, site training, injection batches and dropout. The data stay as they are."""
     variant = VARIANTS[name]
     started = time.perf_counter()
     work_dir = Path(work_dir) / name
-    global_state = global_model(params.site, params.data, seed=params.data.seed).state_dict()
-    model = build_central(params, variant)
+    if seed:
+        params = params.model_copy(update={"inject": params.inject.model_copy(
+            update={"seed": params.inject.seed + seed})})
+    global_state = global_model(params.site, params.data, seed=params.data.seed + seed).state_dict()
+    model = build_central(params, variant, seed=seed)
     public, test = params.data.root / "public", params.data.root / "test"
     rounds: list[RoundRecord] = []
     for r in range(params.federation.rounds):
         round_id = str(r + 1)
         record = RoundRecord(round_id)
         if variant.federated:
-            global_state, record = federated_round(params, round_id, global_state, work_dir, cache)
+            global_state, record = federated_round(params, round_id, global_state, work_dir, cache, seed)
             model.load_encoders(global_state)
         elif variant.pooled:
             sites = [params.data.root / s.id for s in params.data.sites]
-            pooled = train_site(sites, global_state, params.site, params.data, seed=params.data.seed + r)
+            pooled = train_site(sites, global_state, params.site, params.data, seed=params.data.seed + seed + r)
             global_state = {**global_state, **pooled.state_dict}
             model.load_encoders(global_state)
         injection: InjectResult = inject(model, public, params.inject, params.site, params.data, round_id=round_id,
@@ -184,40 +191,101 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
     return RunResult(name, metrics, rounds, time.perf_counter() - started, model if keep_model else None)
 
 
-def run_experiment(params: Params, out: Path, variants: list[str] | None = None, progress: bool = False) -> dict:
-    """All variants in one process; writes out/comparison.json and out/comparison.md."""
+HEADLINE = ("train_mean_f1", "zeroshot_mean", "mean_auroc")
+BASELINES = ("no_injection", "fedplug", "fedplug_lora", "fedkim_pub")  # what full FedKIM must beat (issue 3, §8)
+
+
+def run_experiment(params: Params, out: Path, variants: list[str] | None = None, progress: bool = False,
+                   seeds: int = 1) -> dict:
+    """All variants in one process, each over `seeds` trials (training seeds shifted by 0..seeds-1, same data);
+    writes out/comparison.json and out/comparison.md. A variant's figures are the means over its trials, with
+    their standard deviations and each trial's figures beside them."""
     out = Path(out)
     names = variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; allowed: {list(VARIANTS)}")
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
     cache = SiteCache()
-    comparison = {}
-    for name in names:
-        result = run_variant(params, name, out, cache=cache, progress=progress)
-        comparison[name] = {"description": VARIANTS[name].description, "seconds": round(result.seconds, 1),
-                            "train_mean_f1": result.metrics["train_mean_f1"],
-                            "zeroshot_mean": result.metrics["zeroshot_mean"],
-                            "mean_auroc": result.metrics["mean_auroc"],
-                            "tasks": result.metrics["tasks"],
-                            "rounds": [r.__dict__ for r in result.rounds]}
+    trials: dict[str, list[RunResult]] = {name: [] for name in names}
+    for seed in range(seeds):  # seed-major, written after each trial: a stopped run keeps its finished trials
+        folder = out if seeds == 1 else out / f"seed-{seed}"
+        for name in names:
+            trials[name].append(run_variant(params, name, folder, cache=cache, progress=progress, seed=seed))
+        comparison = _write_comparison(params, out, trials, seeds_done=seed + 1)
+    return comparison
+
+
+def _write_comparison(params: Params, out: Path, trials: dict[str, list[RunResult]], seeds_done: int) -> dict:
+    comparison = {name: _summarise(runs) | {"description": VARIANTS[name].description} for name, runs in trials.items()}
     comparison_meta = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                       "foundation_model": params.inject.foundation_model, "rounds": params.federation.rounds}
+                       "foundation_model": params.inject.foundation_model, "rounds": params.federation.rounds,
+                       "seeds": seeds_done, "max_per_task": params.eval.max_per_task}
+    if "fedkim" in comparison:
+        comparison_meta["fedkim_wins"] = fedkim_wins(trials)
     (out / "comparison.json").write_text(json.dumps({"variants": comparison, **comparison_meta}, indent=2,
                                                     default=float))
     (out / "comparison.md").write_text(comparison_markdown(comparison, comparison_meta))
     return comparison
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
+    return mean, std
+
+
+def _summarise(runs: list[RunResult]) -> dict:
+    """Means (and sample standard deviations) over a variant's trials; per-task metrics averaged key by key."""
+    row: dict = {"seconds": round(sum(r.seconds for r in runs), 1)}
+    for key in HEADLINE:
+        row[key], row[f"{key}_std"] = _mean_std([r.metrics[key] for r in runs])
+    tasks = {}
+    for task in runs[0].metrics["tasks"]:
+        keys = {k for r in runs for k, v in r.metrics["tasks"][task].items() if isinstance(v, (int, float))}
+        tasks[task] = {k: _mean_std([r.metrics["tasks"][task].get(k, math.nan) for r in runs])[0] for k in sorted(keys)}
+        if len(runs) > 1:
+            tasks[task]["primary_std"] = _mean_std([r.metrics["tasks"][task].get("primary", math.nan) for r in runs])[1]
+    row["tasks"] = tasks
+    row["trials"] = [{"seed": i, **{k: r.metrics[k] for k in HEADLINE}, "seconds": round(r.seconds, 1)}
+                     for i, r in enumerate(runs)]
+    row["rounds"] = [rec.__dict__ for rec in runs[0].rounds]
+    return row
+
+
+def fedkim_wins(trials: dict[str, list[RunResult]]) -> dict:
+    """Per baseline and headline figure: in how many trials full FedKIM is ahead (same seed, same data)."""
+    mine = trials["fedkim"]
+    return {name: {key: sum(m.metrics[key] > t.metrics[key] for m, t in zip(mine, runs)) for key in HEADLINE}
+            for name, runs in trials.items() if name != "fedkim"}
+
+
 def comparison_markdown(comparison: dict, meta: dict) -> str:
     tasks = list(next(iter(comparison.values()))["tasks"]) if comparison else []
-    lines = [f"# FedKIM comparison ({meta['foundation_model']}, {meta['rounds']} round(s))", "",
+    seeds = meta.get("seeds", 1)
+
+    def headline(row: dict, key: str) -> str:
+        return f"{row[key]:.3f}" + (f" ± {row[key + '_std']:.3f}" if seeds > 1 else "")
+
+    title = f"# FedKIM comparison ({meta['foundation_model']}, {meta['rounds']} round(s)"
+    title += f", mean ± sd over {seeds} seeds)" if seeds > 1 else ")"
+    lines = [title, "",
              "| variant | train mean F1 | zero-shot mean | mean AUROC | " + " | ".join(tasks) + " | seconds |",
              "|---" * (len(tasks) + 5) + "|"]
     for name, row in comparison.items():
         cells = [f"{row['tasks'][t]['primary']:.3f}" for t in tasks]
-        lines.append(f"| {name} | {row['train_mean_f1']:.3f} | {row['zeroshot_mean']:.3f} | {row['mean_auroc']:.3f} | "
-                     + " | ".join(cells) + f" | {row['seconds']} |")
+        lines.append(f"| {name} | {headline(row, 'train_mean_f1')} | {headline(row, 'zeroshot_mean')} | "
+                     f"{headline(row, 'mean_auroc')} | " + " | ".join(cells) + f" | {row['seconds']} |")
     lines += ["", "Primary figure per task: F1 for yes/no tasks, accuracy for multiple-answer questions. "
               "Zero-shot mean: mean primary figure over the 8 zero-shot tasks.", ""]
+    wins = meta.get("fedkim_wins")
+    if wins and seeds > 1:
+        lines += [f"Trials (of {seeds}) in which full FedKIM is ahead of each variant, same seed:", "",
+                  "| variant | train mean F1 | zero-shot mean | mean AUROC |", "|---|---|---|---|"]
+        lines += [f"| {name} | " + " | ".join(str(w[k]) for k in HEADLINE) + " |" for name, w in wins.items()]
+        lines.append("")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ never trains, uploads or aggregates twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -244,15 +245,40 @@ def run_round(params: Params, store: ArtifactStore, round_id: str, work_dir: Pat
               progress: bool = False) -> dict:
     """The whole round in plain Python, sites one after another (the orchestration-free baseline)."""
     started = time.perf_counter()
-    start_round(params, store, round_id)
-    sites = [train_site_step(params, store, round_id, s.id, progress=progress) for s in params.data.sites]
-    agg = aggregate_step(params, store, round_id, [s.site_id for s in sites])
-    model, injection = inject_step(params, store, round_id, work_dir, progress=progress)
-    metrics = evaluate_step(params, store, round_id, model)
-    finish_round(store, round_id)
+    timer = PhaseTimer()
+    with timer("start"):
+        start_round(params, store, round_id)
+    sites = []
+    for s in params.data.sites:
+        with timer(f"site:{s.id}"):
+            sites.append(train_site_step(params, store, round_id, s.id, progress=progress))
+    with timer("aggregate"):
+        agg = aggregate_step(params, store, round_id, [s.site_id for s in sites])
+    with timer("inject"):
+        model, injection = inject_step(params, store, round_id, work_dir, progress=progress)
+    with timer("evaluate"):
+        metrics = evaluate_step(params, store, round_id, model)
+    with timer("finish"):
+        finish_round(store, round_id)
     return {"round_id": str(round_id), "sites": [s.as_dict() for s in sites], "aggregate": asdict(agg),
             "injection": {k: v for k, v in injection.items() if k not in ("losses", "lrs", "tasks")},
-            "metrics": metrics, "seconds": round(time.perf_counter() - started, 1)}
+            "metrics": metrics, "seconds": round(time.perf_counter() - started, 1), "timings": timer.seconds}
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a round (`with timer("inject"): ...`), for the round summary and the
+    orchestration benchmark's breakdown. A phase entered twice adds up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 2)
 
 
 def _finite(metrics: dict) -> dict:

@@ -28,17 +28,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 # Prefect before fedkim: importing mlflow, GX or transformers first replaces Prefect's log format.
 from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from fedkim import tracking
-from fedkim.config import Params
+from fedkim.config import ConfigError, Params, parse_overrides
 from fedkim.federation.store import ArtifactStore, package_prefix
-from fedkim.rounds import (QuorumError, aggregate_step, evaluate_step, finish_round, get_json, inject_step,
-                           put_json, read_manifest_from_store, round_key, start_round)
+from fedkim.rounds import (PhaseTimer, QuorumError, aggregate_step, evaluate_step, finish_round, get_json,
+                           inject_step, put_json, read_manifest_from_store, round_key, start_round)
 from flows.report import find_comparison, load_baselines, write_report
 from flows.site import gate_reason, load, site_pool, site_tasks, store_for, validation_key
 
@@ -214,20 +213,27 @@ def run_sites_remote(params: Params, store: ArtifactStore, round_id: str, params
 
 
 def inject_and_evaluate(parent, params: Params, store: ArtifactStore, round_id: str, work_dir: Path,
-                        progress: bool):
+                        progress: bool, timer: PhaseTimer):
     """Injection and evaluation as one nested MLflow run (loss curve, metrics, gate, comparison with the champion).
     A re-run round keeps its finished injection run instead of adding another. Returns (model, injection summary,
     metrics, injection run id)."""
     done = tracking.find_child_run(parent, "injection")
     if done is not None and done.info.status == "FINISHED":
-        model, injection = inject_task(params, store, round_id, work_dir, progress)
-        return model, injection, evaluate_task(params, store, round_id, model), done.info.run_id
+        with timer("inject"):
+            model, injection = inject_task(params, store, round_id, work_dir, progress)
+        with timer("evaluate"):
+            metrics = evaluate_task(params, store, round_id, model)
+        return model, injection, metrics, done.info.run_id
     with tracking.injection_run(parent) as run:
-        model, injection = inject_task(params, store, round_id, work_dir, progress)
-        run.log_injection(injection["losses"], injection["lrs"], injection["tasks"])
-        metrics = evaluate_task(params, store, round_id, model)
-        run.log_evaluation(metrics)
-        run.compare_with_champion(metrics)
+        with timer("inject"):
+            model, injection = inject_task(params, store, round_id, work_dir, progress)
+        with timer("tracking"):
+            run.log_injection(injection["losses"], injection["lrs"], injection["tasks"])
+        with timer("evaluate"):
+            metrics = evaluate_task(params, store, round_id, model)
+        with timer("tracking"):
+            run.log_evaluation(metrics)
+            run.compare_with_champion(metrics)
     return model, injection, metrics, run.run_id
 
 
@@ -242,6 +248,7 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
     from mlflow import MlflowClient
 
     started = time.perf_counter()
+    timer = PhaseTimer()  # wall seconds per phase, in the summary (the orchestration benchmark's breakdown)
     logger = get_run_logger()
     round_id = str(round_id or default_round_id())
     if not ROUND_ID.fullmatch(round_id):
@@ -259,29 +266,35 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
     logger.info("round %s: %d site(s) %s, %s mode, store %s, MLflow %s", round_id, len(sites_invited),
                 ", ".join(sites_invited), mode, record["store"], uri)
 
+    timer.seconds["setup"] = round(time.perf_counter() - started, 2)
     with tracking.round_run(params, round_id, sites={s: "" for s in sites_invited},
                             params_hash=record["params_hash"]) as parent:
-        record["mlflow_run_id"] = parent.info.run_id
-        mlflow.set_tags({"fedkim.mode": mode, "fedkim.prefect_flow_run_id": record["prefect_flow_run_id"]})
-        put_json(store, manifest_key, record, overwrite=True)
-        start_task(params, store, round_id)
+        with timer("tracking"):
+            record["mlflow_run_id"] = parent.info.run_id
+            mlflow.set_tags({"fedkim.mode": mode, "fedkim.prefect_flow_run_id": record["prefect_flow_run_id"]})
+        with timer("start"):
+            put_json(store, manifest_key, record, overwrite=True)
+            start_task(params, store, round_id)
 
-        sites = (run_sites_here(params, store, round_id, progress) if mode == "simulation" else
-                 run_sites_remote(params, store, round_id, params_path, overrides, progress))
-        for site, info in sites.items():
-            tracking.log_site(parent, site, metrics=info["metrics"], sample_counts=info["sample_counts"],
-                              validation=info["validation"] or {"success": "unknown"},
-                              fingerprint=info["data_fingerprint"] or None)
-            mlflow.set_tags({f"fedkim.site.{site}.status": info["status"],
-                             f"fedkim.site.{site}.fingerprint": info["data_fingerprint"] or "unknown"})
-            (logger.info if info["status"] in ("trained", "reused") else logger.warning)(
-                "%s: %s%s", site, info["status"], f" ({info['reason']})" if info["reason"] else "")
+        with timer("sites"):
+            sites = (run_sites_here(params, store, round_id, progress) if mode == "simulation" else
+                     run_sites_remote(params, store, round_id, params_path, overrides, progress))
+        with timer("tracking"):
+            for site, info in sites.items():
+                tracking.log_site(parent, site, metrics=info["metrics"], sample_counts=info["sample_counts"],
+                                  validation=info["validation"] or {"success": "unknown"},
+                                  fingerprint=info["data_fingerprint"] or None)
+                mlflow.set_tags({f"fedkim.site.{site}.status": info["status"],
+                                 f"fedkim.site.{site}.fingerprint": info["data_fingerprint"] or "unknown"})
+                (logger.info if info["status"] in ("trained", "reused") else logger.warning)(
+                    "%s: %s%s", site, info["status"], f" ({info['reason']})" if info["reason"] else "")
         record |= {"status": "sites done", "sites": sites}
         put_json(store, manifest_key, record, overwrite=True)
 
         reported = [s for s, info in sites.items() if info["status"] in ("trained", "reused")]
         try:
-            aggregate = aggregate_task(params, store, round_id, reported)
+            with timer("aggregate"):
+                aggregate = aggregate_task(params, store, round_id, reported)
         except QuorumError as exc:
             left_out = "; ".join(f"{s} {info['status']}: {info['reason']}" for s, info in sites.items()
                                  if info["status"] not in ("trained", "reused"))
@@ -291,9 +304,10 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
 
         work_dir = params.federation.work_dir / round_id
         model, injection, metrics, injection_run_id = inject_and_evaluate(parent, params, store, round_id, work_dir,
-                                                                          progress)
+                                                                          progress, timer)
         fingerprints = {s: sites[s]["data_fingerprint"] for s in aggregate["accepted"]}
-        registered = register_task(params, model, metrics, round_id, injection_run_id, fingerprints)
+        with timer("register"):
+            registered = register_task(params, model, metrics, round_id, injection_run_id, fingerprints)
         finish_round(store, round_id)
         shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve an unfinished injection
 
@@ -312,13 +326,15 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
             "model": {k: v for k, v in registered.items() if k != "compared_with"},
             "mlflow_uri": uri, "seconds": round(time.perf_counter() - started, 1),
         }
-        comparison = find_comparison(params.report.comparison, params.report.root.parent)
-        baselines, meta = load_baselines(comparison)
-        folder = params.report.root / round_id
-        summary["report"] = str(folder / "report.md")
-        write_report(folder, summary, metrics, injection, champion=registered["compared_with"],
-                     baselines=baselines, baseline_meta=meta, mlflow_ui=mlflow_ui_command(uri))
-        MlflowClient().log_artifacts(parent.info.run_id, str(folder), "report")
+        with timer("report"):
+            comparison = find_comparison(params.report.comparison, params.report.root.parent)
+            baselines, meta = load_baselines(comparison)
+            folder = params.report.root / round_id
+            summary["report"] = str(folder / "report.md")
+            write_report(folder, summary, metrics, injection, champion=registered["compared_with"],
+                         baselines=baselines, baseline_meta=meta, mlflow_ui=mlflow_ui_command(uri))
+            MlflowClient().log_artifacts(parent.info.run_id, str(folder), "report")
+        summary |= {"seconds": round(time.perf_counter() - started, 1), "timings": timer.seconds}
         put_json(store, manifest_key, summary, overwrite=True)
     logger.info("round %s completed in %.1f s: %s v%s (%s), report %s", round_id, summary["seconds"],
                 registered["name"], registered["version"], ", ".join(registered["aliases"]), summary["report"])
@@ -338,16 +354,6 @@ def mlflow_ui_command(uri: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def _overrides(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects key=value (dotted key), got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)  # 3 -> int, true -> bool, [a, b] -> list
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.round", description=__doc__.splitlines()[0])
     parser.add_argument("--round-id", help="default: the UTC time, e.g. 20260501T020000Z")
@@ -358,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
+        overrides = parse_overrides(args.overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    try:
         summary = fedkim_flow(round_id=args.round_id, params_path=args.params,
-                              overrides=_overrides(args.overrides), mode=args.mode, progress=not args.no_progress)
+                              overrides=overrides, mode=args.mode, progress=not args.no_progress)
     except QuorumError as exc:
         print(f"\nround failed: {exc}", file=sys.stderr)
         return 1

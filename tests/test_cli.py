@@ -50,3 +50,13 @@ def test_params_command_prints_resolved_json(small_params_file):
     result = runner.invoke(app, ["params", "--params", str(small_params_file)])
     assert result.exit_code == 0
     assert json.loads(result.output)["data"]["sizes"]["site_train"] == 24
+
+
+def test_experiment_rejects_a_malformed_setting_with_exit_2(small_params_file, tmp_path):
+    result = runner.invoke(app, ["experiment", "--params", str(small_params_file), "--out", str(tmp_path / "x"),
+                                 "--set", "inject.rank"])
+    assert result.exit_code == 2 and "--set expects key=value" in result.output and "inject.rank" in result.output
+    unknown = runner.invoke(app, ["experiment", "--params", str(small_params_file), "--out", str(tmp_path / "x"),
+                                  "--set", "inject.rnak=4"])
+    assert unknown.exit_code == 2 and "inject.rnak" in unknown.output
+    assert not (tmp_path / "x").exists()  # nothing ran, nothing written

@@ -10,6 +10,12 @@ threshold of 0 answers nearly everything Yes or No and F1 then measures the bias
 the median score of the same task prompt on unlabelled inputs of the task's modality from the server's public
 split: no test data and no labels are used, and every variant gets the same treatment. AUROC does not depend
 on it; the uncalibrated F1 is reported beside it.
+
+Multiple-answer questions get the same treatment (contextual calibration): each option's score is taken relative
+to its mean log-probability when the same question is asked about unlabelled public inputs of the task's
+non-text modality (for a text-only question, about the content-free question "N/A"), so that an option the prompt
+favours regardless of the input does not win by default. The uncalibrated accuracy is reported beside it, and
+chance is the mean of 1 / (options offered) over the samples.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, EvalParams, SiteTrainingParams
@@ -47,10 +53,12 @@ def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: Sit
         dataset = task_dataset(Path(test_dir), task, "test", site, data, limit=p.max_per_task)
         if len(dataset) == 0:
             continue
-        threshold = None
+        threshold, priors = None, None
         if TASKS[task].kind == "binary" and p.calibration == "public_median":
             threshold = calibrate_threshold(model, public, task, p, site, data, device)
-        out["tasks"][task] = evaluate_task(model, dataset, task, p, device, threshold=threshold)
+        elif p.calibration == "public_median":
+            priors = option_priors(model, public, dataset, task, p, site, data, device)
+        out["tasks"][task] = evaluate_task(model, dataset, task, p, device, threshold=threshold, priors=priors)
     out |= summarise(out["tasks"])
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
@@ -68,7 +76,8 @@ def yes_no_scores(model: CentralModel, dataset, task: str, batch_size: int, devi
 def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, data: DataParams, limit: int):
     """Unlabelled public inputs of the task's modality, taken evenly from the training tasks that have it (a
     zero-shot task has no public samples of its own, but its modality does)."""
-    donors = [t for t in TRAIN_TASKS if TASKS[t].modality == TASKS[task].modality]
+    inputs = tuple(i for i in TASKS[task].inputs if i != "text")  # a question about an image: images
+    donors = [t for t in TRAIN_TASKS if TASKS[t].inputs == inputs] if inputs else []
     if not donors or not public_dir.is_dir():
         return None
     parts = [task_dataset(public_dir, t, None, site, data, limit=max(1, limit // len(donors))) for t in donors]
@@ -84,16 +93,63 @@ def calibrate_threshold(model: CentralModel, public_dir: Path, task: str, p: Eva
     return float(np.median(yes_no_scores(model, inputs, task, p.batch_size, device)))
 
 
+class _Asked(Dataset):
+    """Calibration items: unlabelled inputs (or none: one content-free item) asked one question with its options."""
+
+    def __init__(self, inputs, question: str, options: tuple[str, ...]):
+        self.inputs, self.question, self.options = inputs, question, list(options)
+
+    def __len__(self) -> int:
+        return len(self.inputs) if self.inputs is not None else 1
+
+    def __getitem__(self, i: int) -> dict:
+        item = {k: v for k, v in self.inputs[i].items() if k not in ("question", "options")} if self.inputs else {}
+        return item | {"question": self.question, "options": list(self.options), "answer": self.options[0]}
+
+
+def option_priors(model: CentralModel, public_dir: Path, dataset, task: str, p: EvalParams,
+                  site: SiteTrainingParams, data: DataParams, device) -> dict[tuple, torch.Tensor]:
+    """(question, options) -> mean log-probability of each option over calibration inputs (see the module
+    docstring). Only the questions' text is read from the test samples, never their answers."""
+    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples)
+    if inputs is None and any(i != "text" for i in TASKS[task].inputs):
+        return {}  # no public inputs of this modality: score uncalibrated
+    priors, computed = {}, {}
+    for question, options in dict.fromkeys(_questions(dataset, task)):
+        asked = (question if inputs is not None else "N/A", options)  # text-only: one prior per option set
+        if asked not in computed:
+            rows = []
+            for batch in DataLoader(_Asked(inputs, *asked), batch_size=p.batch_size, shuffle=False, collate_fn=collate):
+                rows.append(model.option_logprobs(to_device(batch, device), task, batch["options"]))
+            computed[asked] = torch.cat(rows).float().mean(0)
+        priors[(question, options)] = computed[asked]
+    return priors
+
+
+def _questions(dataset, task: str):
+    """Each sample's (question, options), read without loading its inputs."""
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    for part in parts:
+        for i in range(len(part)):
+            q = part.question_at(i)
+            yield (q["question"], tuple(q["options"])) if q else (TASKS[task].question, TASKS[task].answers)
+
+
 def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device, *,
-                  threshold: float | None = None) -> dict:
+                  threshold: float | None = None, priors: dict[tuple, torch.Tensor] | None = None) -> dict:
     spec = TASKS[task]
-    scores, predicted, truth, generated = [], [], [], []
+    scores, predicted, raw_predicted, truth, generated, offered = [], [], [], [], [], []
     for batch in DataLoader(dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate):
         batch = to_device(batch, device)
         options = batch.get("options") or [list(spec.answers)] * len(batch["answer"])
+        questions = batch.get("question") or [spec.question] * len(options)
         logp = model.option_logprobs(batch, task, options)
-        for row, opts in zip(logp, options):
-            predicted.append(opts[int(row.argmax())])
+        for row, opts, question in zip(logp, options, questions):
+            raw_predicted.append(opts[int(row.argmax())])
+            prior = (priors or {}).get((question, tuple(opts)))
+            calibrated = row[:len(opts)] - prior if prior is not None else row[:len(opts)]
+            predicted.append(opts[int(calibrated.argmax())])
+            offered.append(len(opts))
             if spec.kind == "binary":
                 scores.append(float(row[opts.index("Yes")] - row[opts.index("No")]))
         truth += list(batch["answer"])
@@ -114,7 +170,9 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
     else:
         result |= {"accuracy": accuracy_score(truth, predicted),
                    "macro_f1": f1_score(truth, predicted, average="macro", zero_division=0),
-                   "chance": float(np.mean([1 / len(TASKS[task].answers)]))}
+                   "accuracy_uncalibrated": accuracy_score(truth, raw_predicted),
+                   "calibrated": bool(priors),
+                   "chance": float(np.mean([1 / n for n in offered]))}
         result["primary"] = result["accuracy"]
     if generated:
         result["generation_exact_match"] = float(np.mean([g.strip().lower().startswith(t.lower())

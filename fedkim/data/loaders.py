@@ -117,6 +117,12 @@ class SiteDataset(Dataset):
             row["task"], int(rows["hour"].max()) + 1)
         return standardise_clinical(to_grid(rows, hours))
 
+    def question_at(self, i: int) -> dict | None:
+        """Sample i's question record (question, options, ...) without loading its other inputs; None when the
+        sample has no text."""
+        row = self.index.iloc[i]
+        return self._question(row) if isinstance(row["text_path"], str) else None
+
     def _question(self, row) -> dict:
         path = row["text_path"]
         if path not in self._text:

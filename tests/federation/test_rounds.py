@@ -31,6 +31,8 @@ def test_a_round_reruns_without_duplicating_anything_and_the_next_starts_from_it
     assert {s["status"] for s in first["sites"]} == {"trained"}
     assert set(first["aggregate"]["accepted"]) == {s.id for s in params.data.sites}
     assert first["metrics"]["tasks"] and latest_round(store) == "1"
+    assert set(first["timings"]) == {"start", *(f"site:{s.id}" for s in params.data.sites), "aggregate", "inject",
+                                     "evaluate", "finish"}
     before = snapshot(store)
 
     again = run_round(params, store, "1", tmp_path / "work")

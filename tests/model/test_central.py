@@ -1,5 +1,6 @@
 """The central model, injection and evaluation on the tiny FM, and a small end-to-end federation."""
 
+import json
 import math
 
 import pytest
@@ -127,6 +128,35 @@ def test_yes_no_threshold_is_the_median_over_unlabelled_public_inputs_of_the_mod
     assert never["auroc"] == always["auroc"]  # the ranking does not depend on the threshold
 
 
+def test_question_options_are_scored_relative_to_their_label_free_prior(params):
+    from fedkim.central.evaluate import calibration_inputs, evaluate_task, option_priors
+    from fedkim.site.train import task_dataset
+
+    model = build_central(params, VARIANTS["fedkim"])
+    public, test_dir = params.data.root / "public", params.data.root / "test"
+    # Questions about a radiograph are calibrated on public radiographs; text-only questions on "N/A".
+    radiographs = calibration_inputs(public, "cxr_vqa", params.site, params.data, 8)
+    assert len(radiographs) == 8 and {radiographs[i]["task"] for i in range(8)} == {"lung_opacity", "covid"}
+    assert calibration_inputs(public, "medical_qa", params.site, params.data, 8) is None
+    for task in ("cxr_vqa", "medical_qa", "ecg_noise_qa"):
+        test = task_dataset(test_dir, task, "test", params.site, params.data, limit=8)
+        asked = {(test.question_at(i)["question"], tuple(test.question_at(i)["options"])) for i in range(len(test))}
+        priors = option_priors(model, public, test, task, params.eval, params.site, params.data, "cpu")
+        assert set(priors) == asked  # one prior per distinct question, from its text only
+        assert all(len(prior) == len(options) and torch.isfinite(prior).all() for (_, options), prior in priors.items())
+        result = evaluate_task(model, test, task, params.eval, "cpu", priors=priors)
+        offered = [len(test.question_at(i)["options"]) for i in range(len(test))]
+        assert result["calibrated"] and result["chance"] == pytest.approx(sum(1 / n for n in offered) / len(offered))
+        # A prior that penalises every option but the second makes the second the answer to every question.
+        rigged = {key: torch.tensor([0.0, -1e6] + [0.0] * (len(key[1]) - 2)) for key in priors}
+        forced = evaluate_task(model, test, task, params.eval, "cpu", priors=rigged)
+        second = [test.question_at(i)["options"][1] == test[i]["answer"] for i in range(len(test))]
+        assert forced["accuracy"] == pytest.approx(sum(second) / len(second))
+        plain = evaluate_task(model, test, task, params.eval, "cpu")
+        assert not plain["calibrated"] and plain["accuracy"] == plain["accuracy_uncalibrated"] \
+            == forced["accuracy_uncalibrated"]
+
+
 def test_gate_ablations_change_the_gate_inputs(params):
     full, no_task = build_central(params, VARIANTS["fedkim"]), build_central(params, VARIANTS["no_task_desc"])
     t = TASKS["mortality"]
@@ -154,10 +184,37 @@ def test_experiment_writes_the_comparison(params, tmp_path):
     comparison = run_experiment(params, tmp_path, variants=["fedplug", "no_injection"])
     assert set(comparison) == {"fedplug", "no_injection"}
     text = (tmp_path / "comparison.md").read_text()
-    assert "| fedplug |" in text and "| no_injection |" in text
+    assert "| fedplug |" in text and "| no_injection |" in text and "±" not in text
     assert (tmp_path / "comparison.json").is_file()
     with pytest.raises(ValueError, match="unknown variant"):
         run_experiment(params, tmp_path, variants=["nope"])
+
+
+def test_experiment_over_seeds_reports_means_spread_and_wins(params, tmp_path):
+    from safetensors.torch import load_file
+
+    comparison = run_experiment(params, tmp_path, variants=["fedkim", "fedplug"], seeds=2)
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["seeds"] == 2 and set(saved["fedkim_wins"]) == {"fedplug"}
+    for name, row in comparison.items():
+        trials = row["trials"]
+        assert [t["seed"] for t in trials] == [0, 1]
+        for key in ("train_mean_f1", "zeroshot_mean", "mean_auroc"):  # the reported figure is the trials' mean
+            assert row[key] == pytest.approx(sum(t[key] for t in trials) / 2)
+            assert row[f"{key}_std"] == pytest.approx(abs(trials[0][key] - trials[1][key]) / math.sqrt(2))
+        assert (tmp_path / "seed-0" / name / "metrics.json").is_file()
+        assert (tmp_path / "seed-1" / name / "metrics.json").is_file()
+    # A second seed is a different training run on the same data: site-a's package differs between the trials.
+    first, second = (load_file(next((tmp_path / f"seed-{s}" / "fedkim" / "rounds" / "1" / "sites" / "site-a")
+                                    .glob("*.safetensors"))) for s in (0, 1))
+    assert first.keys() == second.keys() and any(not torch.equal(first[k], second[k]) for k in first)
+    wins = saved["fedkim_wins"]["fedplug"]
+    fedkim, fedplug = comparison["fedkim"]["trials"], comparison["fedplug"]["trials"]
+    assert wins["mean_auroc"] == sum(a["mean_auroc"] > b["mean_auroc"] for a, b in zip(fedkim, fedplug))
+    text = (tmp_path / "comparison.md").read_text()
+    assert "over 2 seeds" in text and "±" in text and "Trials (of 2)" in text
+    with pytest.raises(ValueError, match="seeds must be at least 1"):
+        run_experiment(params, tmp_path, variants=["fedplug"], seeds=0)
 
 
 def test_single_token_fast_path_equals_the_full_scoring(params):
