@@ -110,14 +110,47 @@ def register_task(params: Params, model, metrics: dict, round_id: str, injection
 
 # ------------------------------------------------------------------------------------------------- sites
 def run_sites_here(params: Params, store: ArtifactStore, round_id: str, progress: bool) -> dict[str, dict]:
-    """Simulation: every site's gate, then its training, as concurrent tasks in this process. A site starts
-    training as soon as its own gate passes, with at most federation.parallel_sites trainings at once (0: all).
-    The limit is applied here, before submission, so that waiting never counts against a task's timeout."""
+    """Simulation: every site's gate as a concurrent task in this process, then its training, which starts as soon
+    as its own gate passes.
+
+    With federation.parallel_sites 1 (the default) the trainings run one at a time in the flow's own thread. Torch
+    then keeps one OpenMP team, whose threads spin between operations: every further thread that runs torch makes
+    the OpenMP runtime cut that spinning process-wide, which slowed the injection and the evaluation after the
+    sites by 10-25 % (measured), and Prefect enforces a sync task's timeout promptly only in the main thread.
+    With 0 (all) or more than 1, trainings run concurrently in the task pool, at most that many at once; the limit
+    is applied here, before submission, so that waiting never counts against a task's timeout."""
     validate, train = site_tasks(params)
     limit = params.federation.parallel_sites or len(params.data.sites)
     attempts = params.federation.retries + 1
     outcomes: dict[str, dict] = {}
     gates = {validate.submit(params, store, round_id, s.id): s.id for s in params.data.sites}
+
+    def gate_passed(future, site: str) -> dict | None:
+        """The gate summary when the site may train; otherwise its outcome is recorded and None returned."""
+        try:
+            summary = future.result()
+        except Exception as exc:  # the gate itself crashed or timed out (bad data only makes findings)
+            outcomes[site] = _outcome(site, "failed", f"data gate did not finish: {_failure(exc)}")
+            return None
+        if not summary["success"]:
+            outcomes[site] = _outcome(site, "excluded", gate_reason(summary), summary)
+            return None
+        return summary
+
+    def trained(site: str, summary: dict, run) -> None:
+        try:
+            outcomes[site] = {**run(), "validation": summary}
+        except Exception as exc:
+            outcomes[site] = _outcome(site, "failed", f"training/upload failed after {attempts} attempt(s): "
+                                                      f"{_failure(exc)}", summary)
+
+    if limit == 1:
+        for future in as_completed(list(gates)):
+            site = gates[future]
+            if (summary := gate_passed(future, site)) is not None:
+                trained(site, summary, lambda: train(params, store, round_id, site, summary, progress=progress))
+        return {s.id: outcomes[s.id] for s in params.data.sites}
+
     ready: list[tuple[str, dict]] = []  # passed the gate, waiting for a training slot
     running: dict = {}
     while gates or running or ready:
@@ -129,22 +162,11 @@ def run_sites_here(params: Params, store: ArtifactStore, round_id: str, progress
         for future in (by_wrapped[w] for w in done):
             if future in gates:
                 site = gates.pop(future)
-                try:
-                    summary = future.result()
-                except Exception as exc:  # the gate itself crashed or timed out (bad data only makes findings)
-                    outcomes[site] = _outcome(site, "failed", f"data gate did not finish: {_failure(exc)}")
-                    continue
-                if summary["success"]:
+                if (summary := gate_passed(future, site)) is not None:
                     ready.append((site, summary))
-                else:
-                    outcomes[site] = _outcome(site, "excluded", gate_reason(summary), summary)
                 continue
             site, summary = running.pop(future)
-            try:
-                outcomes[site] = {**future.result(), "validation": summary}
-            except Exception as exc:
-                outcomes[site] = _outcome(site, "failed", f"training/upload failed after {attempts} attempt(s): "
-                                                          f"{_failure(exc)}", summary)
+            trained(site, summary, future.result)
     return {s.id: outcomes[s.id] for s in params.data.sites}
 
 
