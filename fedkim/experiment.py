@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,6 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
 
 
 HEADLINE = ("train_mean_f1", "zeroshot_mean", "mean_auroc")
-BASELINES = ("no_injection", "fedplug", "fedplug_lora", "fedkim_pub")  # what full FedKIM must beat (issue 3, §8)
 
 
 def run_experiment(params: Params, out: Path, variants: list[str] | None = None, progress: bool = False,
@@ -231,12 +231,11 @@ def _write_comparison(params: Params, out: Path, trials: dict[str, list[RunResul
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (0 for a single one, NaN for none)."""
     finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not finite:
         return math.nan, math.nan
-    mean = sum(finite) / len(finite)
-    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1)) if len(finite) > 1 else 0.0
-    return mean, std
+    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
 def _summarise(runs: list[RunResult]) -> dict:
