@@ -52,6 +52,7 @@ class M3OEConfig:
     balance_weight: float = 0.0               # weight of M3OE.aux_loss in the training loss (reference: none)
     gate_dropout: float = 0.1                 # attention dropout inside the xattn gate (reference code)
     mask_padding: bool = True                 # the reference code attends to and pools over padding
+    gate_norm: bool = True                    # xattn: standardise the pooled vector before the gate's Linear
     id_dim: int = 64                          # embedding width of the id gate
 
     def __post_init__(self):
@@ -176,10 +177,15 @@ class _Gate(nn.Module):
 class XAttnGate(_Gate):
     """FedKIM's gate: queries from the modality-description tokens, keys and values from the task-description tokens,
     both embedded with the FM's frozen input embedding table; single head scaled by sqrt(d); mean-pool; Linear; softmax.
-    Unlike the reference code, padding is masked in the attention and in the pool (unless mask_padding=False)."""
+    Unlike the reference code, padding is masked in the attention and in the pool (unless mask_padding=False).
+
+    norm=True standardises the pooled vector (a LayerNorm without parameters) before the Linear. A pretrained FM's
+    input embeddings are small (SmolLM2: std ~0.03), so without it the logits are ~1e-2 for every description:
+    the gate starts uniform, the experts (B = 0 at init) receive identical gradients and the mixture trains as one
+    wide LoRA for the few steps a round has. Standardised, each description starts with its own routing."""
 
     def __init__(self, embedding: nn.Embedding, num_experts: int, top_k=None, dropout: float = 0.1,
-                 mask_padding: bool = True):
+                 mask_padding: bool = True, norm: bool = True):
         super().__init__(num_experts, top_k)
         d = embedding.embedding_dim
         self._embedding = [embedding]  # the FM's table: used, not registered (neither trained nor saved here)
@@ -187,6 +193,7 @@ class XAttnGate(_Gate):
         self.out = nn.Linear(d, num_experts)
         self.drop = nn.Dropout(dropout)
         self.mask_padding = mask_padding
+        self.norm = nn.LayerNorm(d, elementwise_affine=False) if norm else nn.Identity()
 
     def forward(self, task_ids, task_mask, modality_ids, modality_mask) -> torch.Tensor:
         embed = self._embedding[0]
@@ -202,7 +209,7 @@ class XAttnGate(_Gate):
             pooled = (beta * keep).sum(1) / keep.sum(1)
         else:
             pooled = beta.mean(1)
-        return self.route(self.out(pooled))
+        return self.route(self.out(self.norm(pooled)))
 
 
 class IdGate(_Gate):
@@ -408,7 +415,7 @@ def attach_m3oe(model: nn.Module, config: M3OEConfig, tokenizer=None, *,
         if tokenizer is None:
             raise ValueError("the xattn gate needs the FM tokenizer")
         gate = XAttnGate(model.get_input_embeddings(), config.num_experts, config.top_k, config.gate_dropout,
-                         config.mask_padding)
+                         config.mask_padding, config.gate_norm)
     elif config.gate == "id":
         from fedkim.data.catalogue import MODALITY_DESCRIPTIONS, TASKS
 

@@ -17,8 +17,31 @@ from fedkim.data.formats.clinical import VARIABLES
 MODALITIES = ("image", "ecg", "clinical")
 
 
+class ConvStem(nn.Sequential):
+    @property
+    def weight(self) -> torch.Tensor:  # DeiTModel.forward reads projection.weight.dtype
+        return self[-1].weight
+
+
+def conv_stem(patch: int, hidden: int) -> ConvStem:
+    """Xiao et al. 2021 ("Early convolutions help transformers see better"): log2(patch) 3x3 stride-2
+    convolutions, widths doubling up to `hidden`, then a 1x1 projection. Same token grid as the patch projection,
+    but local features (edges, blobs) come for free instead of being learned from a few hundred radiographs.
+    GroupNorm, not BatchNorm: running statistics would be site-specific, and FedAvg would mix them."""
+    steps = patch.bit_length() - 1
+    layers, width = [], 1
+    for i in range(steps):
+        out = max(8, hidden >> (steps - 1 - i))
+        layers += [nn.Conv2d(width, out, kernel_size=3, stride=2, padding=1), nn.GroupNorm(min(4, out), out),
+                   nn.GELU()]
+        width = out
+    layers.append(nn.Conv2d(width, hidden, kernel_size=1))
+    return ConvStem(*layers)
+
+
 class ImageEncoder(nn.Module):
-    """A DeiT-style ViT (CLS + distillation token + patches) from a transformers config, random init."""
+    """A DeiT-style ViT (CLS + distillation token + patches) from a transformers config, random init; by default
+    its patch projection is a small convolutional stem (params: site.image_stem)."""
 
     def __init__(self, p: SiteTrainingParams):
         super().__init__()
@@ -26,6 +49,8 @@ class ImageEncoder(nn.Module):
                             hidden_size=p.image_hidden, num_hidden_layers=p.image_layers,
                             num_attention_heads=p.image_heads, intermediate_size=2 * p.image_hidden)
         self.vit = DeiTModel(config, add_pooling_layer=False)
+        if p.image_stem == "conv":
+            self.vit.embeddings.patch_embeddings.projection = conv_stem(p.image_patch, p.image_hidden)
         self.out_dim = p.image_hidden
 
     def forward(self, batch: dict) -> torch.Tensor:

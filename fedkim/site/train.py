@@ -65,8 +65,10 @@ def task_loader(site_dirs: Path | list[Path], task: str, split: str, p: SiteTrai
 
 
 def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.Tensor], p: SiteTrainingParams,
-               data: DataParams, *, seed: int = 0, progress: bool = False) -> LocalResult:
-    """Train at one site; given a list of site folders, train on their data pooled (the centralised oracle)."""
+               data: DataParams, *, seed: int = 0, progress: bool = False,
+               only_tasks: list[str] | None = None) -> LocalResult:
+    """Train at one site; given a list of site folders, train on their data pooled (the centralised oracle).
+    `only_tasks` restricts training to those tasks (a probe of one modality's encoder)."""
     if isinstance(site_dir, (list, tuple)):
         import pandas as pd
 
@@ -79,7 +81,8 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
         site_id, fingerprint = manifest.site_id, manifest.fingerprint
         index = read_index(site_dir)
     started = time.perf_counter()
-    tasks = [t for t in TRAIN_TASKS if (index["task"] == t).any() and (index[index.task == t].split == "train").any()]
+    tasks = [t for t in TRAIN_TASKS if (index["task"] == t).any() and (index[index.task == t].split == "train").any()
+             and (only_tasks is None or t in only_tasks)]
     modalities = sorted({TASKS[t].modality for t in tasks})
     device = pick_device(p.device)
     model = SiteModel(modalities, p, data, seed=seed)
@@ -90,6 +93,7 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
     task_counts = {t: int(((index.task == t) & (index.split == "train")).sum()) for t in tasks}
     sample_counts = {m: sum(n for t, n in task_counts.items() if TASKS[t].modality == m) for m in modalities}
     losses: list[float] = []
+    augment = torch.Generator().manual_seed(seed + 7) if p.image_augment else None
     bar = _Bar(progress, f"{site_id} local training",
                total=p.epochs * sum(-(-n // p.batch_size) for n in task_counts.values()))
     for modality in modalities:
@@ -102,6 +106,8 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
         for _ in range(p.epochs):
             for task, loader in loaders.items():
                 for batch in loader:
+                    if augment is not None and "image" in batch:
+                        batch["image"] = augment_images(batch["image"], augment)
                     loss = _step(model, optimizer, to_device(batch, device), task, params, p, anchor)
                     losses.append(loss)
                     bar.advance(loss)
@@ -110,6 +116,22 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return LocalResult(site_id, state, sample_counts, task_counts, metrics,
                        time.perf_counter() - started, fingerprint, losses)
+
+
+def augment_images(images: torch.Tensor, generator: torch.Generator, shift: float = 0.1, degrees: float = 6.0,
+                   gamma: float = 0.25) -> torch.Tensor:
+    """Label-preserving jitter of a (B, 1, S, S) batch in [0, 1]: shift (fraction of the half-width), rotation and
+    gamma, as positioning and exposure vary between patients and sites. No flips: which side a finding lies on is
+    something the zero-shot questions ask."""
+    n = images.shape[0]
+    angle = (torch.rand(n, generator=generator) * 2 - 1) * degrees * torch.pi / 180
+    move = (torch.rand(n, 2, generator=generator) * 2 - 1) * shift
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1), torch.stack([sin, cos, move[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    moved = torch.nn.functional.grid_sample(images, grid, padding_mode="border", align_corners=False)
+    power = torch.exp((torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1) * gamma)
+    return moved.clamp(0, 1) ** power
 
 
 def _step(model, optimizer, batch, task, params, p: SiteTrainingParams, anchor) -> float:

@@ -93,6 +93,21 @@ def test_gate_is_a_distribution_that_differs_across_pairs(fm):
     assert (g0 - g2).abs().max() > 1e-3
 
 
+def test_gate_norm_breaks_the_uniform_start_without_adding_parameters():
+    """A pretrained-scale embedding table (small values) gives near-uniform logits; the standardised pool gives each
+    description its own routing at init, and adds no parameter or state-dict key."""
+    spreads, keys = {}, {}
+    for norm in (False, True):
+        fm = load_foundation("tiny")
+        m3oe = attach(fm, gate_norm=norm)
+        tasks, modalities = zip(*PAIRS)
+        g = m3oe.gate_weights(tasks, modalities)
+        spreads[norm] = float((g - 1 / g.shape[1]).abs().max())
+        keys[norm] = sorted(m3oe.gate.state_dict())
+    assert spreads[True] > 4 * spreads[False] and spreads[True] > 0.1
+    assert keys[True] == keys[False]
+
+
 def test_padding_does_not_change_the_gate(fm):
     m3oe = attach(fm)
     m3oe.eval()

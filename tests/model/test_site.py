@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fedkim.config import load_params
-from fedkim.site.model import SiteModel, global_model, load_subset
-from fedkim.site.train import binary_metrics, train_site
+from fedkim.config import ConfigError, load_params
+from fedkim.site.model import ImageEncoder, SiteModel, global_model, load_subset
+from fedkim.site.train import augment_images, binary_metrics, train_site
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,39 @@ def test_binary_metrics_use_sklearn_definitions():
 
     m = binary_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]))
     assert m["accuracy"] == 0.5 and m["auroc"] == 0.75 and m["f1"] == 0.5
+
+
+def test_conv_stem_keeps_the_token_grid_and_is_the_default(params):
+    """The conv stem replaces DeiT's patch projection: log2(patch) stride-2 3x3 convolutions + a 1x1 projection,
+    the same number of tokens; `patch` keeps DeiT's single projection."""
+    p = params.site
+    conv = ImageEncoder(p)
+    stem = conv.vit.embeddings.patch_embeddings.projection
+    strided = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
+    assert p.image_stem == "conv" and len(strided) == p.image_patch.bit_length() - 1
+    patch = ImageEncoder(p.model_copy(update={"image_stem": "patch"}))
+    assert isinstance(patch.vit.embeddings.patch_embeddings.projection, torch.nn.Conv2d)
+    x = {"image": torch.rand(2, 1, p.image_input, p.image_input)}
+    assert conv(x).shape == patch(x).shape
+    with pytest.raises(ConfigError, match="power-of-2 image_patch"):
+        load_params(overrides={"site.image_stem": "conv", "site.image_patch": 6, "site.image_input": 60})
+
+
+def test_image_augmentation_jitters_without_flipping():
+    """Shift, rotation and gamma only: deterministic per generator, in range, and a finding stays on its side."""
+    images = torch.zeros(4, 1, 32, 32)
+    images[:, :, 12:20, 4:10] = 0.8  # a bright blob on the image's left
+    a = augment_images(images, torch.Generator().manual_seed(1))
+    b = augment_images(images, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == images.shape and 0 <= a.min() and a.max() <= 1
+    assert not torch.equal(a, images) and not torch.equal(a, augment_images(images, torch.Generator().manual_seed(2)))
+    left, right = a[..., :16].sum(dim=(1, 2, 3)), a[..., 16:].sum(dim=(1, 2, 3))
+    assert (left > 5 * right).all()
+
+
+def test_only_tasks_restricts_local_training(params, small_federation):
+    start = global_model(params.site, params.data).state_dict()
+    result = train_site(small_federation.root / "site-a", start, params.site, params.data, seed=1,
+                        only_tasks=["lung_opacity", "covid"])
+    assert set(result.metrics) == {"lung_opacity", "covid"} and set(result.sample_counts) == {"image"}
+    assert not any(k.startswith(("encoders.ecg", "encoders.clinical")) for k in result.state_dict)
