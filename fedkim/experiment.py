@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fedkim.central.evaluate import evaluate, gate_table, plot_gate_heatmap, write_metrics
+from fedkim.central.evaluate import evaluate, gate_distance, gate_table, plot_gate_heatmap, write_metrics
 from fedkim.central.foundation import load_foundation
 from fedkim.central.inject import InjectResult, inject
 from fedkim.central.m3oe import M3OEConfig
@@ -187,6 +187,7 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
         rounds.append(record)
     metrics = evaluate(model, test, params.eval, params.site, params.data)
     metrics["gate"] = gate_table(model)  # per (task, modality): which experts the gate mixes
+    metrics["gate_distance"] = gate_distance(metrics["gate"])
     plot_gate_heatmap(metrics["gate"], work_dir / "gate_heatmap.png")
     write_metrics(metrics, work_dir / "metrics.json")
     return RunResult(name, metrics, rounds, time.perf_counter() - started, model if keep_model else None)
@@ -249,6 +250,7 @@ def _summarise(runs: list[RunResult]) -> dict:
         tasks[task] = {k: _mean_std([r.metrics["tasks"][task].get(k, math.nan) for r in runs])[0] for k in sorted(keys)}
         if len(runs) > 1:
             tasks[task]["primary_std"] = _mean_std([r.metrics["tasks"][task].get("primary", math.nan) for r in runs])[1]
+    row["gate_distance"] = _mean_std([r.metrics.get("gate_distance", math.nan) for r in runs])[0]
     row["tasks"] = tasks
     row["trials"] = [{"seed": i, **{k: r.metrics[k] for k in HEADLINE}, "seconds": round(r.seconds, 1)}
                      for i, r in enumerate(runs)]
@@ -281,6 +283,11 @@ def comparison_markdown(comparison: dict, meta: dict) -> str:
                      f"{headline(row, 'mean_auroc')} | " + " | ".join(cells) + f" | {row['seconds']} |")
     lines += ["", "Primary figure per task: F1 for yes/no tasks, accuracy for multiple-answer questions. "
               "Zero-shot mean: mean primary figure over the 8 zero-shot tasks.", ""]
+    routed = {n: r["gate_distance"] for n, r in comparison.items() if math.isfinite(r.get("gate_distance", math.nan))}
+    if routed:
+        lines += ["Gate: mean total-variation distance between the 12 tasks' expert weights (0: every task routes "
+                  "alike, the experts act as one wide LoRA; 1: disjoint experts): "
+                  + ", ".join(f"{n} {d:.3f}" for n, d in routed.items()), ""]
     wins = meta.get("fedkim_wins")
     if wins and seeds > 1:
         lines += [f"Trials (of {seeds}) in which full FedKIM is ahead of each variant, same seed:", "",

@@ -207,6 +207,16 @@ def gate_table(model: CentralModel) -> dict[str, list[float]]:
     return {t: [round(float(w), 5) for w in row] for t, row in zip(tasks, weights)}
 
 
+def gate_distance(table: dict[str, list[float]]) -> float:
+    """Mean total-variation distance between the tasks' gate weights: 0 when every task routes alike (the mixture
+    then acts as one wide LoRA), up to 1 when tasks use disjoint experts. NaN without a multi-expert gate."""
+    rows = [np.asarray(r, dtype=float) for r in table.values()]
+    if len(rows) < 2 or len(rows[0]) < 2:
+        return float("nan")
+    pairs = [(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]]
+    return float(np.mean([0.5 * np.abs(a - b).sum() for a, b in pairs]))
+
+
 def plot_gate_heatmap(table: dict[str, list[float]], path: str | Path) -> Path | None:
     """A (task × expert) heatmap PNG of the gate weights."""
     if not table:

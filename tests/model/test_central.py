@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from fedkim.central.evaluate import evaluate
+from fedkim.central.evaluate import evaluate, gate_distance
 from fedkim.central.inject import inject, warmup_decay
 from fedkim.config import load_params
 from fedkim.data.catalogue import TASKS
@@ -157,6 +157,12 @@ def test_question_options_are_scored_relative_to_their_label_free_prior(params):
             == forced["accuracy_uncalibrated"]
 
 
+def test_gate_distance_measures_how_differently_tasks_route():
+    assert gate_distance({"a": [0.5, 0.5], "b": [0.5, 0.5]}) == 0
+    assert gate_distance({"a": [1.0, 0.0], "b": [0.0, 1.0], "c": [1.0, 0.0]}) == pytest.approx(2 / 3)
+    assert math.isnan(gate_distance({"a": [1.0], "b": [1.0]})) and math.isnan(gate_distance({}))
+
+
 def test_gate_ablations_change_the_gate_inputs(params):
     full, no_task = build_central(params, VARIANTS["fedkim"]), build_central(params, VARIANTS["no_task_desc"])
     t = TASKS["mortality"]
@@ -213,6 +219,8 @@ def test_experiment_over_seeds_reports_means_spread_and_wins(params, tmp_path):
     assert wins["mean_auroc"] == sum(a["mean_auroc"] > b["mean_auroc"] for a, b in zip(fedkim, fedplug))
     text = (tmp_path / "comparison.md").read_text()
     assert "over 2 seeds" in text and "±" in text and "Trials (of 2)" in text
+    assert 0 < comparison["fedkim"]["gate_distance"] <= 1 and math.isnan(comparison["fedplug"]["gate_distance"])
+    assert f"fedkim {comparison['fedkim']['gate_distance']:.3f}" in text
     with pytest.raises(ValueError, match="seeds must be at least 1"):
         run_experiment(params, tmp_path, variants=["fedplug"], seeds=0)
 
