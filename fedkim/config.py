@@ -159,10 +159,11 @@ class SiteTrainingParams(Strict):
     image_hidden: int = Field(64, ge=8, description="DeiT width (paper scale: 192)")
     image_layers: int = Field(2, ge=1, description="DeiT depth (paper scale: 12)")
     image_heads: int = Field(2, ge=1)
-    image_stem: Literal["conv", "patch"] = Field(
-        "conv", description="conv: stride-2 3x3 convolutions make the patch tokens (needs a power-of-2 patch; "
-                            "much more data-efficient from scratch); patch: DeiT's single patch projection")
-    image_augment: bool = Field(True, description="local training: random flips and shifts of radiographs")
+    image_stem: Literal["patch", "conv"] = Field(
+        "patch", description="patch: DeiT's single patch projection; conv: stride-2 3x3 convolutions make the patch "
+                             "tokens (needs a power-of-2 patch)")
+    image_augment: bool = Field(False, description="local training: random shifts, rotations and gamma of "
+                                                   "radiographs (never flips)")
     token_dim: int = Field(64, ge=8, description="width of ECG and clinical tokens")
     clinical_heads: int = Field(4, ge=1)
     head_hidden: int = Field(64, ge=4, description="hidden width of the task heads")
@@ -224,8 +225,10 @@ class InjectParams(Strict):
     gate: Literal["xattn", "id", "single"] = "xattn"
     top_k: int | None = Field(None, ge=1)
     balance_weight: float = Field(0.0, ge=0)
-    gate_norm: bool = Field(True, description="xattn: standardise the pooled description vector before the gate's "
-                                              "Linear (false: the paper's gate, uniform at start on a pretrained FM)")
+    gate_norm: Literal["catalogue", "layer", "none"] = Field(
+        "catalogue", description="xattn: standardise the gate's pooled description vector against the catalogue's "
+                                 "descriptions (catalogue), on its own (layer), or not at all (none: the paper's "
+                                 "gate, uniform at start on a pretrained FM)")
     lm_head: bool = Field(False, description="experts on the LM head too")
     train_encoders: bool = Field(True, description="fine-tune the injected encoders on the public split")
     epochs: int = Field(1, ge=1, description="passes over the public split per round")

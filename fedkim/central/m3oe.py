@@ -38,6 +38,9 @@ GateKind = Literal["xattn", "id", "single"]
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+GATE_NORMS = ("none", "layer", "catalogue")
+
+
 @dataclass
 class M3OEConfig:
     num_experts: int = 12
@@ -52,11 +55,13 @@ class M3OEConfig:
     balance_weight: float = 0.0               # weight of M3OE.aux_loss in the training loss (reference: none)
     gate_dropout: float = 0.1                 # attention dropout inside the xattn gate (reference code)
     mask_padding: bool = True                 # the reference code attends to and pools over padding
-    gate_norm: bool = True                    # xattn: standardise the pooled vector before the gate's Linear
+    gate_norm: str = "catalogue"              # xattn: none | layer | catalogue (see XAttnGate)
     id_dim: int = 64                          # embedding width of the id gate
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
+        if self.gate_norm not in GATE_NORMS:
+            raise ValueError(f"gate_norm must be one of {GATE_NORMS}, got {self.gate_norm!r}")
         if self.gate not in ("xattn", "id", "single"):
             raise ValueError(f"gate must be 'xattn', 'id' or 'single', got {self.gate!r}")
         if self.gate == "single" and self.num_experts != 1:
@@ -179,13 +184,17 @@ class XAttnGate(_Gate):
     both embedded with the FM's frozen input embedding table; single head scaled by sqrt(d); mean-pool; Linear; softmax.
     Unlike the reference code, padding is masked in the attention and in the pool (unless mask_padding=False).
 
-    norm=True standardises the pooled vector (a LayerNorm without parameters) before the Linear. A pretrained FM's
-    input embeddings are small (SmolLM2: std ~0.03), so without it the logits are ~1e-2 for every description:
-    the gate starts uniform, the experts (B = 0 at init) receive identical gradients and the mixture trains as one
-    wide LoRA for the few steps a round has. Standardised, each description starts with its own routing."""
+    `norm` acts on the pooled vector before the Linear. A pretrained FM's input embeddings are small (SmolLM2: std
+    ~0.03), so with `none` (the paper's gate) the logits are ~1e-2 for every description: the gate starts uniform,
+    the experts (B = 0 at init) get identical gradients and the mixture trains as one wide LoRA. `layer` (a
+    LayerNorm without parameters) fixes the scale, but every description shares a large common component, so all
+    tasks start with the same routing and collapse onto the same few experts. `catalogue` standardises each
+    feature against the pooled vectors of a reference set of descriptions (the catalogue's (task, modality)
+    pairs, recomputed every forward: no running statistics): what is left is what tells the descriptions apart,
+    so each task starts with its own routing, and a new description is placed relative to the known ones."""
 
     def __init__(self, embedding: nn.Embedding, num_experts: int, top_k=None, dropout: float = 0.1,
-                 mask_padding: bool = True, norm: bool = True):
+                 mask_padding: bool = True, norm: str = "catalogue"):
         super().__init__(num_experts, top_k)
         d = embedding.embedding_dim
         self._embedding = [embedding]  # the FM's table: used, not registered (neither trained nor saved here)
@@ -193,9 +202,11 @@ class XAttnGate(_Gate):
         self.out = nn.Linear(d, num_experts)
         self.drop = nn.Dropout(dropout)
         self.mask_padding = mask_padding
-        self.norm = nn.LayerNorm(d, elementwise_affine=False) if norm else nn.Identity()
+        self.norm = norm
+        self.layer_norm = nn.LayerNorm(d, elementwise_affine=False)
 
-    def forward(self, task_ids, task_mask, modality_ids, modality_mask) -> torch.Tensor:
+    def pool(self, task_ids, task_mask, modality_ids, modality_mask) -> torch.Tensor:
+        """(batch, d): modality tokens attend to task tokens, mean-pooled over the modality tokens."""
         embed = self._embedding[0]
         dtype = self.w_q.weight.dtype
         e_t, e_m = embed(task_ids).to(dtype), embed(modality_ids).to(dtype)
@@ -206,10 +217,22 @@ class XAttnGate(_Gate):
         beta = self.drop(scores.softmax(-1)) @ v  # (batch, L_M, d)
         if self.mask_padding:
             keep = modality_mask.to(beta.dtype)[..., None]
-            pooled = (beta * keep).sum(1) / keep.sum(1)
-        else:
-            pooled = beta.mean(1)
-        return self.route(self.out(self.norm(pooled)))
+            return (beta * keep).sum(1) / keep.sum(1)
+        return beta.mean(1)
+
+    def forward(self, task_ids, task_mask, modality_ids, modality_mask, reference=None) -> torch.Tensor:
+        """reference: (task_ids, task_mask, modality_ids, modality_mask) of the reference descriptions (needed by
+        norm 'catalogue')."""
+        pooled = self.pool(task_ids, task_mask, modality_ids, modality_mask)
+        if self.norm == "layer":
+            pooled = self.layer_norm(pooled)
+        elif self.norm == "catalogue":
+            if reference is None:
+                raise ValueError("gate_norm 'catalogue' needs the reference descriptions")
+            ref = self.pool(*reference).float()
+            pooled = (pooled.float() - ref.mean(0)) / (ref.std(0, unbiased=False) + 1e-5)
+            pooled = pooled.to(self.out.weight.dtype)
+        return self.route(self.out(pooled))
 
 
 class IdGate(_Gate):
@@ -258,6 +281,10 @@ class M3OE(nn.Module):
         self.modality_vocab = {m: i for i, m in enumerate(modality_vocab)}
         self._model = [model]
         self._token_cache: dict[str, list[int]] = {}
+        from fedkim.data.catalogue import TASKS
+
+        # The descriptions gate_norm 'catalogue' standardises against (CentralModel sets its gate mode's pairs).
+        self.reference: list[tuple[str, str]] = [(t.task_description, t.modality_description) for t in TASKS.values()]
 
     @property
     def model(self) -> nn.Module:
@@ -308,7 +335,10 @@ class M3OE(nn.Module):
         pairs = list(slot)
         u_tasks, u_mods = [p[0] for p in pairs], [p[1] for p in pairs]
         if isinstance(self.gate, XAttnGate):
-            unique = self.gate(*self.encode(u_tasks), *self.encode(u_mods))
+            reference = None
+            if self.gate.norm == "catalogue":
+                reference = (*self.encode([t for t, _ in self.reference]), *self.encode([m for _, m in self.reference]))
+            unique = self.gate(*self.encode(u_tasks), *self.encode(u_mods), reference)
         elif isinstance(self.gate, IdGate):
             unique = self.gate(self._ids(self.task_vocab, u_tasks, "task"),
                                self._ids(self.modality_vocab, u_mods, "modality"))

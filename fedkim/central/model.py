@@ -50,10 +50,11 @@ class CentralModel(nn.Module):
         self.encoders.requires_grad_(train_encoders)
         width = self.fm.config.hidden_size
         self.projectors = nn.ModuleDict({m: nn.Linear(e.out_dim, width) for m, e in self.encoders.items()})
+        self.gate_mode = gate_mode or GateMode()
         self.m3oe: M3OE | None = None
         if m3oe_config is not None:
             self.m3oe = attach_m3oe(self.fm, m3oe_config, self.tokenizer)
-        self.gate_mode = gate_mode or GateMode()
+            self.m3oe.reference = [self.gate_mode.pair(t) for t in TASKS]  # what the gate sees, for every task
         self._text_cache: dict[str, list[int]] = {}
 
     def _add_tags(self) -> None:

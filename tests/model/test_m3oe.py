@@ -93,19 +93,38 @@ def test_gate_is_a_distribution_that_differs_across_pairs(fm):
     assert (g0 - g2).abs().max() > 1e-3
 
 
-def test_gate_norm_breaks_the_uniform_start_without_adding_parameters():
-    """A pretrained-scale embedding table (small values) gives near-uniform logits; the standardised pool gives each
-    description its own routing at init, and adds no parameter or state-dict key."""
-    spreads, keys = {}, {}
-    for norm in (False, True):
+def test_gate_norms_break_the_uniform_start_without_adding_parameters():
+    """A pretrained-scale embedding table (small values) gives near-uniform logits (`none`); `layer` fixes the scale
+    but every task starts with the same routing; `catalogue` gives each description its own routing. Neither adds
+    a parameter or a state-dict key."""
+    from fedkim.central.evaluate import gate_distance
+
+    spreads, distances, keys = {}, {}, {}
+    for norm in ("none", "layer", "catalogue"):
         fm = load_foundation("tiny")
         m3oe = attach(fm, gate_norm=norm)
         tasks, modalities = zip(*PAIRS)
         g = m3oe.gate_weights(tasks, modalities)
+        assert torch.allclose(g.sum(-1), torch.ones(len(PAIRS)), atol=1e-5)
         spreads[norm] = float((g - 1 / g.shape[1]).abs().max())
+        distances[norm] = gate_distance({t: row.tolist() for t, row in zip(tasks, g)})
         keys[norm] = sorted(m3oe.gate.state_dict())
-    assert spreads[True] > 4 * spreads[False] and spreads[True] > 0.1
-    assert keys[True] == keys[False]
+    assert spreads["layer"] > 4 * spreads["none"] and spreads["catalogue"] > 4 * spreads["none"]
+    assert distances["catalogue"] > 2 * distances["layer"] and distances["catalogue"] > 10 * distances["none"]
+    assert keys["none"] == keys["layer"] == keys["catalogue"]
+    with pytest.raises(ValueError, match="gate_norm must be one of"):
+        M3OEConfig(gate_norm="batch")
+
+
+def test_catalogue_norm_follows_the_reference_and_stays_differentiable(fm):
+    m3oe = attach(fm, gate_norm="catalogue")
+    task, modality = PAIRS[0]
+    before = m3oe.gate_weights(task, modality)
+    m3oe.reference = PAIRS[:6]  # another reference set places the same description elsewhere
+    assert not torch.allclose(before, m3oe.gate_weights(task, modality), atol=1e-4)
+    m3oe.train()
+    m3oe.compute_gate([task] * 2, [modality] * 2)[:, 0].sum().backward()
+    assert m3oe.gate.w_q.weight.grad is not None and m3oe.gate.out.weight.grad.abs().sum() > 0
 
 
 def test_padding_does_not_change_the_gate(fm):
@@ -113,18 +132,21 @@ def test_padding_does_not_change_the_gate(fm):
     m3oe.eval()
     task, modality = PAIRS[0]
     tok = fm.tokenizer
+    reference = (*m3oe.encode([t for t, _ in m3oe.reference]), *m3oe.encode([m for _, m in m3oe.reference]))
     weights = []
     for extra in (0, 5, 17):
         t = tok([task], add_special_tokens=False, padding="max_length", max_length=len(tok(task)["input_ids"]) + extra,
                 return_tensors="pt")
         m = tok([modality], add_special_tokens=False, padding="max_length",
                 max_length=len(tok(modality)["input_ids"]) + extra + 3, return_tensors="pt")
-        weights.append(m3oe.gate(t["input_ids"], t["attention_mask"], m["input_ids"], m["attention_mask"]))
+        weights.append(m3oe.gate(t["input_ids"], t["attention_mask"], m["input_ids"], m["attention_mask"], reference))
     assert all(torch.allclose(weights[0], w, atol=1e-6) for w in weights[1:])
     # and inside a batch, next to longer descriptions
     longest = max(PAIRS, key=lambda p: len(p[0]) + len(p[1]))
     mixed = m3oe.gate_weights([task, longest[0]], [modality, longest[1]])
     assert torch.allclose(mixed[0], weights[0][0], atol=1e-6)
+    with pytest.raises(ValueError, match="needs the reference"):
+        m3oe.gate(t["input_ids"], t["attention_mask"], m["input_ids"], m["attention_mask"])
 
 
 def test_top_k_keeps_k_experts(fm):

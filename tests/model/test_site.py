@@ -84,15 +84,15 @@ def test_binary_metrics_use_sklearn_definitions():
     assert m["accuracy"] == 0.5 and m["auroc"] == 0.75 and m["f1"] == 0.5
 
 
-def test_conv_stem_keeps_the_token_grid_and_is_the_default(params):
+def test_conv_stem_keeps_the_token_grid(params):
     """The conv stem replaces DeiT's patch projection: log2(patch) stride-2 3x3 convolutions + a 1x1 projection,
-    the same number of tokens; `patch` keeps DeiT's single projection."""
+    the same number of tokens; `patch` (the default) keeps DeiT's single projection."""
     p = params.site
-    conv = ImageEncoder(p)
+    conv = ImageEncoder(p.model_copy(update={"image_stem": "conv"}))
     stem = conv.vit.embeddings.patch_embeddings.projection
     strided = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
-    assert p.image_stem == "conv" and len(strided) == p.image_patch.bit_length() - 1
-    patch = ImageEncoder(p.model_copy(update={"image_stem": "patch"}))
+    assert len(strided) == p.image_patch.bit_length() - 1
+    patch = ImageEncoder(p)
     assert isinstance(patch.vit.embeddings.patch_embeddings.projection, torch.nn.Conv2d)
     x = {"image": torch.rand(2, 1, p.image_input, p.image_input)}
     assert conv(x).shape == patch(x).shape
