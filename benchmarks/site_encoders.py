@@ -26,7 +26,7 @@ def probe(params, modality: str, seed: int) -> dict:
     tasks = [t for t in TRAIN_TASKS if TASKS[t].modality == modality]
     sites = [s.id for s in data.sites if modality in s.modalities]
     test_dir = data.root / "test"
-    start = {k: v for k, v in global_model(p, data, seed=seed).state_dict().items()}
+    start = global_model(p, data, seed=seed).state_dict()
     out = {}
     for who, dirs in [*((s, data.root / s) for s in sites), ("pooled", [data.root / s for s in sites])]:
         result = train_site(dirs, start, p, data, seed=seed, only_tasks=tasks)

@@ -40,8 +40,8 @@ def conv_stem(patch: int, hidden: int) -> ConvStem:
 
 
 class ImageEncoder(nn.Module):
-    """A DeiT-style ViT (CLS + distillation token + patches) from a transformers config, random init; by default
-    its patch projection is a small convolutional stem (params: site.image_stem)."""
+    """A DeiT-style ViT (CLS + distillation token + patches) from a transformers config, random init; its patch
+    projection can be a small convolutional stem instead (params: site.image_stem)."""
 
     def __init__(self, p: SiteTrainingParams):
         super().__init__()
