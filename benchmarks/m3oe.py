@@ -8,7 +8,7 @@ process (median over steps after warm-up):
   (c) LoRAMoE-style: the same gate, but a Python loop over experts, each a LoRA over the whole batch;
   (d) inference of one (task, modality) mixture exported with `merge` and merged into the weights, against the bare FM.
 
-    python -m benchmarks.m3oe [--steps 7] [--threads N]   -> one JSON object on stdout
+    python -m benchmarks.m3oe [--steps 7] [--threads N] [--foundation smollm2|tiny|DIR]   -> one JSON object on stdout
 Targets: m3oe_vs_single_lora <= 1.25, loop_vs_m3oe >= 2, merged_vs_base <= 1.05.
 """
 
@@ -45,6 +45,7 @@ class LoopMoELinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.lora_a = nn.ModuleList(nn.Linear(base.in_features, lora_a.shape[1], bias=False) for _ in lora_a)
         self.lora_b = nn.ModuleList(nn.Linear(lora_b.shape[2], base.out_features, bias=False) for _ in lora_b)
+        self.to(base.weight.device)  # the experts live where the frozen layer does
         with torch.no_grad():
             for p in range(len(lora_a)):
                 self.lora_a[p].weight.copy_(lora_a[p])
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per variant (default 7 CPU, 20 CUDA)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all cores)")
+    parser.add_argument("--foundation", default="smollm2", help="smollm2 (the spec's FM), tiny, or a local directory")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -81,7 +83,7 @@ def main() -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     torch.manual_seed(0)
 
-    foundation = load_foundation("smollm2")
+    foundation = load_foundation(args.foundation)
     base_model, tokenizer = foundation.model.to(device), foundation.tokenizer
     frozen = {id(t): t for t in [*base_model.parameters(), *base_model.buffers()]}
 
@@ -177,7 +179,7 @@ def main() -> None:
         "train_step": "forward + backward, no optimiser step",
         "trainable_params": {"m3oe": sum(p.numel() for p in m3oe.trainable_parameters()),
                              "single_lora": sum(p.numel() for p in lora_model.parameters() if p.requires_grad)},
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "foundation": args.foundation,
         "dtype": "bf16 autocast" if cuda else "fp32",
         "threads": torch.get_num_threads(),
         "batch": [BATCH, SEQ], "experts": EXPERTS, "rank": RANK, "steps": steps, "warmup": args.warmup,

@@ -28,7 +28,8 @@ def params(small_federation, tmp_path_factory):
 
 
 def fm_weights(model):
-    return {k: v.clone() for k, v in model.fm.state_dict().items() if "lora_" not in k and "experts" not in k}
+    return {k: v.detach().cpu().clone() for k, v in model.fm.state_dict().items()
+            if "lora_" not in k and "experts" not in k}
 
 
 def batch_of(params, task, site="public", split="public", n=4):
@@ -57,6 +58,8 @@ def test_loss_covers_only_the_answer_tokens(params):
 
 
 def test_injection_trains_only_what_it_should_and_is_deterministic(params, tmp_path):
+    # bit-for-bit repeatability is what the CPU path promises (CUDA kernels may reorder sums)
+    params = params.model_copy(update={"inject": params.inject.model_copy(update={"device": "cpu"})})
     model = build_central(params, VARIANTS["fedkim"])
     before = fm_weights(model)
     encoders_before = {k: v.clone() for k, v in model.encoder_state().items()}
