@@ -93,6 +93,8 @@ class Sizes(Strict):
 class Difficulty(Strict):
     image_contrast: float = Field(0.1, gt=0.0, le=1.0)
     image_noise: float = Field(0.08, ge=0.0, le=0.5)
+    covid_contrast: float = Field(0.3, gt=0.0, le=2.0, description="COVID ground glass: amplitude as a fraction of "
+                                                                      "image_contrast (faint, bilateral, many blobs)")
     ecg_effect: float = Field(0.2, gt=0.0, le=1.5)
     ecg_variability: float = Field(0.5, ge=0.0, le=1.0)
     ecg_noise: float = Field(0.06, ge=0.0, le=1.0, description="mV of broadband noise")
@@ -218,6 +220,8 @@ class InjectParams(Strict):
 
     foundation_model: str = Field("smollm2", description="'smollm2', 'tiny' (tests) or a local HF model folder")
     num_experts: int = Field(12, ge=1)
+    shared_experts: int = Field(0, ge=0, description="always-on experts (gate weight 1) beside the routed ones: "
+                                                     "a path every task trains, while the routed experts specialise")
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.1, ge=0, lt=1)
@@ -243,8 +247,8 @@ class InjectParams(Strict):
 
     @model_validator(mode="after")
     def _gate(self) -> "InjectParams":
-        if self.gate == "single" and self.num_experts != 1:
-            raise ValueError("gate 'single' is a plain LoRA: set num_experts to 1")
+        if self.gate == "single" and (self.num_experts != 1 or self.shared_experts):
+            raise ValueError("gate 'single' is a plain LoRA: set num_experts to 1 and shared_experts to 0")
         if self.top_k is not None and self.top_k > self.num_experts:
             raise ValueError(f"top_k {self.top_k} exceeds num_experts {self.num_experts}")
         return self

@@ -81,9 +81,9 @@ def m3oe_config(params: Params, variant: Variant) -> M3OEConfig | None:
     if variant.single_lora:
         return M3OEConfig(num_experts=1, rank=p.rank, alpha=p.alpha, dropout=p.dropout, scale_one=p.scale_one,
                           gate="single", lm_head=p.lm_head)
-    return M3OEConfig(num_experts=p.num_experts, rank=p.rank, alpha=p.alpha, dropout=p.dropout,
-                      scale_one=p.scale_one, gate=p.gate, top_k=p.top_k, balance_weight=p.balance_weight,
-                      lm_head=p.lm_head, gate_norm=p.gate_norm)
+    return M3OEConfig(num_experts=p.num_experts, shared_experts=p.shared_experts, rank=p.rank, alpha=p.alpha,
+                      dropout=p.dropout, scale_one=p.scale_one, gate=p.gate, top_k=p.top_k,
+                      balance_weight=p.balance_weight, lm_head=p.lm_head, gate_norm=p.gate_norm)
 
 
 def build_central(params: Params, variant: Variant, encoders_state: dict | None = None, *,

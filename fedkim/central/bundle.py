@@ -126,7 +126,8 @@ def model_card(params: Params, *, variant: str, round_id: str | None, sites: dic
         f"# FedKIM central model{f' (round {round_id})' if round_id else ''}", "",
         "## Model", "",
         f"- Foundation model: `{p.foundation_model}` (frozen; rebuilt from its offline source, not stored here)",
-        f"- Variant: `{variant}`; M3OE experts: {p.num_experts}, rank {p.rank}, alpha {p.alpha}, gate `{p.gate}`"
+        f"- Variant: `{variant}`; M3OE experts: {p.num_experts} routed + {p.shared_experts} shared, "
+        f"rank {p.rank}, alpha {p.alpha}, gate `{p.gate}`"
         f"{', LoRA scale 1.0' if p.scale_one else ''}",
         f"- Federation: strategy `{params.federation.strategy}`, {params.federation.rounds} round(s) configured",
         f"- Round: {round_id or 'not recorded'}",

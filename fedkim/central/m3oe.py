@@ -45,6 +45,7 @@ GATE_NORMS = ("none", "layer", "catalogue")
 class M3OEConfig:
     num_experts: int = 12
     rank: int = 8
+    shared_experts: int = 0                   # always-on experts (weight 1) beside the routed ones
     alpha: float = 16.0
     dropout: float = 0.1                      # on the adapter input
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module-name suffixes or full-name regexes
@@ -68,6 +69,8 @@ class M3OEConfig:
             raise ValueError("gate 'single' is a plain LoRA: it needs num_experts=1")
         if self.num_experts < 1 or self.rank < 1:
             raise ValueError("num_experts and rank must be >= 1")
+        if self.shared_experts < 0 or (self.gate == "single" and self.shared_experts):
+            raise ValueError("shared_experts must be >= 0, and 0 with the single gate (a plain LoRA)")
         if self.top_k is not None and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be in 1..{self.num_experts} or None, got {self.top_k}")
 
@@ -75,22 +78,35 @@ class M3OEConfig:
     def scaling(self) -> float:
         return 1.0 if self.scale_one else self.alpha / self.rank
 
+    @property
+    def total_experts(self) -> int:
+        return self.num_experts + self.shared_experts
+
 
 # ------------------------------------------------------------------------------------------------ expert layers
 class GateState:
-    """Per-sample gate weights shared by every M3OELinear of one model; the controller sets them once per forward."""
+    """Per-sample gate weights shared by every M3OELinear of one model; the controller sets them once per forward.
 
-    def __init__(self, rank: int):
-        self.rank = rank
-        self.weights: torch.Tensor | None = None   # (batch, P)
-        self.per_rank: torch.Tensor | None = None  # (batch, P*r): each expert's weight repeated over its rank
+    Shared experts (if any) come after the P routed ones and always weigh 1."""
+
+    def __init__(self, rank: int, shared: int = 0):
+        self.rank, self.shared = rank, shared
+        self.weights: torch.Tensor | None = None   # (batch, P): the routed experts' gate
+        self.per_rank: torch.Tensor | None = None  # (batch, (P+S)*r): each expert's weight repeated over its rank
 
     def set(self, weights: torch.Tensor) -> None:
         self.weights = weights
-        self.per_rank = weights.repeat_interleave(self.rank, dim=-1)
+        self.per_rank = with_shared(weights, self.shared).repeat_interleave(self.rank, dim=-1)
 
     def clear(self) -> None:
         self.weights = self.per_rank = None
+
+
+def with_shared(weights: torch.Tensor, shared: int) -> torch.Tensor:
+    """(..., P) routed gate -> (..., P+S) weights of every expert: the shared ones weigh 1."""
+    if not shared:
+        return weights
+    return torch.cat([weights, weights.new_ones(*weights.shape[:-1], shared)], dim=-1)
 
 
 class LoraExperts(nn.Module):
@@ -385,14 +401,14 @@ class M3OE(nn.Module):
     def export_peft(self, folder: str | Path, task_description: str, modality_description: str) -> Path:
         """Write the mixture of one (task, modality) pair as a standard peft LoRA adapter folder.
 
-        Exact: with g the pair's gate, the mixture is the rank-P*r LoRA A' = stack_p A_p, B' = [g_p B_p]_p, and
-        lora_alpha = s * P*r makes peft's scaling lora_alpha / r' equal ours."""
+        Exact: with g the pair's gate (1 for shared experts), the mixture is the rank-(P+S)*r LoRA
+        A' = stack_p A_p, B' = [g_p B_p]_p, and lora_alpha = s * (P+S)*r makes peft's scaling lora_alpha / r' equal ours."""
         from peft import LoraConfig
         from safetensors.torch import save_file
 
-        g = self.gate_weights(task_description, modality_description)[0]
         cfg = self.config
-        rank = cfg.num_experts * cfg.rank
+        g = with_shared(self.gate_weights(task_description, modality_description)[0], cfg.shared_experts)
+        rank = cfg.total_experts * cfg.rank
         tensors = {}
         for name, layer in self.layers.items():
             a_flat, _ = layer.experts.flat()
@@ -428,12 +444,12 @@ def attach_m3oe(model: nn.Module, config: M3OEConfig, tokenizer=None, *,
     if any(isinstance(m, M3OELinear) for m in model.modules()):
         raise ValueError("this model already has M3OE layers attached")
     output = model.get_output_embeddings() if config.lm_head and hasattr(model, "get_output_embeddings") else None
-    state = GateState(config.rank)
+    state = GateState(config.rank, config.shared_experts)
     layers: dict[str, M3OELinear] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or not (module is output or _matches(name, config.targets)):
             continue
-        wrapped = M3OELinear(module, config.num_experts, config.rank, config.scaling, config.dropout, state)
+        wrapped = M3OELinear(module, config.total_experts, config.rank, config.scaling, config.dropout, state)
         wrapped.train(model.training)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, wrapped)

@@ -153,3 +153,11 @@ def test_ontology_questions_are_well_formed_and_varied():
         assert len(set(q["choices"].values())) == 4
     assert len({q["answer"] for q in questions}) == 4
     assert any("chapter" in q["question"] for q in questions) and any("code" in q["question"] for q in questions)
+
+
+def test_covid_ground_glass_scales_with_covid_contrast():
+    base, faint = pair("covid")  # the default amplitude, 0.15 of the image contrast
+    flags = cxr.Findings(side="right", covid=True)
+    strong = cxr.render(np.random.default_rng(5), SIZE, flags, NO_NOISE, 0.2, ggo=0.45)
+    added_faint, added_strong = (faint - base).sum(), (strong - base).sum()
+    assert added_faint > 0 and 2.7 < added_strong / added_faint < 3.3

@@ -73,7 +73,7 @@ def test_layout_manifest_and_model_card(saved):
         assert f"adapters/{task}/adapter_model.safetensors" in manifest["files"]
         assert json.loads((folder / "adapters" / task / "adapter_config.json").read_text())["r"] == 16
     card = (folder / "MODEL_CARD.md").read_text()
-    assert "`tiny`" in card and "experts: 4, rank 4" in card and "site-a, site-b" in card and "round 7" in card
+    assert "`tiny`" in card and "experts: 4 routed + 0 shared, rank 4" in card and "site-a, site-b" in card and "round 7" in card
     assert "| lung_opacity | train | 0.610 |" in card and "Not for clinical use" in card and "synthetic" in card
     assert not any(p.name.endswith(".partial") for p in folder.parent.iterdir())
 

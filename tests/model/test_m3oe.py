@@ -199,7 +199,7 @@ def test_single_gate_equals_a_plain_peft_lora(fm):
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [{}, {"lm_head": True, "top_k": 2, "scale_one": True}])
+@pytest.mark.parametrize("kw", [{}, {"lm_head": True, "top_k": 2, "scale_one": True}, {"shared_experts": 2}])
 def test_merge_exports_a_peft_adapter_with_the_same_outputs(fm, tmp_path, kw):
     clean = copy.deepcopy(fm.model)
     m3oe = attach(fm, **kw)
@@ -268,3 +268,24 @@ def test_id_gate_and_errors(fm):
         fm.model(**batch(fm))
     with pytest.raises(ValueError, match="num_experts=1"):
         M3OEConfig(gate="single", num_experts=4)
+
+
+def test_shared_experts_are_always_on_and_outside_the_gate(fm):
+    m3oe = attach(fm, shared_experts=1)
+    layer = m3oe.layers["model.layers.0.self_attn.q_proj"]
+    assert layer.lora_A.shape[0] == 5 and layer.lora_B.shape[0] == 5  # 4 routed + 1 shared
+    weights = m3oe.set_gate(*pairs(3))
+    assert weights.shape == (3, 4) and torch.allclose(weights.sum(-1), torch.ones(3))  # the gate routes 4
+    assert m3oe.state.per_rank.shape == (3, 5 * 2) and (m3oe.state.per_rank[:, 8:] == 1).all()
+    m3oe.eval()
+    x = torch.randn(1, 6, layer.base.in_features, generator=torch.Generator().manual_seed(0)).repeat(3, 1, 1)
+    assert torch.equal(layer(x), layer.base(x))  # B = 0 at init: still the base model
+    with torch.no_grad():
+        layer.lora_B[4].normal_(0, 0.1, generator=torch.Generator().manual_seed(1))  # only the shared expert
+        m3oe.set_gate_weights(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0], [0.25] * 4]))
+        delta = layer(x) - layer.base(x)
+    # the shared expert's contribution does not depend on the routed gate
+    assert delta.abs().max() > 1e-3 and torch.allclose(delta[0], delta[1], atol=1e-6)
+    assert torch.allclose(delta[0], delta[2], atol=1e-6)
+    with pytest.raises(ValueError, match="shared_experts"):
+        M3OEConfig(num_experts=1, gate="single", shared_experts=1)

@@ -70,8 +70,8 @@ def _lung_x(side: str, anatomy: _Anatomy) -> float:
 
 
 def render(rng: np.random.Generator, size: int, findings: Findings, acquisition: Acquisition,
-           contrast: float) -> np.ndarray:
-    """One phantom radiograph in [0, 1]."""
+           contrast: float, ggo: float = 0.15) -> np.ndarray:
+    """One phantom radiograph in [0, 1]. ggo: COVID ground-glass amplitude as a fraction of `contrast`."""
     yy, xx = _grid(size)
     a = _Anatomy(yy, xx)
     # Patient variation: body habitus, lung size, heart size (cardiothoracic ratio 0.38-0.47 when normal).
@@ -110,11 +110,11 @@ def render(rng: np.random.Generator, size: int, findings: Findings, acquisition:
     image = image + 0.16 * _ellipse(yy, xx, -0.3, 0.0, 0.38, 0.13, soft=0.06)
     heart = _ellipse(yy, xx, 0.16, 0.05 * scale, 0.2, a.heart_w, soft=0.04)
     image = np.maximum(image, heart * (body.max() + 0.12))
-    image = _plant(rng, image, lungs, a, findings, contrast)
+    image = _plant(rng, image, lungs, a, findings, contrast, ggo)
     return _acquire(rng, image, acquisition)
 
 
-def _plant(rng, image, lungs, a: _Anatomy, f: Findings, contrast: float) -> np.ndarray:
+def _plant(rng, image, lungs, a: _Anatomy, f: Findings, contrast: float, ggo_strength: float) -> np.ndarray:
     yy, xx = a.yy, a.xx
     if f.lung_opacity:
         zone = f.zones[rng.integers(len(f.zones))]
@@ -128,7 +128,7 @@ def _plant(rng, image, lungs, a: _Anatomy, f: Findings, contrast: float) -> np.n
             for _ in range(rng.integers(3, 6)):
                 lateral = np.sign(_lung_x(side, a)) * (a.lung_cx + a.lung_rx * rng.uniform(0.45, 0.8))
                 ggo += _blob(yy, xx, rng.uniform(-0.2, 0.3), lateral, rng.uniform(0.05, 0.09))
-        image = image + 0.15 * contrast * rng.uniform(0.8, 1.2) * lungs * np.clip(ggo, 0, 1.5)
+        image = image + ggo_strength * contrast * rng.uniform(0.8, 1.2) * lungs * np.clip(ggo, 0, 1.5)
     if f.pleural_effusion:
         side = f.side or "right"
         cx = _lung_x(side, a)

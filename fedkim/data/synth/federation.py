@@ -282,7 +282,7 @@ def _make_image(out, rng, data: DataParams, site: SiteSpec, task: str, label: in
     acquisition = cxr.Acquisition(exposure=acq.exposure, gamma=acq.gamma, blur=acq.blur,
                                   noise=data.difficulty.image_noise + acq.noise, rotation_deg=acq.rotation_deg)
     contrast = data.difficulty.image_contrast * (site.signal_scale if own_format else 1.0)
-    image = cxr.render(rng, data.image_size, findings, acquisition, contrast)
+    image = cxr.render(rng, data.image_size, findings, acquisition, contrast, data.difficulty.covid_contrast)
     folder = out / "images" / split
     folder.mkdir(parents=True, exist_ok=True)
     if own_format and site.image_format == "dicom":
