@@ -187,10 +187,10 @@ def main() -> None:
     if not {"round", "parity"} <= set(args.skip):  # only these two read the federation
         started = time.perf_counter()
         generated = generate_federation(params.data)
-        report["data"] = {"root": str(params.data.root), "reused": generated.cached,
+        report["data"] = {"root": params.data.root.name, "reused": generated.cached,  # no machine paths in reports
                           "seconds": round(time.perf_counter() - started, 1)}
     save()
-    steps = [("m3oe", lambda: m3oe_figures(foundation)), ("round", lambda: full_round(params, work / "round")),
+    steps = [("m3oe", lambda: m3oe_figures(foundation) | {"foundation": report["foundation"]}), ("round", lambda: full_round(params, work / "round")),
              ("parity", lambda: injection_parity(params)), ("merge", lambda: merge_check(foundation))]
     for name, step in steps:
         if name in args.skip:
