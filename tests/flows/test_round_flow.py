@@ -253,7 +253,9 @@ def test_c_sites_that_time_out_are_recorded_as_failed(prefect_api, federation, t
         state.result()
     message = str(failure.value)
     assert "0 acceptable package(s)" in message
-    assert all(f"{s} failed: data gate did not finish" in message for s in ("site-a", "site-b", "site-c", "site-d"))
+    # A small site's gate can finish inside 0.2 s on a fast machine; its training then times out instead.
+    stages = ("failed: data gate did not finish", "failed: training/upload failed")
+    assert all(any(f"{s} {stage}" in message for stage in stages) for s in ("site-a", "site-b", "site-c", "site-d"))
     assert "timed out after 0.2 second(s)" in message.lower()
 
 
