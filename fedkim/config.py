@@ -98,6 +98,8 @@ class Difficulty(Strict):
     ecg_effect: float = Field(0.2, gt=0.0, le=1.5)
     ecg_variability: float = Field(0.5, ge=0.0, le=1.0)
     ecg_noise: float = Field(0.06, ge=0.0, le=1.0, description="mV of broadband noise")
+    ecg_artifacts: float = Field(0.2, ge=0.0, le=1.0, description="share of the labelled tasks' ECGs recorded with "
+                                                                  "powerline, baseline drift or burst noise")
     icu_drift: float = Field(0.5, gt=0.0, le=5.0, description="deterioration drift in between-patient SDs")
     label_noise: float = Field(0.03, ge=0.0, le=0.3)
 
@@ -156,7 +158,8 @@ class SiteTrainingParams(Strict):
     fedprox_mu: float = Field(0.0, ge=0, description="FedProx proximal term (0 = FedAvg clients)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     image_input: int = Field(64, ge=16, le=1024, description="loader resizes images to this side")
-    ecg_hz: int = Field(100, ge=50, le=1000, description="loader resamples ECGs to this rate")
+    ecg_hz: int = Field(200, ge=50, le=1000, description="loader resamples ECGs to this rate (>= 150 keeps the 50/60 "
+                                                         "Hz mains that the ECG noise question asks about)")
     image_patch: int = Field(8, ge=2, description="DeiT patch size")
     image_hidden: int = Field(64, ge=8, description="DeiT width (paper scale: 192)")
     image_layers: int = Field(2, ge=1, description="DeiT depth (paper scale: 12)")

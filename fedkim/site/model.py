@@ -72,8 +72,14 @@ class EcgEncoder(nn.Module):
     def __init__(self, p: SiteTrainingParams, samples: int, widths: tuple[int, ...] = (16, 32, 32)):
         super().__init__()
         layers, width = [], 1
-        for out in widths:  # stride 2 each: at 100 Hz the last layer sees about 0.6 s, one beat and its intervals
-            layers += [nn.Conv1d(width, out, kernel_size=7, stride=2, padding=3), nn.GroupNorm(4, out), nn.GELU()]
+        # Stride 2 each at 100 Hz: the last layer sees about 0.6 s, one beat and its intervals. At a higher rate
+        # the first layer's kernel and stride grow with it, so the later layers see the same time scale while the
+        # first still sees what only a higher rate keeps (50/60 Hz mains: the ECG noise question asks about it).
+        factor = max(1, round(p.ecg_hz / 100))
+        for i, out in enumerate(widths):
+            kernel, stride = (7 * factor + (factor + 1) % 2, 2 * factor) if i == 0 else (7, 2)
+            layers += [nn.Conv1d(width, out, kernel_size=kernel, stride=stride, padding=kernel // 2),
+                       nn.GroupNorm(4, out), nn.GELU()]
             width = out
         self.conv = nn.Sequential(*layers)
         self.to_token = nn.Linear(3 * width, p.token_dim)

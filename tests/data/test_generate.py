@@ -133,3 +133,25 @@ def test_every_generated_directory_passes_the_gate(small_federation):
     for manifest in small_federation.sites:
         report = validate_site(small_federation.root / manifest.site_id, rules, write_docs=False)
         assert report.success, report.summary()
+
+
+def test_labelled_ecgs_carry_routine_artifacts_at_the_configured_share(small_federation):
+    """Recorded ECGs are not all clean (PTB-XL annotates drift, static and burst noise): a share of the labelled
+    tasks' records carry one artifact, so encoders and the label-free calibration see them before ecg_noise_qa."""
+    from scipy.signal import welch
+
+    from fedkim.data.formats.ecg import read_ecg
+
+    root = small_federation.root
+    params = load_params(root.parent / "params.yaml").data
+    records = [(root / site.id / rel, site.ecg.powerline_hz) for site in params.sites if "ecg" in site.modalities
+               for rel in read_index(root / site.id)["ecg_path"].dropna()]
+
+    def has_mains(path, mains):
+        record = read_ecg(path)
+        f, p = welch(record.signal[:, 0], fs=record.fs, nperseg=int(record.fs))
+        return p[(f >= mains - 1) & (f <= mains + 1)].max() > 20 * np.median(p[(f >= 20) & (f <= 45)])
+
+    with_mains = sum(has_mains(path, mains) for path, mains in records)
+    expected = params.difficulty.ecg_artifacts / 3 * len(records)  # powerline is one of three artifacts
+    assert 0.3 * expected < with_mains < 2 * expected + 3, (with_mains, expected, len(records))

@@ -152,3 +152,24 @@ def test_batches_of_one_modality_work_and_mixed_batches_fail_clearly(small_feder
     by_modality = {m: int(np.flatnonzero(mixed.index["modality"] == m)[0]) for m in ("image", "ecg")}
     with pytest.raises(ValueError, match="different modalities"):
         collate([mixed[by_modality["image"]], mixed[by_modality["ecg"]]])
+
+
+@pytest.mark.parametrize("fs, mains", [(500, 50), (250, 60)])
+def test_default_ecg_rate_keeps_each_sites_powerline_noise_visible(tmp_path, fs, mains):
+    """ecg_noise_qa asks about powerline noise: the loader's resampling must not filter the mains out (at 100 Hz
+    the anti-alias filter removed 50 and 60 Hz alike, and "powerline" looked like "none")."""
+    from scipy.signal import welch
+
+    from fedkim.config import SiteTrainingParams
+
+    hz = SiteTrainingParams().ecg_hz
+    t = np.arange(10 * fs) / fs
+    clean = np.stack([np.sin(2 * np.pi * 1.2 * t)] * 12, axis=1)
+    write_wfdb(tmp_path / "clean", clean, fs)
+    write_wfdb(tmp_path / "mains", clean + 0.1 * np.sin(2 * np.pi * mains * t)[:, None], fs)
+
+    def mains_power(name):
+        f, p = welch(load_ecg(tmp_path / f"{name}.hea", hz=hz, seconds=10).numpy()[0], fs=hz, nperseg=hz)
+        return p[(f >= mains - 2) & (f <= mains + 2)].max()
+
+    assert mains_power("mains") > 100 * mains_power("clean")

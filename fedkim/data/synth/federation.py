@@ -300,6 +300,8 @@ def _make_ecg(out, rng, data: DataParams, bank: BeatBank, site: SiteSpec, task: 
                    lead_gain=site.ecg.lead_gain, broadband_mv=data.difficulty.ecg_noise,
                    signal_scale=site.signal_scale)
     answer = None
+    if task != "ecg_noise_qa" and rng.random() < data.difficulty.ecg_artifacts:
+        spec.noise = NOISES[1 + rng.integers(len(NOISES) - 1)]  # routine recordings carry artifacts too
     if task == "ecg_abnormal":
         if label:
             spec.rhythm = site.ecg_abnormalities[rng.integers(len(site.ecg_abnormalities))]
