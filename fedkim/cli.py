@@ -115,6 +115,40 @@ def experiment(
     console.print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
 
 
+@app.command("rescore")
+def rescore(
+    out: Path = typer.Argument(..., help="a finished `fedkim experiment --out` folder"),
+    params: Optional[Path] = ParamsOption,
+    tasks: Optional[str] = typer.Option(None, help="comma-separated tasks to score again (default: all)"),
+    settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+                                       help="override an eval setting, e.g. --set eval.choice_scoring=label"),
+) -> None:
+    """Re-evaluate an experiment's trained models (their last checkpoints) with the current evaluation settings,
+    without retraining; rewrites its metrics.json files and comparison."""
+    from fedkim.config import ConfigError, parse_overrides
+    from fedkim.data.catalogue import TASKS
+    from fedkim.experiment import rescore_experiment
+
+    try:
+        overrides = parse_overrides(settings)
+    except ConfigError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    cfg = _params(params, overrides)
+    names = tuple(t.strip() for t in tasks.split(",")) if tasks else None
+    unknown = [t for t in names or () if t not in TASKS]
+    if unknown:
+        err_console.print(f"[red]error:[/red] unknown task(s) {unknown}; allowed: {', '.join(TASKS)}")
+        raise typer.Exit(2)
+    try:
+        comparison = rescore_experiment(cfg, out, names)
+    except (FileNotFoundError, ValueError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print((out / "comparison.md").read_text(), markup=False)
+    console.print(f"rescored: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
+
+
 @app.command("params")
 def show_params(params: Optional[Path] = ParamsOption) -> None:
     """Validate params.yaml and print the resolved values."""

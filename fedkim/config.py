@@ -268,6 +268,10 @@ class EvalParams(Strict):
                                      "scored relative to their mean log-probability on them (text-only: on 'N/A'); "
                                      "none: log p(Yes) > log p(No) and the raw best option")
     calibration_samples: int = Field(48, ge=2, description="public inputs scored per task for the threshold")
+    choice_scoring: Literal["text", "label"] = Field(
+        "text", description="lettered multiple choice with the choices' texts: text scores each choice's text "
+                            "after the question stem (mean log-probability per token, lm-eval's continuation "
+                            "form); label scores the letter after the whole question")
 
 
 class TrackingParams(Strict):

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fedkim.central.evaluate import evaluate, gate_distance, gate_table, plot_gate_heatmap, write_metrics
+from fedkim.central.evaluate import (evaluate, gate_distance, gate_table, plot_gate_heatmap, summarise,
+                                    write_metrics)
 from fedkim.central.foundation import load_foundation
 from fedkim.central.inject import InjectResult, inject
 from fedkim.central.m3oe import M3OEConfig
@@ -218,11 +219,55 @@ def run_experiment(params: Params, out: Path, variants: list[str] | None = None,
     return comparison
 
 
-def _write_comparison(params: Params, out: Path, trials: dict[str, list[RunResult]], seeds_done: int) -> dict:
+def rescore_experiment(params: Params, out: Path, tasks: tuple[str, ...] | None = None) -> dict:
+    """Re-evaluate a finished `fedkim experiment` folder without retraining, after the evaluation protocol changed:
+    each variant's last injection checkpoint of each trial is loaded, `tasks` (default: all) are scored again on
+    the same test samples (the run's max_per_task) and merged into its metrics.json, and the comparison is
+    rewritten. Training seconds, rounds and gate figures stay the run's."""
+    out = Path(out)
+    path = out / "comparison.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no comparison to rescore (run `fedkim experiment --out {out}` first)")
+    old = json.loads(path.read_text())
+    params = params.model_copy(update={  # the run's FM, rounds and test samples; the evaluation protocol is params'
+        "eval": params.eval.model_copy(update={"max_per_task": old["max_per_task"]}),
+        "inject": params.inject.model_copy(update={"foundation_model": old["foundation_model"]}),
+        "federation": params.federation.model_copy(update={"rounds": old["rounds"]})})
+    unknown = [v for v in old["variants"] if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"{path}: unknown variant(s) {unknown}")
+    trials: dict[str, list[RunResult]] = {}
+    for name, row in old["variants"].items():
+        trials[name] = []
+        for seed in range(old["seeds"]):
+            folder = (out if old["seeds"] == 1 else out / f"seed-{seed}") / name
+            checkpoint = folder / "checkpoints" / f"inject-{old['rounds']}.pt"
+            if not checkpoint.is_file():
+                raise FileNotFoundError(f"{checkpoint}: the last round's injection checkpoint is missing")
+            metrics = json.loads((folder / "metrics.json").read_text())
+            model = build_central(params, VARIANTS[name], seed=seed)
+            model.load_trainable_state(torch.load(checkpoint, map_location="cpu", weights_only=False)["state"])
+            fresh = evaluate(model, params.data.root / "test", params.eval, params.site, params.data, tasks=tasks)
+            metrics["tasks"].update(fresh["tasks"])
+            metrics |= summarise(metrics["tasks"])
+            write_metrics(metrics, folder / "metrics.json")
+            rounds = [RoundRecord(**record) for record in row["rounds"]]
+            trials[name].append(RunResult(name, metrics, rounds, row["trials"][seed]["seconds"]))
+    rescored = {"tasks": list(tasks) if tasks else "all", "peak_rss_mb": _peak_rss_mb()}
+    return _write_comparison(params, out, trials, old["seeds"],
+                             meta={"peak_rss_mb": old.get("peak_rss_mb"), "rescored": rescored})
+
+
+def _peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _write_comparison(params: Params, out: Path, trials: dict[str, list[RunResult]], seeds_done: int,
+                      meta: dict | None = None) -> dict:
     comparison = {name: _summarise(runs) | {"description": VARIANTS[name].description} for name, runs in trials.items()}
-    comparison_meta = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    comparison_meta = {"peak_rss_mb": _peak_rss_mb(),
                        "foundation_model": params.inject.foundation_model, "rounds": params.federation.rounds,
-                       "seeds": seeds_done, "max_per_task": params.eval.max_per_task}
+                       "seeds": seeds_done, "max_per_task": params.eval.max_per_task} | (meta or {})
     if "fedkim" in comparison:
         comparison_meta["fedkim_wins"] = fedkim_wins(trials)
     (out / "comparison.json").write_text(json.dumps({"variants": comparison, **comparison_meta}, indent=2,

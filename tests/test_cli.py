@@ -60,3 +60,13 @@ def test_experiment_rejects_a_malformed_setting_with_exit_2(small_params_file, t
                                   "--set", "inject.rnak=4"])
     assert unknown.exit_code == 2 and "inject.rnak" in unknown.output
     assert not (tmp_path / "x").exists()  # nothing ran, nothing written
+
+
+def test_rescore_names_the_missing_run_unknown_task_or_setting_with_exit_2(small_params_file, tmp_path):
+    missing = runner.invoke(app, ["rescore", str(tmp_path / "run"), "--params", str(small_params_file)])
+    assert missing.exit_code == 2 and "comparison.json: no comparison to rescore" in missing.output
+    task = runner.invoke(app, ["rescore", str(tmp_path), "--params", str(small_params_file), "--tasks", "sepsis,nope"])
+    assert task.exit_code == 2 and "unknown task(s) ['nope']" in task.output
+    setting = runner.invoke(app, ["rescore", str(tmp_path), "--params", str(small_params_file),
+                                  "--set", "eval.choice_scoring=letters"])
+    assert setting.exit_code == 2 and "eval.choice_scoring" in setting.output

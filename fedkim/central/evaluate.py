@@ -8,14 +8,27 @@ The yes/no decision threshold is calibrated without labels (`eval.calibration: p
 log p(Yes) − log p(No) carries a prompt-specific bias (Zhao et al. 2021, "Calibrate before use"), so a fixed
 threshold of 0 answers nearly everything Yes or No and F1 then measures the bias, not the model. The threshold is
 the median score of the same task prompt on unlabelled inputs of the task's modality from the server's public
-split: no test data and no labels are used, and every variant gets the same treatment. AUROC does not depend
-on it; the uncalibrated F1 is reported beside it.
+split: no labels are used, and every variant gets the same treatment. The public inputs must have the task's
+form, not only its modality: sepsis observes 48 ICU hours and the public split holds 24-hour stays only, whose
+scores sit elsewhere (on them the median put every sepsis patient above the threshold). Where the public split
+has no inputs of the task's form, the threshold is the median score of the task's own unlabelled evaluation inputs
+(batch calibration); each task records which source it used (`calibration_source`). AUROC does not depend on
+the threshold; the uncalibrated F1 is reported beside it.
 
 Multiple-answer questions get the same treatment (contextual calibration): each option's score is taken relative
 to its mean log-probability when the same question is asked about unlabelled public inputs of the task's
 non-text modality (for a text-only question, about the content-free question "N/A"), so that an option the prompt
 favours regardless of the input does not win by default. The uncalibrated accuracy is reported beside it, and
 chance is the mean of 1 / (options offered) over the samples.
+
+Lettered multiple choice whose records carry the choices' texts (medical_qa: "... A. Diseases of the nervous
+system B. ...") is scored, by default (`eval.choice_scoring: text`), on the texts: the question stem without its
+listed options, then each choice's text, ranked by mean log-probability per token (lm-evaluation-harness's
+continuation form, the usual way to evaluate small LMs). Picking a letter after the listed options asks a 135M
+model to do the letter bookkeeping it cannot do, and hides what it knows. The protocol was chosen on 300
+generated questions disjoint from the test split, with the un-injected SmolLM2: letter 0.22, whole question +
+text 0.26, stem + text summed 0.29, per token 0.38, per token with a content-free prior 0.32 (chance 0.25).
+Length normalisation is its calibration, so no content-free prior is subtracted.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, EvalParams, SiteTrainingParams
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS, YES_NO, ZERO_SHOT_TASKS
 from fedkim.data.loaders import collate
-from fedkim.site.train import task_dataset, to_device
+from fedkim.site.train import icu_windows, task_dataset, to_device
 
 
 def select_tasks(which: str) -> tuple[str, ...]:
@@ -56,6 +69,8 @@ def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: Sit
         threshold, priors = None, None
         if TASKS[task].kind == "binary" and p.calibration == "public_median":
             threshold = calibrate_threshold(model, public, task, p, site, data, device)
+            if threshold is None:
+                threshold = OWN_INPUTS  # no public inputs of this task's form: its own unlabelled inputs
         elif p.calibration == "public_median":
             priors = option_priors(model, public, dataset, task, p, site, data, device)
         out["tasks"][task] = evaluate_task(model, dataset, task, p, device, threshold=threshold, priors=priors)
@@ -73,11 +88,20 @@ def yes_no_scores(model: CentralModel, dataset, task: str, batch_size: int, devi
     return scores
 
 
-def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, data: DataParams, limit: int):
-    """Unlabelled public inputs of the task's modality, taken evenly from the training tasks that have it (a
-    zero-shot task has no public samples of its own, but its modality does)."""
+OWN_INPUTS = "own_inputs"  # threshold sentinel: the median score of the evaluated inputs themselves
+
+
+def input_form(task: str, data: DataParams) -> tuple:
+    """What a task's non-text input looks like: its modalities and, for ICU series, the hours observed."""
     inputs = tuple(i for i in TASKS[task].inputs if i != "text")  # a question about an image: images
-    donors = [t for t in TRAIN_TASKS if TASKS[t].inputs == inputs] if inputs else []
+    return inputs, icu_windows(data).get(task) if "clinical" in inputs else None
+
+
+def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, data: DataParams, limit: int):
+    """Unlabelled public inputs of the task's form, taken evenly from the training tasks that have it (a
+    zero-shot task has no public samples of its own, but its modality does); None when there are none."""
+    form = input_form(task, data)
+    donors = [t for t in TRAIN_TASKS if input_form(t, data) == form] if form[0] else []
     if not donors or not public_dir.is_dir():
         return None
     parts = [task_dataset(public_dir, t, None, site, data, limit=max(1, limit // len(donors))) for t in donors]
@@ -115,7 +139,9 @@ def option_priors(model: CentralModel, public_dir: Path, dataset, task: str, p: 
     if inputs is None and any(i != "text" for i in TASKS[task].inputs):
         return {}  # no public inputs of this modality: score uncalibrated
     priors, computed = {}, {}
-    for question, options in dict.fromkeys(_questions(dataset, task)):
+    for question, options, has_texts in dict.fromkeys(_questions(dataset, task)):
+        if has_texts and p.choice_scoring == "text":
+            continue  # scored on the choices' texts, normalised by length instead (see the module docstring)
         asked = (question if inputs is not None else "N/A", options)  # text-only: one prior per option set
         if asked not in computed:
             rows = []
@@ -127,23 +153,31 @@ def option_priors(model: CentralModel, public_dir: Path, dataset, task: str, p: 
 
 
 def _questions(dataset, task: str):
-    """Each sample's (question, options), read without loading its inputs."""
+    """Each sample's (question, options, whether its choices' texts are known), read without loading its inputs."""
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
     for part in parts:
         for i in range(len(part)):
             q = part.question_at(i)
-            yield (q["question"], tuple(q["options"])) if q else (TASKS[task].question, TASKS[task].answers)
+            yield ((q["question"], tuple(q["options"]), bool(q.get("choices"))) if q
+                   else (TASKS[task].question, TASKS[task].answers, False))
 
 
 def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device, *,
-                  threshold: float | None = None, priors: dict[tuple, torch.Tensor] | None = None) -> dict:
+                  threshold: float | str | None = None, priors: dict[tuple, torch.Tensor] | None = None) -> dict:
+    """One task's metrics. threshold: a yes/no decision threshold, OWN_INPUTS (the median of these inputs'
+    scores) or None (log p(Yes) > log p(No))."""
     spec = TASKS[task]
     scores, predicted, raw_predicted, truth, generated, offered = [], [], [], [], [], []
+    text_scored = False
     for batch in DataLoader(dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate):
         batch = to_device(batch, device)
         options = batch.get("options") or [list(spec.answers)] * len(batch["answer"])
         questions = batch.get("question") or [spec.question] * len(options)
-        logp = model.option_logprobs(batch, task, options)
+        if by_text(batch, p):
+            text_scored = True
+            logp = choice_text_logprobs(model, batch, task, questions, options)
+        else:
+            logp = model.option_logprobs(batch, task, options)
         for row, opts, question in zip(logp, options, questions):
             raw_predicted.append(opts[int(row.argmax())])
             prior = (priors or {}).get((question, tuple(opts)))
@@ -159,25 +193,54 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
     if spec.kind == "binary":
         y = np.array([a == "Yes" for a in truth], dtype=int)
         raw = np.array([a == "Yes" for a in predicted], dtype=int)
+        source = "none" if threshold is None else OWN_INPUTS if threshold == OWN_INPUTS else "public"
+        if threshold == OWN_INPUTS:
+            threshold = float(np.median(scores))
         yhat = raw if threshold is None else (np.array(scores) > threshold).astype(int)
         result |= {"accuracy": accuracy_score(y, yhat), "f1": f1_score(y, yhat, zero_division=0),
                    "mcc": matthews_corrcoef(y, yhat),
                    "auroc": roc_auc_score(y, scores) if len(set(y.tolist())) == 2 else math.nan,
                    "f1_uncalibrated": f1_score(y, raw, zero_division=0),
-                   "threshold": 0.0 if threshold is None else threshold,
+                   "threshold": 0.0 if threshold is None else threshold, "calibration_source": source,
                    "positive_rate": float(yhat.mean()) if len(yhat) else math.nan}
         result["primary"] = result["f1"]
     else:
         result |= {"accuracy": accuracy_score(truth, predicted),
                    "macro_f1": f1_score(truth, predicted, average="macro", zero_division=0),
                    "accuracy_uncalibrated": accuracy_score(truth, raw_predicted),
-                   "calibrated": bool(priors),
+                   "calibrated": bool(priors), "choice_scoring": "text" if text_scored else "label",
                    "chance": float(np.mean([1 / n for n in offered]))}
         result["primary"] = result["accuracy"]
     if generated:
         result["generation_exact_match"] = float(np.mean([g.strip().lower().startswith(t.lower())
                                                           for g, t in zip(generated, truth)]))
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in result.items()}
+
+
+def by_text(batch: dict, p: EvalParams) -> bool:
+    """Whether this batch's questions are scored on their choices' texts (eval.choice_scoring)."""
+    choices = batch.get("choices")
+    return p.choice_scoring == "text" and bool(choices) and all(choices)
+
+
+def question_stem(question: str, options: list[str], texts: list[str]) -> str:
+    """The question without its listed options ("Q? A. x B. y" -> "Q?"); unchanged when they are not listed at
+    its end exactly so."""
+    listed = " ".join(f"{o}. {t}" for o, t in zip(options, texts))
+    return question[:-len(listed)].rstrip() if question.endswith(listed) and len(question) > len(listed) else question
+
+
+def choice_text_logprobs(model: CentralModel, batch: dict, task: str, questions: list[str],
+                         options: list[list[str]]) -> torch.Tensor:
+    """(batch, options) mean log-probability per token of each choice's text after the question stem."""
+    texts = [list(c) for c in batch["choices"]]
+    stems = [question_stem(q, o, t) for q, o, t in zip(questions, options, texts)]
+    summed = model.option_logprobs({**batch, "question": stems}, task, texts)
+    lengths = torch.ones_like(summed)
+    for i, row in enumerate(texts):
+        for j, text in enumerate(row):
+            lengths[i, j] = len(model._ids(" " + text))
+    return summed / lengths
 
 
 def summarise(per_task: dict) -> dict:

@@ -103,6 +103,8 @@ class SiteDataset(Dataset):
         if isinstance(row["text_path"], str):
             question = self._question(row)
             item["question"], item["options"] = question["question"], list(question["options"])
+            choices = question.get("choices")  # lettered multiple choice: each label's text, in option order
+            item["choices"] = [choices[o] for o in question["options"]] if choices else None
         return item
 
     def _clinical_item(self, row) -> tuple[torch.Tensor, torch.Tensor]:

@@ -44,13 +44,18 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def icu_windows(data: DataParams) -> dict[str, int]:
+    """Hours of ICU series each clinical task observes (sepsis: twice the mortality window, as generated)."""
+    return {"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours}
+
+
 def task_dataset(site_dirs: Path | list[Path], task: str, split: str | None, p: SiteTrainingParams,
                  data: DataParams, limit: int | None = None):
     """One task's samples from one site, or from several pooled (the centralised oracle), shaped by params."""
     parts = []
     for d in ([site_dirs] if isinstance(site_dirs, (str, Path)) else site_dirs):
         part = SiteDataset(d, split=split, tasks=[task], image_size=p.image_input, ecg_hz=p.ecg_hz,
-                           ecg_seconds=data.ecg_seconds, hours={"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours})
+                           ecg_seconds=data.ecg_seconds, hours=icu_windows(data))
         if limit is not None and len(part) > limit:
             part.index = part.index.iloc[:limit].reset_index(drop=True)
         parts.append(part)

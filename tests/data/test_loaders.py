@@ -105,6 +105,14 @@ def test_jsonl_round_trip_and_bad_lines(tmp_path):
     (tmp_path / "wrong.jsonl").write_text(json.dumps({**rows[0], "answer": "C"}) + "\n")
     with pytest.raises(FormatError, match="not among the options"):
         read_jsonl(tmp_path / "wrong.jsonl")
+    # Lettered multiple choice may carry each label's text; one missing or empty text names the line and rule.
+    lettered = {**rows[0], "choices": {o: f"text {o}" for o in rows[0]["options"]}}
+    write_jsonl(tmp_path / "lettered.jsonl", [lettered])
+    assert read_jsonl(tmp_path / "lettered.jsonl")["q1"]["choices"] == lettered["choices"]
+    for broken in ({rows[0]["options"][0]: "only one"}, {o: "" for o in rows[0]["options"]}, ["a", "b"]):
+        write_jsonl(tmp_path / "choices.jsonl", [{**rows[0], "choices": broken}])
+        with pytest.raises(FormatError, match=r"choices.jsonl: line 1: choices must map each of the options"):
+            read_jsonl(tmp_path / "choices.jsonl")
 
 
 def test_damaged_files_raise_format_errors_naming_the_file(tmp_path, gradient):

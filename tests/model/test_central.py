@@ -137,6 +137,7 @@ def test_question_options_are_scored_relative_to_their_label_free_prior(params):
 
     model = build_central(params, VARIANTS["fedkim"])
     public, test_dir = params.data.root / "public", params.data.root / "test"
+    by_label = params.eval.model_copy(update={"choice_scoring": "label"})  # medical_qa's letters, as asked
     # Questions about a radiograph are calibrated on public radiographs; text-only questions on "N/A".
     radiographs = calibration_inputs(public, "cxr_vqa", params.site, params.data, 8)
     assert len(radiographs) == 8 and {radiographs[i]["task"] for i in range(8)} == {"lung_opacity", "covid"}
@@ -144,20 +145,90 @@ def test_question_options_are_scored_relative_to_their_label_free_prior(params):
     for task in ("cxr_vqa", "medical_qa", "ecg_noise_qa"):
         test = task_dataset(test_dir, task, "test", params.site, params.data, limit=8)
         asked = {(test.question_at(i)["question"], tuple(test.question_at(i)["options"])) for i in range(len(test))}
-        priors = option_priors(model, public, test, task, params.eval, params.site, params.data, "cpu")
+        priors = option_priors(model, public, test, task, by_label, params.site, params.data, "cpu")
         assert set(priors) == asked  # one prior per distinct question, from its text only
         assert all(len(prior) == len(options) and torch.isfinite(prior).all() for (_, options), prior in priors.items())
-        result = evaluate_task(model, test, task, params.eval, "cpu", priors=priors)
+        result = evaluate_task(model, test, task, by_label, "cpu", priors=priors)
         offered = [len(test.question_at(i)["options"]) for i in range(len(test))]
         assert result["calibrated"] and result["chance"] == pytest.approx(sum(1 / n for n in offered) / len(offered))
         # A prior that penalises every option but the second makes the second the answer to every question.
         rigged = {key: torch.tensor([0.0, -1e6] + [0.0] * (len(key[1]) - 2)) for key in priors}
-        forced = evaluate_task(model, test, task, params.eval, "cpu", priors=rigged)
+        forced = evaluate_task(model, test, task, by_label, "cpu", priors=rigged)
         second = [test.question_at(i)["options"][1] == test[i]["answer"] for i in range(len(test))]
         assert forced["accuracy"] == pytest.approx(sum(second) / len(second))
-        plain = evaluate_task(model, test, task, params.eval, "cpu")
+        plain = evaluate_task(model, test, task, by_label, "cpu")
         assert not plain["calibrated"] and plain["accuracy"] == plain["accuracy_uncalibrated"] \
             == forced["accuracy_uncalibrated"]
+
+
+def test_lettered_choices_are_scored_on_their_texts_after_the_question_stem(params):
+    from fedkim.central.evaluate import choice_text_logprobs, evaluate_task, option_priors, question_stem
+    from fedkim.site.train import task_dataset
+
+    assert question_stem("Which? A. x y B. z", ["A", "B"], ["x y", "z"]) == "Which?"
+    assert question_stem("Which one?", ["A", "B"], ["x", "z"]) == "Which one?"  # options not listed: unchanged
+    model = build_central(params, VARIANTS["fedkim"])
+    test = task_dataset(params.data.root / "test", "medical_qa", "test", params.site, params.data, limit=6)
+    records = [test.question_at(i) for i in range(len(test))]
+    assert all(r["choices"] for r in records) and test[0]["choices"] == [records[0]["choices"][o] for o in "ABCD"]
+
+    # A text's score does not depend on its letter or place in the list: reverse the choices, relabel, re-list.
+    def asked(reverse: bool) -> dict:
+        batch = {"question": [], "options": [], "choices": [], "answer": []}
+        for r in records:
+            texts = [r["choices"][o] for o in r["options"]][::-1 if reverse else 1]
+            stem = question_stem(r["question"], r["options"], [r["choices"][o] for o in r["options"]])
+            batch["question"].append(stem + " " + " ".join(f"{o}. {t}" for o, t in zip(r["options"], texts)))
+            batch["options"].append(list(r["options"]))
+            batch["choices"].append(texts)
+            batch["answer"].append(r["options"][0])
+        return batch
+
+    forward, backward = (asked(flag) for flag in (False, True))
+    scores = choice_text_logprobs(model, forward, "medical_qa", forward["question"], forward["options"])
+    flipped = choice_text_logprobs(model, backward, "medical_qa", backward["question"], backward["options"])
+    assert torch.allclose(scores, flipped.flip(-1), atol=1e-4) and torch.isfinite(scores).all()
+    # Mean per token: a text's score is its summed log-probability over its token count.
+    stems = [question_stem(q, o, c) for q, o, c in zip(forward["question"], forward["options"], forward["choices"])]
+    summed = model.option_logprobs({**forward, "question": stems}, "medical_qa", forward["choices"])
+    lengths = torch.tensor([[len(model.tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in row]
+                            for row in forward["choices"]], dtype=summed.dtype)
+    assert torch.allclose(scores, summed / lengths) and (lengths > 1).any()
+
+    # Through evaluate_task: the texts' best is the answer; no content-free prior is applied to text scoring.
+    result = evaluate_task(model, test, "medical_qa", params.eval, "cpu")
+    best = [r["options"][int(row.argmax())] for r, row in zip(records, choice_text_logprobs(
+        model, {"question": [r["question"] for r in records], "options": [r["options"] for r in records],
+                "choices": [test[i]["choices"] for i in range(len(test))], "answer": ["A"] * len(records)},
+        "medical_qa", [r["question"] for r in records], [r["options"] for r in records]))]
+    truth = [test[i]["answer"] for i in range(len(test))]
+    assert result["choice_scoring"] == "text"
+    assert result["accuracy"] == pytest.approx(sum(a == b for a, b in zip(best, truth)) / len(truth))
+    assert option_priors(model, params.data.root / "public", test, "medical_qa", params.eval, params.site,
+                         params.data, "cpu") == {}
+    label = evaluate_task(model, test, "medical_qa", params.eval.model_copy(update={"choice_scoring": "label"}), "cpu")
+    assert label["choice_scoring"] == "label"
+
+
+def test_yes_no_threshold_needs_public_inputs_of_the_tasks_form_else_its_own(params):
+    from fedkim.central.evaluate import calibration_inputs, input_form
+
+    public = params.data.root / "public"
+    # Sepsis observes 48 ICU hours; the public split's stays are mortality's 24: not the same input.
+    assert input_form("sepsis", params.data) != input_form("mortality", params.data)
+    assert calibration_inputs(public, "sepsis", params.site, params.data, 8) is None
+    assert len(calibration_inputs(public, "ectopic_beats", params.site, params.data, 8)) == 8
+    model = build_central(params, VARIANTS["fedkim"])
+    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data,
+                       tasks=("sepsis", "atelectasis", "mortality"))
+    sepsis = metrics["tasks"]["sepsis"]
+    assert sepsis["calibration_source"] == "own_inputs" and sepsis["n"] == 6
+    assert sepsis["positive_rate"] == pytest.approx(0.5, abs=1 / 6)  # its own median: half above it
+    assert metrics["tasks"]["atelectasis"]["calibration_source"] == "public"
+    assert metrics["tasks"]["mortality"]["calibration_source"] == "public"
+    raw = evaluate(model, params.data.root / "test", params.eval.model_copy(update={"calibration": "none"}),
+                   params.site, params.data, tasks=("sepsis",))["tasks"]["sepsis"]
+    assert raw["calibration_source"] == "none" and raw["threshold"] == 0.0
 
 
 def test_gate_distance_measures_how_differently_tasks_route():
@@ -226,6 +297,31 @@ def test_experiment_over_seeds_reports_means_spread_and_wins(params, tmp_path):
     assert f"fedkim {comparison['fedkim']['gate_distance']:.3f}" in text
     with pytest.raises(ValueError, match="seeds must be at least 1"):
         run_experiment(params, tmp_path, variants=["fedplug"], seeds=0)
+
+    # Rescoring reloads each trial's trained model: with the same settings every figure comes back identical.
+    from fedkim.experiment import rescore_experiment
+
+    stored = {(s, n): json.loads((tmp_path / f"seed-{s}" / n / "metrics.json").read_text())
+              for s in (0, 1) for n in comparison}
+    again = rescore_experiment(params, tmp_path)
+    for (s, n), before in stored.items():
+        after = json.loads((tmp_path / f"seed-{s}" / n / "metrics.json").read_text())
+        assert after["tasks"] == before["tasks"] and after["zeroshot_mean"] == pytest.approx(before["zeroshot_mean"])
+        assert again[n]["trials"][s]["seconds"] == comparison[n]["trials"][s]["seconds"]  # training time kept
+    # Another protocol for one task: only that task's figures change, and the comparison follows.
+    by_label = params.model_copy(update={"eval": params.eval.model_copy(update={"choice_scoring": "label"})})
+    relabelled = rescore_experiment(by_label, tmp_path, tasks=("medical_qa",))
+    for (s, n), before in stored.items():
+        after = json.loads((tmp_path / f"seed-{s}" / n / "metrics.json").read_text())
+        assert after["tasks"]["medical_qa"]["choice_scoring"] == "label"
+        assert before["tasks"]["medical_qa"]["choice_scoring"] == "text"
+        assert {t: m for t, m in after["tasks"].items() if t != "medical_qa"} == \
+            {t: m for t, m in before["tasks"].items() if t != "medical_qa"}
+    saved = json.loads((tmp_path / "comparison.json").read_text())
+    assert saved["rescored"]["tasks"] == ["medical_qa"] and saved["seeds"] == 2
+    assert saved["variants"]["fedkim"]["zeroshot_mean"] == pytest.approx(relabelled["fedkim"]["zeroshot_mean"])
+    with pytest.raises(FileNotFoundError, match="no comparison to rescore"):
+        rescore_experiment(params, tmp_path / "seed-0" / "fedkim")
 
 
 def test_single_token_fast_path_equals_the_full_scoring(params):

@@ -1,4 +1,7 @@
-"""Questions as JSONL: one object per line with sample_id, question, options and answer."""
+"""Questions as JSONL: one object per line with sample_id, question, options and answer.
+
+Optional `choices`: for lettered multiple choice ("... A. x B. y"), each option label's text ({"A": "x", ...});
+evaluation can then score the texts themselves (fedkim.central.evaluate, eval.choice_scoring)."""
 
 from __future__ import annotations
 
@@ -35,5 +38,10 @@ def read_jsonl(path: str | Path) -> dict[str, dict]:
                 raise FormatError(path, f"line {number}: missing key(s) {missing}")
             if row["answer"] not in row["options"]:
                 raise FormatError(path, f"line {number}: answer {row['answer']!r} is not among the options")
+            choices = row.get("choices")
+            if choices is not None and (not isinstance(choices, dict) or set(choices) != set(row["options"])
+                                        or not all(isinstance(v, str) and v.strip() for v in choices.values())):
+                raise FormatError(path, f"line {number}: choices must map each of the options {row['options']} "
+                                        f"to a non-empty text")
             rows[str(row["sample_id"])] = row
     return rows
