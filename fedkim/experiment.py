@@ -24,6 +24,7 @@ from fedkim.central.inject import InjectResult, inject
 from fedkim.central.m3oe import M3OEConfig
 from fedkim.central.model import CentralModel, GateMode
 from fedkim.config import Params
+from fedkim.data.catalogue import TASKS
 from fedkim.federation.aggregate import aggregate
 from fedkim.federation.checks import screen_packages
 from fedkim.federation.package import ValidationSummary, read_package, write_package
@@ -290,7 +291,8 @@ def _summarise(runs: list[RunResult]) -> dict:
     for key in HEADLINE:
         row[key], row[f"{key}_std"] = _mean_std([r.metrics[key] for r in runs])
     tasks = {}
-    for task in runs[0].metrics["tasks"]:
+    stored = runs[0].metrics["tasks"]  # catalogue order (a metrics.json read back is sorted by name)
+    for task in [t for t in TASKS if t in stored] + [t for t in stored if t not in TASKS]:
         keys = {k for r in runs for k, v in r.metrics["tasks"][task].items() if isinstance(v, (int, float))}
         tasks[task] = {k: _mean_std([r.metrics["tasks"][task].get(k, math.nan) for r in runs])[0] for k in sorted(keys)}
         if len(runs) > 1:

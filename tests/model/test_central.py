@@ -319,6 +319,7 @@ def test_experiment_over_seeds_reports_means_spread_and_wins(params, tmp_path):
             {t: m for t, m in before["tasks"].items() if t != "medical_qa"}
     saved = json.loads((tmp_path / "comparison.json").read_text())
     assert saved["rescored"]["tasks"] == ["medical_qa"] and saved["seeds"] == 2
+    assert list(saved["variants"]["fedkim"]["tasks"]) == list(TASKS)  # catalogue order, as the run wrote it
     assert saved["variants"]["fedkim"]["zeroshot_mean"] == pytest.approx(relabelled["fedkim"]["zeroshot_mean"])
     with pytest.raises(FileNotFoundError, match="no comparison to rescore"):
         rescore_experiment(params, tmp_path / "seed-0" / "fedkim")
