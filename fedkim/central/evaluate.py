@@ -239,7 +239,7 @@ def choice_text_logprobs(model: CentralModel, batch: dict, task: str, questions:
     lengths = torch.ones_like(summed)
     for i, row in enumerate(texts):
         for j, text in enumerate(row):
-            lengths[i, j] = len(model._ids(" " + text))
+            lengths[i, j] = len(model.token_ids(" " + text))
     return summed / lengths
 
 

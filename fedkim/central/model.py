@@ -98,7 +98,8 @@ class CentralModel(nn.Module):
         return {f"encoders.{k}": v.detach().cpu().clone() for k, v in self.encoders.state_dict().items()}
 
     # --------------------------------------------------------------------------------------------- inputs
-    def _ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str) -> list[int]:
+        """The tokenizer's ids of `text` (no special tokens), cached: prompts repeat the same few strings."""
         if text not in self._text_cache:
             self._text_cache[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return self._text_cache[text]
@@ -119,9 +120,9 @@ class CentralModel(nn.Module):
         rows, labels = [], []
         for i, question in enumerate(questions):
             open_tag, close_tag = TAGS[modality] if modality else ("", "")
-            head = torch.tensor(bos + self._ids(HUMAN + open_tag), device=device)
-            tail_ids = self._ids(close_tag + " " + question + ASSISTANT)
-            answer_ids = self._ids(" " + answers[i] + END) if answers is not None else []
+            head = torch.tensor(bos + self.token_ids(HUMAN + open_tag), device=device)
+            tail_ids = self.token_ids(close_tag + " " + question + ASSISTANT)
+            answer_ids = self.token_ids(" " + answers[i] + END) if answers is not None else []
             tail = torch.tensor(tail_ids + answer_ids, dtype=torch.long, device=device)
             parts = [embed(head)]
             if tokens is not None:
@@ -169,7 +170,7 @@ class CentralModel(nn.Module):
     def option_logprobs(self, batch: dict, task: str, options: list[list[str]]) -> torch.Tensor:
         """(batch, max options) summed log-probability of each option's tokens after the prompt; -inf pads rows
         with fewer options."""
-        first_tokens = [[self._ids(" " + o) for o in row] for row in options]
+        first_tokens = [[self.token_ids(" " + o) for o in row] for row in options]
         if all(len(ids) == 1 for row in first_tokens for ids in row):
             return self._single_token_logprobs(batch, task, first_tokens)
         pairs = [(i, j) for i, row in enumerate(options) for j in range(len(row))]
@@ -179,7 +180,7 @@ class CentralModel(nn.Module):
         labels = inputs["labels"].clone()
         for row, answer in enumerate(flat_answers):  # score the option's tokens, not the end marker after it
             positions = (labels[row] != -100).nonzero().flatten()
-            keep = len(self._ids(" " + answer))
+            keep = len(self.token_ids(" " + answer))
             labels[row, positions[keep:]] = -100
         self.set_gate(task, len(pairs))
         logits, target = self._forward(inputs, labels)

@@ -51,7 +51,7 @@ def test_loss_covers_only_the_answer_tokens(params):
     model = build_central(params, VARIANTS["fedkim"])
     batch = batch_of(params, "ecg_abnormal")
     inputs = model.build(batch, "ecg_abnormal", batch["answer"])
-    answer_tokens = [len(model._ids(" " + a + "\n###")) for a in batch["answer"]]
+    answer_tokens = [len(model.token_ids(" " + a + "\n###")) for a in batch["answer"]]
     assert (inputs["labels"] != -100).sum(-1).tolist() == answer_tokens
     n_tokens = inputs["attention_mask"].sum(-1)
     assert (n_tokens >= 12).all()  # 12 ECG lead tokens are part of every prompt
@@ -330,7 +330,7 @@ def test_single_token_fast_path_equals_the_full_scoring(params):
     model = build_central(params, VARIANTS["fedkim"])
     batch = batch_of(params, "ecg_abnormal", n=4)
     options = [["No", "Yes"]] * 4
-    assert all(len(model._ids(" " + o)) == 1 for o in options[0])
+    assert all(len(model.token_ids(" " + o)) == 1 for o in options[0])
     fast = model.option_logprobs(batch, "ecg_abnormal", options)
     assert torch.allclose(fast, _general_scores(model, batch, "ecg_abnormal", options), atol=1e-4)
 
@@ -345,7 +345,7 @@ def _general_scores(model, batch, task, options):
     labels = inputs["labels"].clone()
     for row, answer in enumerate(answers):
         positions = (labels[row] != -100).nonzero().flatten()
-        labels[row, positions[len(model._ids(" " + answer)):]] = -100
+        labels[row, positions[len(model.token_ids(" " + answer)):]] = -100
     model.set_gate(task, len(pairs))
     with torch.no_grad():
         logits, target = model._forward(inputs, labels)
