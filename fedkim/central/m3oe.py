@@ -87,19 +87,31 @@ class M3OEConfig:
 class GateState:
     """Per-sample gate weights shared by every M3OELinear of one model; the controller sets them once per forward.
 
-    Shared experts (if any) come after the P routed ones and always weigh 1."""
+    Shared experts (if any) come after the P routed ones and always weigh 1. The factor each layer multiplies its
+    rank activations by (gate repeated over the rank, times the LoRA scaling) is built here once per forward and
+    dtype, not in each of the ~200 layers: on a GPU every extra elementwise kernel per layer costs launch time."""
 
-    def __init__(self, rank: int, shared: int = 0):
-        self.rank, self.shared = rank, shared
+    def __init__(self, rank: int, shared: int = 0, scaling: float = 1.0):
+        self.rank, self.shared, self.scaling = rank, shared, scaling
         self.weights: torch.Tensor | None = None   # (batch, P): the routed experts' gate
         self.per_rank: torch.Tensor | None = None  # (batch, (P+S)*r): each expert's weight repeated over its rank
+        self._factors: dict[torch.dtype, torch.Tensor] = {}
 
     def set(self, weights: torch.Tensor) -> None:
         self.weights = weights
         self.per_rank = with_shared(weights, self.shared).repeat_interleave(self.rank, dim=-1)
+        self._factors = {}
+
+    def factor(self, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 1, (P+S)*r): per_rank * scaling in `dtype`, broadcast over the tokens of a (batch, seq, ...)
+        activation. Cached until the next set(); autograd sums the layers' gradients into the one cached tensor."""
+        if dtype not in self._factors:
+            self._factors[dtype] = (self.per_rank * self.scaling).to(dtype).unsqueeze(1)
+        return self._factors[dtype]
 
     def clear(self) -> None:
         self.weights = self.per_rank = None
+        self._factors = {}
 
 
 def with_shared(weights: torch.Tensor, shared: int) -> torch.Tensor:
@@ -128,13 +140,13 @@ class LoraExperts(nn.Module):
         num, out, rank = self.lora_B.shape
         return self.lora_A.flatten(0, 1), self.lora_B.permute(1, 0, 2).reshape(out, num * rank)
 
-    def forward(self, x: torch.Tensor, per_rank: torch.Tensor, scaling: float) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """factor: (batch, 1, P*r) gate x scaling on the rank dimension (GateState.factor), broadcast over tokens."""
         a_flat, b_flat = self.flat()
         h = F.linear(self.dropout(x), a_flat)  # (batch, ..., P*r): one matmul for every expert
-        # Gate and scaling on the rank dimension: a (batch, P*r) vector broadcast over the tokens.
-        g = (per_rank * scaling).to(h.dtype)
-        h = h * g.view(g.shape[0], *([1] * (h.dim() - 2)), g.shape[-1])
-        return F.linear(h, b_flat)
+        if h.dim() != 3:
+            factor = factor.view(factor.shape[0], *([1] * (h.dim() - 2)), factor.shape[-1])
+        return F.linear(h * factor, b_flat)
 
 
 class M3OELinear(nn.Module):
@@ -167,7 +179,8 @@ class M3OELinear(nn.Module):
             raise RuntimeError("M3OE gate not set: call M3OE.set_gate(...) (or M3OE(...)) before the forward")
         if per_rank.shape[0] not in (1, x.shape[0]):
             raise RuntimeError(f"gate set for {per_rank.shape[0]} samples but the batch has {x.shape[0]}")
-        return self.base(x) + self.experts(x, per_rank, self.scaling)
+        base = self.base(x)
+        return base + self.experts(x, self.state.factor(base.dtype))
 
 
 # ------------------------------------------------------------------------------------------------ gates
@@ -444,7 +457,7 @@ def attach_m3oe(model: nn.Module, config: M3OEConfig, tokenizer=None, *,
     if any(isinstance(m, M3OELinear) for m in model.modules()):
         raise ValueError("this model already has M3OE layers attached")
     output = model.get_output_embeddings() if config.lm_head and hasattr(model, "get_output_embeddings") else None
-    state = GateState(config.rank, config.shared_experts)
+    state = GateState(config.rank, config.shared_experts, config.scaling)
     layers: dict[str, M3OELinear] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or not (module is output or _matches(name, config.targets)):
