@@ -94,7 +94,8 @@ def build_central(params: Params, variant: Variant, encoders_state: dict | None 
     encoders = global_model(params.site, params.data, seed=params.data.seed + seed).encoders
     train_encoders = params.inject.train_encoders if variant.train_encoders is None else variant.train_encoders
     model = CentralModel(load_foundation(params.inject.foundation_model), encoders, m3oe_config(params, variant),
-                         gate_mode=GateMode(variant.use_task, variant.use_modality), train_encoders=train_encoders)
+                         gate_mode=GateMode(variant.use_task, variant.use_modality), train_encoders=train_encoders,
+                         clinical_hours=params.data.icu_hours if params.inject.icu_window == "recent" else None)
     if encoders_state is not None:
         model.load_encoders(encoders_state)
     return model

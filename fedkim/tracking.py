@@ -667,6 +667,7 @@ def query_item(row: dict, task: str, params: Params, i: int) -> dict:
     from fedkim.data.formats.clinical import read_long, to_grid
     from fedkim.data.formats.text import read_jsonl
     from fedkim.data.loaders import load_ecg, load_image, standardise_clinical
+    from fedkim.site.train import icu_windows
 
     def need(column: str) -> str:
         if not _present(row.get(column)):
@@ -686,7 +687,7 @@ def query_item(row: dict, task: str, params: Params, i: int) -> dict:
         if frame.empty or frame["sample_id"].nunique() != 1:
             raise ValueError(f"row {i} (task {task}): {row['clinical_path']} must hold exactly one sample "
                              f"(give sample_id to pick one)")
-        hours = params.data.icu_hours * (2 if task == "sepsis" else 1)  # as task_dataset windows them
+        hours = icu_windows(params.data)[task]  # as task_dataset windows them; the model reads the recent part
         item["clinical"], item["clinical_mask"] = standardise_clinical(to_grid(frame, hours))
     if "text" in inputs:
         item |= _question(row, task, i, need, read_jsonl)

@@ -8,11 +8,13 @@ The yes/no decision threshold is calibrated without labels (`eval.calibration: p
 log p(Yes) − log p(No) carries a prompt-specific bias (Zhao et al. 2021, "Calibrate before use"), so a fixed
 threshold of 0 answers nearly everything Yes or No and F1 then measures the bias, not the model. The threshold is
 the median score of the same task prompt on unlabelled inputs of the task's modality from the server's public
-split: no labels are used, and every variant gets the same treatment. The public inputs must have the task's
-form, not only its modality: sepsis observes 48 ICU hours and the public split holds 24-hour stays only, whose
-scores sit elsewhere (on them the median put every sepsis patient above the threshold). Where the public split
-has no inputs of the task's form, the threshold is the median score of the task's own unlabelled evaluation inputs
-(batch calibration); each task records which source it used (`calibration_source`). AUROC does not depend on
+split: no labels are used, and every variant gets the same treatment. The public inputs must have the form the
+model reads, not only the task's modality: read whole, sepsis's 48 ICU hours scored elsewhere than the public
+split's 24-hour stays (the median put every sepsis patient above the threshold). The central model reads an ICU
+series as its most recent `data.icu_hours` hours by default (`inject.icu_window: recent`, see
+`CentralModel.recent_hours`), so sepsis then shares the public stays' form. Where the public split has no inputs
+of the form read (`icu_window: full`), the threshold is the median score of the task's own unlabelled evaluation
+inputs (batch calibration); each task records which source it used (`calibration_source`). AUROC does not depend on
 the threshold; the uncalibrated F1 is reported beside it.
 
 Multiple-answer questions get the same treatment (contextual calibration): each option's score is taken relative
@@ -91,17 +93,23 @@ def yes_no_scores(model: CentralModel, dataset, task: str, batch_size: int, devi
 OWN_INPUTS = "own_inputs"  # threshold sentinel: the median score of the evaluated inputs themselves
 
 
-def input_form(task: str, data: DataParams) -> tuple:
-    """What a task's non-text input looks like: its modalities and, for ICU series, the hours observed."""
+def input_form(task: str, data: DataParams, read_hours: int | None = None) -> tuple:
+    """What the model reads of a task's non-text input: its modalities and, for ICU series, the hours read (the
+    task's window, or its most recent `read_hours` when that is shorter: `CentralModel.clinical_hours`)."""
     inputs = tuple(i for i in TASKS[task].inputs if i != "text")  # a question about an image: images
-    return inputs, icu_windows(data).get(task) if "clinical" in inputs else None
+    if "clinical" not in inputs:
+        return inputs, None
+    hours = icu_windows(data)[task]
+    return inputs, min(hours, read_hours) if read_hours else hours
 
 
-def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, data: DataParams, limit: int):
-    """Unlabelled public inputs of the task's form, taken evenly from the training tasks that have it (a
-    zero-shot task has no public samples of its own, but its modality does); None when there are none."""
-    form = input_form(task, data)
-    donors = [t for t in TRAIN_TASKS if input_form(t, data) == form] if form[0] else []
+def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, data: DataParams, limit: int,
+                       read_hours: int | None = None):
+    """Unlabelled public inputs of the form the model reads for the task, taken evenly from the training tasks
+    that have it (a zero-shot task has no public samples of its own, but its modality does); None when there are
+    none."""
+    form = input_form(task, data, read_hours)
+    donors = [t for t in TRAIN_TASKS if input_form(t, data, read_hours) == form] if form[0] else []
     if not donors or not public_dir.is_dir():
         return None
     parts = [task_dataset(public_dir, t, None, site, data, limit=max(1, limit // len(donors))) for t in donors]
@@ -111,7 +119,7 @@ def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, da
 
 def calibrate_threshold(model: CentralModel, public_dir: Path, task: str, p: EvalParams, site: SiteTrainingParams,
                         data: DataParams, device) -> float | None:
-    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples)
+    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples, model.clinical_hours)
     if inputs is None or len(inputs) < 2:
         return None  # nothing to calibrate on: fall back to log p(Yes) > log p(No)
     return float(np.median(yes_no_scores(model, inputs, task, p.batch_size, device)))
@@ -135,7 +143,7 @@ def option_priors(model: CentralModel, public_dir: Path, dataset, task: str, p: 
                   site: SiteTrainingParams, data: DataParams, device) -> dict[tuple, torch.Tensor]:
     """(question, options) -> mean log-probability of each option over calibration inputs (see the module
     docstring). Only the questions' text is read from the test samples, never their answers."""
-    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples)
+    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples, model.clinical_hours)
     if inputs is None and any(i != "text" for i in TASKS[task].inputs):
         return {}  # no public inputs of this modality: score uncalibrated
     priors, computed = {}, {}

@@ -210,17 +210,48 @@ def test_lettered_choices_are_scored_on_their_texts_after_the_question_stem(para
     assert label["choice_scoring"] == "label"
 
 
-def test_yes_no_threshold_needs_public_inputs_of_the_tasks_form_else_its_own(params):
+def test_the_model_reads_a_long_icu_series_as_its_most_recent_training_window(params):
+    from fedkim.site.train import task_dataset
+    from fedkim.data.loaders import collate
+
+    hours = params.data.icu_hours
+    sepsis = task_dataset(params.data.root / "test", "sepsis", "test", params.site, params.data, limit=4)
+    batch = collate([sepsis[i] for i in range(len(sepsis))])
+    assert batch["clinical"].shape[1] == 2 * hours  # sepsis observes twice the mortality window
+    recent, whole = (build_central(params.model_copy(update={"inject": params.inject.model_copy(
+        update={"icu_window": w})}), VARIANTS["fedkim"]).eval() for w in ("recent", "full"))
+    assert recent.clinical_hours == hours and whole.clinical_hours is None
+    early = batch | {"clinical": batch["clinical"].clone()}
+    early["clinical"][:, :hours] += 3.0  # change only the hours before the most recent window
+    last = batch | {"clinical": batch["clinical"][:, hours:], "clinical_mask": batch["clinical_mask"][:, hours:]}
+    with torch.no_grad():
+        scores = {name: recent.option_logprobs(b, "sepsis", [["Yes", "No"]] * 4) for name, b in
+                  (("batch", batch), ("early", early), ("last", last))}
+        assert torch.equal(scores["batch"], scores["early"]) and torch.allclose(scores["batch"], scores["last"])
+        assert not torch.allclose(whole.option_logprobs(batch, "sepsis", [["Yes", "No"]] * 4),
+                                  whole.option_logprobs(early, "sepsis", [["Yes", "No"]] * 4))
+        mortality = collate([task_dataset(params.data.root / "test", "mortality", "test", params.site,
+                                          params.data, limit=2)[i] for i in range(2)])
+        assert torch.equal(recent.recent_hours(mortality)["clinical"], mortality["clinical"])  # short: untouched
+
+
+def test_yes_no_threshold_needs_public_inputs_of_the_form_read_else_its_own(params):
     from fedkim.central.evaluate import calibration_inputs, input_form
 
-    public = params.data.root / "public"
-    # Sepsis observes 48 ICU hours; the public split's stays are mortality's 24: not the same input.
+    public, hours = params.data.root / "public", params.data.icu_hours
+    # Read whole, sepsis's 48 ICU hours are not the public split's 24-hour stays; read recent, they are.
     assert input_form("sepsis", params.data) != input_form("mortality", params.data)
+    assert input_form("sepsis", params.data, hours) == input_form("mortality", params.data, hours)
     assert calibration_inputs(public, "sepsis", params.site, params.data, 8) is None
+    assert len(calibration_inputs(public, "sepsis", params.site, params.data, 8, read_hours=hours)) == 8
     assert len(calibration_inputs(public, "ectopic_beats", params.site, params.data, 8)) == 8
-    model = build_central(params, VARIANTS["fedkim"])
-    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data,
-                       tasks=("sepsis", "atelectasis", "mortality"))
+    tasks = ("sepsis", "atelectasis", "mortality")
+    recent = evaluate(build_central(params, VARIANTS["fedkim"]), params.data.root / "test", params.eval,
+                      params.site, params.data, tasks=tasks)["tasks"]
+    assert {t: recent[t]["calibration_source"] for t in tasks} == dict.fromkeys(tasks, "public")
+    full = params.model_copy(update={"inject": params.inject.model_copy(update={"icu_window": "full"})})
+    model = build_central(full, VARIANTS["fedkim"])
+    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data, tasks=tasks)
     sepsis = metrics["tasks"]["sepsis"]
     assert sepsis["calibration_source"] == "own_inputs" and sepsis["n"] == 6
     assert sepsis["positive_rate"] == pytest.approx(0.5, abs=1 / 6)  # its own median: half above it
