@@ -239,7 +239,8 @@ class InjectParams(Strict):
     lm_head: bool = Field(False, description="experts on the LM head too")
     train_encoders: bool = Field(True, description="fine-tune the injected encoders on the public split")
     icu_window: Literal["recent", "full"] = Field(
-        "recent", description="how the central model reads an ICU series longer than the window it learns on (data.icu_hours): recent = its most recent data.icu_hours hours, full = every hour")
+        "recent", description="how the central model reads an ICU series longer than the window it learns on "
+                              "(data.icu_hours): recent = its most recent data.icu_hours hours, full = every hour")
     epochs: int = Field(1, ge=1, description="passes over the public split per round")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(5e-4, gt=0)

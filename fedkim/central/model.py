@@ -123,7 +123,7 @@ class CentralModel(nn.Module):
         hours = self.clinical_hours
         if hours is None or batch["clinical"].shape[1] <= hours:
             return batch
-        return batch | {"clinical": batch["clinical"][:, -hours:], "clinical_mask": batch["clinical_mask"][:, -hours:]}
+        return batch | {key: batch[key][:, -hours:] for key in ("clinical", "clinical_mask")}
 
     def build(self, batch: dict, task: str, answers: list[str] | None) -> dict:
         """inputs_embeds, attention_mask and labels (answer tokens only) for one single-task batch."""
