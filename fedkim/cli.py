@@ -88,6 +88,8 @@ def experiment(
     fm: Optional[str] = typer.Option(None, "--fm", help="override inject.foundation_model (smollm2, tiny, a folder)"),
     seeds: int = typer.Option(1, min=1, help="trials per variant with shifted training seeds (same data): "
                                              "mean ± sd and per-seed wins are reported"),
+    first_seed: int = typer.Option(0, min=0, help="the first trial's seed shift: --first-seed 1 --seeds 2 runs "
+                                                  "trials 1 and 2, the same as those of a --seeds 3 run"),
     settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                        help="override a setting, e.g. --set eval.max_per_task=160 (repeatable)"),
 ) -> None:
@@ -110,7 +112,7 @@ def experiment(
         err_console.print(f"[red]error:[/red] unknown variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
         raise typer.Exit(2)
     generate_federation(cfg.data)  # cached: a no-op when the federation already matches params
-    comparison = run_experiment(cfg, out, names, progress=True, seeds=seeds)
+    comparison = run_experiment(cfg, out, names, progress=True, seeds=seeds, first_seed=first_seed)
     console.print((out / "comparison.md").read_text(), markup=False)
     console.print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
 

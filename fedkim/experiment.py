@@ -200,25 +200,32 @@ HEADLINE = ("train_mean_f1", "zeroshot_mean", "mean_auroc")
 
 
 def run_experiment(params: Params, out: Path, variants: list[str] | None = None, progress: bool = False,
-                   seeds: int = 1) -> dict:
-    """All variants in one process, each over `seeds` trials (training seeds shifted by 0..seeds-1, same data);
-    writes out/comparison.json and out/comparison.md. A variant's figures are the means over its trials, with
-    their standard deviations and each trial's figures beside them."""
+                   seeds: int = 1, first_seed: int = 0) -> dict:
+    """All variants in one process, each over `seeds` trials (training seeds shifted by first_seed ..
+    first_seed + seeds - 1, same data); writes out/comparison.json and out/comparison.md. A variant's figures are
+    the means over its trials, with their standard deviations and each trial's figures beside them. A trial is
+    the same whichever run holds it, so `first_seed` adds trials to an earlier run's on another machine or day."""
     out = Path(out)
     names = variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}; allowed: {list(VARIANTS)}")
-    if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    if seeds < 1 or first_seed < 0:
+        raise ValueError(f"seeds must be at least 1 and first_seed at least 0, got {seeds} and {first_seed}")
     cache = SiteCache()
     trials: dict[str, list[RunResult]] = {name: [] for name in names}
-    for seed in range(seeds):  # seed-major, written after each trial: a stopped run keeps its finished trials
-        folder = out if seeds == 1 else out / f"seed-{seed}"
+    trial_seeds = list(range(first_seed, first_seed + seeds))
+    for done, seed in enumerate(trial_seeds, 1):  # seed-major, written after each trial: a stopped run keeps them
         for name in names:
-            trials[name].append(run_variant(params, name, folder, cache=cache, progress=progress, seed=seed))
-        comparison = _write_comparison(params, out, trials, seeds_done=seed + 1)
+            trials[name].append(run_variant(params, name, _trial_folder(out, seed, trial_seeds), cache=cache,
+                                            progress=progress, seed=seed))
+        comparison = _write_comparison(params, out, trials, trial_seeds[:done])
     return comparison
+
+
+def _trial_folder(out: Path, seed: int, trial_seeds: list[int]) -> Path:
+    """A lone trial 0 writes straight into `out`; any other trial into out/seed-<seed>."""
+    return out if trial_seeds == [0] else out / f"seed-{seed}"
 
 
 def rescore_experiment(params: Params, out: Path, tasks: tuple[str, ...] | None = None) -> dict:
@@ -239,10 +246,11 @@ def rescore_experiment(params: Params, out: Path, tasks: tuple[str, ...] | None 
     if unknown:
         raise ValueError(f"{path}: unknown variant(s) {unknown}")
     trials: dict[str, list[RunResult]] = {}
+    trial_seeds = list(range(old.get("first_seed", 0), old.get("first_seed", 0) + old["seeds"]))
     for name, row in old["variants"].items():
         trials[name] = []
-        for seed in range(old["seeds"]):
-            folder = (out if old["seeds"] == 1 else out / f"seed-{seed}") / name
+        for i, seed in enumerate(trial_seeds):
+            folder = _trial_folder(out, seed, trial_seeds) / name
             checkpoint = folder / "checkpoints" / f"inject-{old['rounds']}.pt"
             if not checkpoint.is_file():
                 raise FileNotFoundError(f"{checkpoint}: the last round's injection checkpoint is missing")
@@ -254,9 +262,9 @@ def rescore_experiment(params: Params, out: Path, tasks: tuple[str, ...] | None 
             metrics |= summarise(metrics["tasks"])
             write_metrics(metrics, folder / "metrics.json")
             rounds = [RoundRecord(**record) for record in row["rounds"]]
-            trials[name].append(RunResult(name, metrics, rounds, row["trials"][seed]["seconds"]))
+            trials[name].append(RunResult(name, metrics, rounds, row["trials"][i]["seconds"]))
     rescored = {"tasks": list(tasks) if tasks else "all", "peak_rss_mb": _peak_rss_mb()}
-    return _write_comparison(params, out, trials, old["seeds"],
+    return _write_comparison(params, out, trials, trial_seeds,
                              meta={"peak_rss_mb": old.get("peak_rss_mb"), "rescored": rescored})
 
 
@@ -264,12 +272,15 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _write_comparison(params: Params, out: Path, trials: dict[str, list[RunResult]], seeds_done: int,
+def _write_comparison(params: Params, out: Path, trials: dict[str, list[RunResult]], trial_seeds: list[int],
                       meta: dict | None = None) -> dict:
-    comparison = {name: _summarise(runs) | {"description": VARIANTS[name].description} for name, runs in trials.items()}
+    """trial_seeds: the seeds of the trials done, in order (consecutive)."""
+    comparison = {name: _summarise(runs, trial_seeds) | {"description": VARIANTS[name].description}
+                  for name, runs in trials.items()}
     comparison_meta = {"peak_rss_mb": _peak_rss_mb(),
                        "foundation_model": params.inject.foundation_model, "rounds": params.federation.rounds,
-                       "seeds": seeds_done, "max_per_task": params.eval.max_per_task} | (meta or {})
+                       "seeds": len(trial_seeds), "first_seed": trial_seeds[0],
+                       "max_per_task": params.eval.max_per_task} | (meta or {})
     if "fedkim" in comparison:
         comparison_meta["fedkim_wins"] = fedkim_wins(trials)
     (out / "comparison.json").write_text(json.dumps({"variants": comparison, **comparison_meta}, indent=2,
@@ -286,7 +297,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
-def _summarise(runs: list[RunResult]) -> dict:
+def _summarise(runs: list[RunResult], trial_seeds: list[int]) -> dict:
     """Means (and sample standard deviations) over a variant's trials; per-task metrics averaged key by key."""
     row: dict = {"seconds": round(sum(r.seconds for r in runs), 1)}
     for key in HEADLINE:
@@ -300,8 +311,8 @@ def _summarise(runs: list[RunResult]) -> dict:
             tasks[task]["primary_std"] = _mean_std([r.metrics["tasks"][task].get("primary", math.nan) for r in runs])[1]
     row["gate_distance"] = _mean_std([r.metrics.get("gate_distance", math.nan) for r in runs])[0]
     row["tasks"] = tasks
-    row["trials"] = [{"seed": i, **{k: r.metrics[k] for k in HEADLINE}, "seconds": round(r.seconds, 1)}
-                     for i, r in enumerate(runs)]
+    row["trials"] = [{"seed": seed, **{k: r.metrics[k] for k in HEADLINE}, "seconds": round(r.seconds, 1)}
+                     for seed, r in zip(trial_seeds, runs)]
     row["rounds"] = [rec.__dict__ for rec in runs[0].rounds]
     return row
 
@@ -320,8 +331,10 @@ def comparison_markdown(comparison: dict, meta: dict) -> str:
     def headline(row: dict, key: str) -> str:
         return f"{row[key]:.3f}" + (f" ± {row[key + '_std']:.3f}" if seeds > 1 else "")
 
+    first = meta.get("first_seed", 0)
     title = f"# FedKIM comparison ({meta['foundation_model']}, {meta['rounds']} round(s)"
-    title += f", mean ± sd over {seeds} seeds)" if seeds > 1 else ")"
+    title += f", mean ± sd over {seeds} seeds" if seeds > 1 else ""
+    title += (f", seed {first})" if seeds == 1 else f", seeds {first}–{first + seeds - 1})") if first else ")"
     lines = [title, "",
              "| variant | train mean F1 | zero-shot mean | mean AUROC | " + " | ".join(tasks) + " | seconds |",
              "|---" * (len(tasks) + 5) + "|"]

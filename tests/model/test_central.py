@@ -329,6 +329,16 @@ def test_experiment_over_seeds_reports_means_spread_and_wins(params, tmp_path):
     with pytest.raises(ValueError, match="seeds must be at least 1"):
         run_experiment(params, tmp_path, variants=["fedplug"], seeds=0)
 
+    # A later run can add trials: trial 1 alone (first_seed=1) is the 2-seed run's trial 1, figure for figure.
+    later = run_experiment(params, tmp_path / "later", variants=["fedplug"], first_seed=1)
+    assert [t["seed"] for t in later["fedplug"]["trials"]] == [1]
+    assert json.loads((tmp_path / "later" / "seed-1" / "fedplug" / "metrics.json").read_text())["tasks"] == \
+        json.loads((tmp_path / "seed-1" / "fedplug" / "metrics.json").read_text())["tasks"]
+    assert not (tmp_path / "later" / "fedplug").exists()  # trials other than a lone 0 keep their seed folder
+    saved_later = json.loads((tmp_path / "later" / "comparison.json").read_text())
+    assert saved_later["first_seed"] == 1 and saved_later["seeds"] == 1
+    assert "seed 1)" in (tmp_path / "later" / "comparison.md").read_text()
+
     # Rescoring reloads each trial's trained model: with the same settings every figure comes back identical.
     from fedkim.experiment import rescore_experiment
 
@@ -354,6 +364,8 @@ def test_experiment_over_seeds_reports_means_spread_and_wins(params, tmp_path):
     assert saved["variants"]["fedkim"]["zeroshot_mean"] == pytest.approx(relabelled["fedkim"]["zeroshot_mean"])
     with pytest.raises(FileNotFoundError, match="no comparison to rescore"):
         rescore_experiment(params, tmp_path / "seed-0" / "fedkim")
+    # The later run rescores from its own seed folder, its trial keeping seed 1.
+    assert rescore_experiment(params, tmp_path / "later")["fedplug"]["trials"][0]["seed"] == 1
 
 
 def test_single_token_fast_path_equals_the_full_scoring(params):
