@@ -1,6 +1,6 @@
 """`fedkim data generate`: the default offline federation, written in the site data format.
 
-    <root>/federation.yaml           params hash, seed, time taken, the directories below
+    <root>/federation.yaml           params hash, seed, the directories below (no timings)
     <root>/site-a ... site-d/        hospitals: only their modalities and conditions, their acquisition
     <root>/public/                   the server's public split (training tasks, every condition)
     <root>/test/                     all 12 tasks; zero-shot tasks appear nowhere else
