@@ -88,8 +88,8 @@ def experiment(
     fm: Optional[str] = typer.Option(None, "--fm", help="override inject.foundation_model (smollm2, tiny, a folder)"),
     seeds: int = typer.Option(1, min=1, help="trials per variant with shifted training seeds (same data): "
                                              "mean ± sd and per-seed wins are reported"),
-    first_seed: int = typer.Option(0, min=0, help="the first trial's seed shift: --first-seed 1 --seeds 2 runs "
-                                                  "trials 1 and 2, the same as those of a --seeds 3 run"),
+    first_seed: int = typer.Option(0, min=0, help="the first trial's seed shift: --first-seed 1 --seeds 2 "
+                                                  "runs trials 1 and 2, the same as a --seeds 3 run's"),
     settings: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
                                        help="override a setting, e.g. --set eval.max_per_task=160 (repeatable)"),
 ) -> None:

@@ -202,9 +202,9 @@ HEADLINE = ("train_mean_f1", "zeroshot_mean", "mean_auroc")
 def run_experiment(params: Params, out: Path, variants: list[str] | None = None, progress: bool = False,
                    seeds: int = 1, first_seed: int = 0) -> dict:
     """All variants in one process, each over `seeds` trials (training seeds shifted by first_seed ..
-    first_seed + seeds - 1, same data); writes out/comparison.json and out/comparison.md. A variant's figures are
-    the means over its trials, with their standard deviations and each trial's figures beside them. A trial is
-    the same whichever run holds it, so `first_seed` adds trials to an earlier run's on another machine or day."""
+    first_seed + seeds - 1, same data); writes out/comparison.json and out/comparison.md. A variant's
+    figures are the means over its trials, with their standard deviations and each trial's figures beside
+    them. A trial is the same whichever run holds it: `first_seed` adds trials to an earlier run's."""
     out = Path(out)
     names = variants or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
@@ -215,7 +215,7 @@ def run_experiment(params: Params, out: Path, variants: list[str] | None = None,
     cache = SiteCache()
     trials: dict[str, list[RunResult]] = {name: [] for name in names}
     trial_seeds = list(range(first_seed, first_seed + seeds))
-    for done, seed in enumerate(trial_seeds, 1):  # seed-major, written after each trial: a stopped run keeps them
+    for done, seed in enumerate(trial_seeds, 1):  # seed-major, written after each trial: a stop keeps them
         for name in names:
             trials[name].append(run_variant(params, name, _trial_folder(out, seed, trial_seeds), cache=cache,
                                             progress=progress, seed=seed))
@@ -334,7 +334,9 @@ def comparison_markdown(comparison: dict, meta: dict) -> str:
     first = meta.get("first_seed", 0)
     title = f"# FedKIM comparison ({meta['foundation_model']}, {meta['rounds']} round(s)"
     title += f", mean ± sd over {seeds} seeds" if seeds > 1 else ""
-    title += (f", seed {first})" if seeds == 1 else f", seeds {first}–{first + seeds - 1})") if first else ")"
+    if first:
+        title += f", seed {first}" if seeds == 1 else f", seeds {first}–{first + seeds - 1}"
+    title += ")"
     lines = [title, "",
              "| variant | train mean F1 | zero-shot mean | mean AUROC | " + " | ".join(tasks) + " | seconds |",
              "|---" * (len(tasks) + 5) + "|"]

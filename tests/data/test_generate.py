@@ -80,8 +80,8 @@ def test_site_heterogeneity_is_real(small_federation):
 def test_reproducible_under_a_seed_and_cached(tmp_path, small_federation):
     again = generate_federation(params_at(tmp_path, tmp_path / "again").data)
     assert {m.site_id: m.fingerprint for m in again.sites} == {m.site_id: m.fingerprint for m in small_federation.sites}
-    # Byte for byte, top-level files included: DVC hashes the whole folder, so a regenerated one must not differ
-    # (sites' reports/ folders are the validation gate's, written later by other tests).
+    # Byte for byte, top-level files included: DVC hashes the whole folder, so a regenerated one must not
+    # differ (sites' reports/ folders are the validation gate's, written later by other tests).
     files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*")  # noqa: E731
                           if p.is_file() and "reports" not in p.relative_to(root).parts}
     assert files(again.root) == files(small_federation.root)

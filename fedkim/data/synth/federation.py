@@ -113,7 +113,7 @@ def generate_federation(data: DataParams, *, force: bool = False, progress: bool
                 manifests.append(_write_directory(a))
                 advance(manifests[-1].site_id)
     seconds = time.perf_counter() - started
-    federation = {  # no timing in it: a regenerated federation is byte-identical, so DVC's hash of it is stable
+    federation = {  # no timing: a regenerated federation is byte-identical, so DVC's hash of it is stable
         "params_hash": digest, "seed": data.seed,
         "directories": [j.dir_name for j in jobs],
         "roles": {j.dir_name: j.role for j in jobs},
