@@ -223,7 +223,7 @@ class InjectParams(Strict):
 
     foundation_model: str = Field("smollm2", description="'smollm2', 'tiny' (tests) or a local HF model folder")
     num_experts: int = Field(12, ge=1)
-    shared_experts: int = Field(0, ge=0, description="always-on experts (gate weight 1) beside the routed ones: "
+    shared_experts: int = Field(1, ge=0, description="always-on experts (gate weight 1) beside the routed ones: "
                                                      "a path every task trains, while the routed experts specialise")
     rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
@@ -231,7 +231,10 @@ class InjectParams(Strict):
     scale_one: bool = Field(False, description="reproduce the reference code's LoRA scale 1.0 instead of alpha/r")
     gate: Literal["xattn", "id", "single"] = "xattn"
     top_k: int | None = Field(None, ge=1)
-    balance_weight: float = Field(0.0, ge=0)
+    balance_weight: float = Field(0.02, ge=0)
+    balance_scope: Literal["batch", "tasks"] = Field(
+        "tasks", description="load-balancing loss over the batch's samples (one task per batch), or over every "
+                             "training task's gate, so that the tasks together use every expert")
     gate_norm: Literal["catalogue", "layer", "none"] = Field(
         "catalogue", description="xattn: standardise the gate's pooled description vector against the catalogue's "
                                  "descriptions (catalogue), on its own (layer), or not at all (none: the paper's "

@@ -85,7 +85,8 @@ def m3oe_config(params: Params, variant: Variant) -> M3OEConfig | None:
                           gate="single", lm_head=p.lm_head)
     return M3OEConfig(num_experts=p.num_experts, shared_experts=p.shared_experts, rank=p.rank, alpha=p.alpha,
                       dropout=p.dropout, scale_one=p.scale_one, gate=p.gate, top_k=p.top_k,
-                      balance_weight=p.balance_weight, lm_head=p.lm_head, gate_norm=p.gate_norm)
+                      balance_weight=p.balance_weight, balance_scope=p.balance_scope, lm_head=p.lm_head,
+                      gate_norm=p.gate_norm)
 
 
 def build_central(params: Params, variant: Variant, encoders_state: dict | None = None, *,

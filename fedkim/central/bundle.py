@@ -47,9 +47,9 @@ def save_bundle(model: CentralModel, params: Params, folder: str | Path, *, vari
 
     sites: the site ids that contributed (or site id -> data fingerprint). metrics: `evaluate()`'s dict, for the
     model card. adapters: which (task, modality) pairs get a merged peft adapter — "all", "train" (the training
-    tasks), "none"/False; default `tracking.bundle_adapters`. Each is rank P·r on every adapted linear (about
-    117 MB for SmolLM2 with 12 experts of rank 8), so the default keeps to the training tasks; the others can be
-    exported from the bundle's M3OE weights at any time."""
+    tasks), "none"/False; default `tracking.bundle_adapters`. Each is rank (P+S)·r on every adapted linear
+    (about 127 MB for SmolLM2 with 12 + 1 shared experts of rank 8), so the default keeps to the training tasks;
+    the others can be exported from the bundle's M3OE weights at any time."""
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

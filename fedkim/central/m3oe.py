@@ -39,6 +39,7 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 GATE_NORMS = ("none", "layer", "catalogue")
+BALANCE_SCOPES = ("batch", "tasks")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class M3OEConfig:
     gate: GateKind = "xattn"
     top_k: int | None = None                  # None: dense soft gate (as in the reference code)
     balance_weight: float = 0.0               # weight of M3OE.aux_loss in the training loss (reference: none)
+    balance_scope: str = "batch"              # batch: load over the batch's samples | tasks: over the training pairs
     gate_dropout: float = 0.1                 # attention dropout inside the xattn gate (reference code)
     mask_padding: bool = True                 # the reference code attends to and pools over padding
     gate_norm: str = "catalogue"              # xattn: none | layer | catalogue (see XAttnGate)
@@ -63,6 +65,8 @@ class M3OEConfig:
         self.targets = tuple(self.targets)
         if self.gate_norm not in GATE_NORMS:
             raise ValueError(f"gate_norm must be one of {GATE_NORMS}, got {self.gate_norm!r}")
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"balance_scope must be one of {BALANCE_SCOPES}, got {self.balance_scope!r}")
         if self.gate not in ("xattn", "id", "single"):
             raise ValueError(f"gate must be 'xattn', 'id' or 'single', got {self.gate!r}")
         if self.gate == "single" and self.num_experts != 1:
@@ -356,7 +360,20 @@ class M3OE(nn.Module):
         """Gate weights (batch, P) for (task description, modality description) pairs, with autograd.
 
         Each distinct pair is routed once and the result gathered back per sample (batches repeat pairs)."""
-        tasks, modalities = _as_list(tasks), _as_list(modalities)
+        weights = self._route(_as_list(tasks), _as_list(modalities))
+        self.gate.aux_loss = self.gate.balance(weights)
+        return weights
+
+    def pairs_balance(self, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
+        """Load-balancing loss over a set of (task, modality) description pairs, each counted once, with autograd.
+
+        Training batches hold one task each, so the per-batch loss (aux_loss) can only pull every task's own gate
+        toward uniform. Over the training pairs the load is uniform when the tasks *together* use every expert:
+        a task may route sharply, but not all tasks onto the same one or two experts, which would leave the rest
+        untrained and a new description's mixture mostly made of untrained experts."""
+        return self.gate.balance(self._route([t for t, _ in pairs], [m for _, m in pairs]))
+
+    def _route(self, tasks: list[str], modalities: list[str]) -> torch.Tensor:
         if len(tasks) != len(modalities):
             raise ValueError(f"{len(tasks)} task descriptions but {len(modalities)} modality descriptions")
         slot: dict[tuple[str, str], int] = {}
@@ -373,9 +390,7 @@ class M3OE(nn.Module):
                                self._ids(self.modality_vocab, u_mods, "modality"))
         else:
             unique = self.gate(len(pairs), device=self.device)
-        weights = unique[index]
-        self.gate.aux_loss = self.gate.balance(weights)
-        return weights
+        return unique[index]
 
     @torch.no_grad()
     def gate_weights(self, tasks: str | Sequence[str], modalities: str | Sequence[str]) -> torch.Tensor:

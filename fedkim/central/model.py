@@ -18,7 +18,7 @@ from torch import nn
 
 from fedkim.central.foundation import Foundation
 from fedkim.central.m3oe import M3OE, M3OEConfig, attach_m3oe
-from fedkim.data.catalogue import TASKS
+from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 
 TAGS = {"image": ("<image>", "</image>"), "ecg": ("<ecg>", "</ecg>"), "clinical": ("<clinical>", "</clinical>")}
 HUMAN, ASSISTANT, END = "### Human: ", "\n### Assistant:", "\n###"
@@ -177,8 +177,14 @@ class CentralModel(nn.Module):
         loss = nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                            ignore_index=-100)  # mean over answer tokens
         if self.m3oe is not None and self.m3oe.config.balance_weight > 0:
-            loss = loss + self.m3oe.config.balance_weight * self.m3oe.aux_loss
+            loss = loss + self.m3oe.config.balance_weight * self.balance_loss()
         return loss
+
+    def balance_loss(self) -> torch.Tensor:
+        """The gate's load-balancing loss: over the last batch, or (scope 'tasks') over every training task's pair."""
+        if self.m3oe.config.balance_scope == "batch":
+            return self.m3oe.aux_loss
+        return self.m3oe.pairs_balance([self.gate_mode.pair(name) for name in TRAIN_TASKS])
 
     # ------------------------------------------------------------------------------------------- scoring
     @torch.no_grad()

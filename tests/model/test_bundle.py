@@ -71,9 +71,9 @@ def test_layout_manifest_and_model_card(saved):
     assert {"params.yaml", "trainable.safetensors", "encoders.safetensors", "MODEL_CARD.md"} <= set(manifest["files"])
     for task in TASKS:  # one merged peft adapter per (task, modality) pair of the catalogue
         assert f"adapters/{task}/adapter_model.safetensors" in manifest["files"]
-        assert json.loads((folder / "adapters" / task / "adapter_config.json").read_text())["r"] == 16
+        assert json.loads((folder / "adapters" / task / "adapter_config.json").read_text())["r"] == (4 + 1) * 4
     card = (folder / "MODEL_CARD.md").read_text()
-    assert "`tiny`" in card and "experts: 4 routed + 0 shared, rank 4" in card and "site-a, site-b" in card and "round 7" in card
+    assert "`tiny`" in card and "experts: 4 routed + 1 shared, rank 4" in card and "site-a, site-b" in card and "round 7" in card
     assert "| lung_opacity | train | 0.610 |" in card and "Not for clinical use" in card and "synthetic" in card
     assert not any(p.name.endswith(".partial") for p in folder.parent.iterdir())
 

@@ -10,7 +10,7 @@ import yaml
 from fedkim.central.evaluate import evaluate, gate_distance
 from fedkim.central.inject import inject, warmup_decay
 from fedkim.config import load_params
-from fedkim.data.catalogue import TASKS
+from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 from fedkim.experiment import VARIANTS, build_central, run_experiment, run_variant
 from fedkim.site.train import task_loader
 from tests.conftest import small_params_dict
@@ -273,6 +273,21 @@ def test_gate_ablations_change_the_gate_inputs(params):
     t = TASKS["mortality"]
     assert full.gate_mode.pair("mortality") == (t.task_description, t.modality_description)
     assert no_task.gate_mode.pair("mortality") == (t.modality_description, t.modality_description)
+
+
+def test_task_scope_balance_enters_the_injection_loss(params):
+    scoped = params.model_copy(update={"inject": params.inject.model_copy(
+        update={"balance_weight": 0.5, "balance_scope": "tasks"})})
+    model = build_central(scoped, VARIANTS["fedkim"])
+    model.m3oe.gate.eval()  # no attention dropout: the same gate in both calls
+    batch = batch_of(scoped, "covid")
+    with torch.no_grad():
+        total = model.loss(batch, "covid", batch["answer"])
+        balance = model.m3oe.pairs_balance([model.gate_mode.pair(t) for t in TRAIN_TASKS])
+        model.m3oe.config.balance_weight = 0.0
+        plain = model.loss(batch, "covid", batch["answer"])
+    assert balance > 0 and torch.allclose(total, plain + 0.5 * balance)
+    assert not torch.allclose(balance, model.m3oe.aux_loss)  # not the single-task batch's own load
 
 
 def test_two_sites_two_rounds_end_to_end(params, tmp_path):

@@ -166,6 +166,28 @@ def test_balance_loss_is_exposed(fm):
     assert m3oe.gate.balance(torch.full((4, 4), 0.25)) == 0
 
 
+def test_balance_over_task_pairs_spreads_the_tasks_over_the_experts(fm):
+    m3oe = attach(fm, num_experts=6, balance_scope="tasks")
+    four = list(zip(*pairs(4)))
+    load = m3oe.compute_gate(*pairs(4)).mean(0)
+    assert torch.allclose(m3oe.pairs_balance(four), load.var(unbiased=False) / load.mean() ** 2)
+    # one single-task batch: the per-batch loss sees only that task's gate, the pairs loss all four
+    m3oe.set_gate(*pairs(1))
+    assert not torch.allclose(m3oe.aux_loss, m3oe.pairs_balance(four))
+    m3oe.gate.eval()  # no attention dropout: a deterministic descent
+    with torch.no_grad():
+        m3oe.gate.out.bias[0] = 4.0  # every task collapsed onto expert 0
+    optimizer = torch.optim.Adam(m3oe.gate.parameters(), lr=0.01)
+    start = float(m3oe.pairs_balance(four))
+    for _ in range(30):
+        optimizer.zero_grad()
+        m3oe.pairs_balance(four).backward()
+        optimizer.step()
+    assert float(m3oe.pairs_balance(four)) < 0.5 * start
+    with pytest.raises(ValueError, match="balance_scope"):
+        M3OEConfig(balance_scope="sites")
+
+
 def test_einsum_path_equals_a_loop_over_experts(fm):
     m3oe = attach(fm, num_experts=5, rank=3)
     perturb_b(m3oe)
