@@ -365,7 +365,7 @@ class M3OE(nn.Module):
         return weights
 
     def pairs_balance(self, pairs: Sequence[tuple[str, str]]) -> torch.Tensor:
-        """Load-balancing loss over a set of (task, modality) description pairs, each counted once, with autograd.
+        """Load-balancing loss over the gates of a set of (task, modality) description pairs, with autograd.
 
         Training batches hold one task each, so the per-batch loss (aux_loss) can only pull every task's own gate
         toward uniform. Over the training pairs the load is uniform when the tasks *together* use every expert:
