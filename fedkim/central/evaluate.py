@@ -21,7 +21,9 @@ Multiple-answer questions get the same treatment (contextual calibration): each 
 to its mean log-probability when the same question is asked about unlabelled public inputs of the task's
 non-text modality (for a text-only question, about the content-free question "N/A"), so that an option the prompt
 favours regardless of the input does not win by default. The uncalibrated accuracy is reported beside it, and
-chance is the mean of 1 / (options offered) over the samples.
+chance is the mean of 1 / (options offered) over the samples. Each question task also reports its confusion
+(answer -> pick -> count) and its figures per option set offered (`by_options`: a VQA's yes/no questions apart
+from its left/right/none ones, each with its chance and the share of its commonest answer).
 
 Lettered multiple choice whose records carry the choices' texts (medical_qa: "... A. Diseases of the nervous
 system B. ...") is scored, by default (`eval.choice_scoring: text`), on the texts: the question stem without its
@@ -42,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef, roc_auc_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, matthews_corrcoef, roc_auc_score
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from fedkim.central.model import CentralModel
@@ -175,7 +177,7 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
     """One task's metrics. threshold: a yes/no decision threshold, OWN_INPUTS (the median of these inputs'
     scores) or None (log p(Yes) > log p(No))."""
     spec = TASKS[task]
-    scores, predicted, raw_predicted, truth, generated, offered = [], [], [], [], [], []
+    scores, predicted, raw_predicted, truth, generated, offered, forms = [], [], [], [], [], [], []
     text_scored = False
     for batch in DataLoader(dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate):
         batch = to_device(batch, device)
@@ -192,6 +194,7 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
             calibrated = row[:len(opts)] - prior if prior is not None else row[:len(opts)]
             predicted.append(opts[int(calibrated.argmax())])
             offered.append(len(opts))
+            forms.append(tuple(opts))
             if spec.kind == "binary":
                 scores.append(float(row[opts.index("Yes")] - row[opts.index("No")]))
         truth += list(batch["answer"])
@@ -217,12 +220,32 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
                    "macro_f1": f1_score(truth, predicted, average="macro", zero_division=0),
                    "accuracy_uncalibrated": accuracy_score(truth, raw_predicted),
                    "calibrated": bool(priors), "choice_scoring": "text" if text_scored else "label",
-                   "chance": float(np.mean([1 / n for n in offered]))}
+                   "chance": float(np.mean([1 / n for n in offered])),
+                   "confusion": confusion(truth, predicted), "by_options": by_option_set(forms, truth, predicted)}
         result["primary"] = result["accuracy"]
     if generated:
         result["generation_exact_match"] = float(np.mean([g.strip().lower().startswith(t.lower())
                                                           for g, t in zip(generated, truth)]))
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in result.items()}
+
+
+def confusion(truth: list[str], predicted: list[str]) -> dict[str, dict[str, int]]:
+    """Answer -> pick -> count (the calibrated picks): shows an answer the model never gives, or two swapped."""
+    labels = sorted(set(truth) | set(predicted))
+    matrix = confusion_matrix(truth, predicted, labels=labels)
+    return {a: {b: int(n) for b, n in zip(labels, row) if n} for a, row in zip(labels, matrix) if row.any()}
+
+
+def by_option_set(forms: list[tuple[str, ...]], truth: list[str], predicted: list[str]) -> dict[str, dict]:
+    """Per option set offered ("yes/no", "left/right/none"): count, accuracy, chance (1 / options) and the share
+    of the commonest answer, a reference only: a model that always gave it would score that much."""
+    out = {}
+    for form in dict.fromkeys(forms):
+        rows = [i for i, f in enumerate(forms) if f == form]
+        answers, picks = [truth[i] for i in rows], [predicted[i] for i in rows]
+        out["/".join(form)] = {"n": len(rows), "accuracy": float(accuracy_score(answers, picks)),
+                               "chance": 1 / len(form), "majority": max(map(answers.count, answers)) / len(rows)}
+    return out
 
 
 def by_text(batch: dict, p: EvalParams) -> bool:

@@ -156,6 +156,15 @@ def test_question_options_are_scored_relative_to_their_label_free_prior(params):
         forced = evaluate_task(model, test, task, by_label, "cpu", priors=rigged)
         second = [test.question_at(i)["options"][1] == test[i]["answer"] for i in range(len(test))]
         assert forced["accuracy"] == pytest.approx(sum(second) / len(second))
+        # The breakdowns: every pick is some form's second option, and the per-form figures add up to the whole.
+        seconds = {test.question_at(i)["options"][1] for i in range(len(test))}
+        assert {pick for row in forced["confusion"].values() for pick in row} == seconds
+        assert sum(n for row in forced["confusion"].values() for n in row.values()) == len(test)
+        forms = forced["by_options"]
+        assert {tuple(f.split("/")) for f in forms} == {tuple(test.question_at(i)["options"]) for i in range(len(test))}
+        assert sum(f["n"] for f in forms.values()) == len(test)
+        assert sum(f["n"] * f["accuracy"] for f in forms.values()) / len(test) == pytest.approx(forced["accuracy"])
+        assert all(f["chance"] == 1 / len(name.split("/")) <= f["majority"] for name, f in forms.items())
         plain = evaluate_task(model, test, task, by_label, "cpu")
         assert not plain["calibrated"] and plain["accuracy"] == plain["accuracy_uncalibrated"] \
             == forced["accuracy_uncalibrated"]
