@@ -177,7 +177,7 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
     """One task's metrics. threshold: a yes/no decision threshold, OWN_INPUTS (the median of these inputs'
     scores) or None (log p(Yes) > log p(No))."""
     spec = TASKS[task]
-    scores, predicted, raw_predicted, truth, generated, offered, forms = [], [], [], [], [], [], []
+    scores, predicted, raw_predicted, truth, generated, forms = [], [], [], [], [], []
     text_scored = False
     for batch in DataLoader(dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate):
         batch = to_device(batch, device)
@@ -193,7 +193,6 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
             prior = (priors or {}).get((question, tuple(opts)))
             calibrated = row[:len(opts)] - prior if prior is not None else row[:len(opts)]
             predicted.append(opts[int(calibrated.argmax())])
-            offered.append(len(opts))
             forms.append(tuple(opts))
             if spec.kind == "binary":
                 scores.append(float(row[opts.index("Yes")] - row[opts.index("No")]))
@@ -220,7 +219,7 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
                    "macro_f1": f1_score(truth, predicted, average="macro", zero_division=0),
                    "accuracy_uncalibrated": accuracy_score(truth, raw_predicted),
                    "calibrated": bool(priors), "choice_scoring": "text" if text_scored else "label",
-                   "chance": float(np.mean([1 / n for n in offered])),
+                   "chance": float(np.mean([1 / len(f) for f in forms])),
                    "confusion": confusion(truth, predicted), "by_options": by_option_set(forms, truth, predicted)}
         result["primary"] = result["accuracy"]
     if generated:
