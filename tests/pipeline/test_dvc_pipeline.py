@@ -229,3 +229,14 @@ def test_a_site_missing_from_params_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"--site 'site-z' is not in params.yaml data.sites; known sites: \["):
         validate.main(["--site", "site-z", "--out", str(tmp_path / "report.json")])
     assert not (tmp_path / "report.json").exists()
+
+
+def test_generate_stage_depends_on_every_source_of_the_federation_cache_key():
+    """The generator reuses a federation whose recorded hash covers these files; if DVC did not rerun `generate`
+    when one of them changes, the next library call would regenerate the tracked data behind DVC's back."""
+    from fedkim.data.synth.federation import generator_sources
+
+    deps = [REPO / d for d in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["generate"]["deps"]]
+    uncovered = [str(p.relative_to(REPO)) for p in generator_sources()
+                 if not any(p == d or d in p.parents for d in deps)]
+    assert generator_sources() and not uncovered, f"dvc.yaml generate deps miss {uncovered}"

@@ -65,11 +65,16 @@ class _Job:
     with_val: bool
 
 
+def generator_sources() -> list[Path]:
+    """The files whose source is part of the cache key (dvc.yaml's generate stage must list them as deps)."""
+    package = Path(__file__).resolve().parents[1]
+    return sorted([*package.glob("synth/*.py"), *package.glob("formats/*.py"), package / "siteformat.py"])
+
+
 def _code_digest() -> str:
     """The generator's own source: a changed generator must not reuse a federation cached by an older one."""
-    package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted([*package.glob("synth/*.py"), *package.glob("formats/*.py"), package / "siteformat.py"]):
+    for path in generator_sources():
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
