@@ -15,9 +15,10 @@ from fedkim.data.catalogue import TASKS
 
 
 def find_comparison(configured: Path | None, search_root: Path) -> Path | None:
-    """The configured comparison.json, else the newest one under search_root (None when there is none)."""
+    """The configured comparison.json (even if missing: the report then says so, naming it), else the newest one
+    under search_root by modification time (None when there is none)."""
     if configured is not None:
-        return configured if configured.is_file() else None
+        return configured
     if not search_root.is_dir():
         return None
     found = [p for p in search_root.rglob("comparison.json") if p.is_file()]

@@ -34,6 +34,8 @@ MODALITY_INPUTS: dict[str, tuple[str, ...]] = {
 
 YES_NO = ("No", "Yes")
 ECG_NOISE_ANSWERS = ("none", "powerline", "baseline drift", "burst")
+# ecg_noise_qa's verify form (the query form is the task's own question): half its records are clean.
+NOISE_VERIFY_QUESTION = "Is there noise in this ECG?"
 
 
 @dataclass(frozen=True)
@@ -118,9 +120,9 @@ TASKS: dict[str, Task] = {
             "Does this patient develop sepsis?", "MIMIC (FedMEKI)",
         ),
         Task(
-            "ecg_noise_qa", "ecg+text", "zero_shot", "choice", ECG_NOISE_ANSWERS,
-            "Signal noise clarification: answer a question about which kind of noise, if any, corrupts the "
-            "given ECG signal.",
+            "ecg_noise_qa", "ecg+text", "zero_shot", "choice", ("yes", "no", *ECG_NOISE_ANSWERS),
+            "Signal noise clarification: answer a question about noise in the given ECG signal, such as whether "
+            "any noise corrupts it or which kind.",
             "Which noise affects this ECG: none, powerline, baseline drift or burst?", "ECG-QA",
         ),
         Task(

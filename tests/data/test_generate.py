@@ -160,3 +160,40 @@ def test_labelled_ecgs_carry_routine_artifacts_at_the_configured_share(small_fed
     with_mains = sum(has_mains(path, mains) for path, mains in records)
     expected = params.difficulty.ecg_artifacts / 3 * len(records)  # powerline is one of three artifacts
     assert 0.3 * expected < with_mains < 2 * expected + 3, (with_mains, expected, len(records))
+
+
+def test_ecg_noise_questions_verify_or_query_the_noise_the_record_carries(tmp_path):
+    """ecg_noise_qa comes in ECG-QA's two forms: "is there noise?" (yes/no, balanced) and "which noise?" (four
+    options). The answers must match the signal: powerline noise is visible as power at the site's mains."""
+    from scipy.signal import welch
+
+    from fedkim.data.catalogue import ECG_NOISE_ANSWERS, NOISE_VERIFY_QUESTION
+    from fedkim.data.formats.ecg import read_ecg
+    from fedkim.data.synth.ecg import build_bank
+    from fedkim.data.synth.federation import _make_ecg
+
+    data = params_at(tmp_path, tmp_path / "unused").data
+    site = data.sites[0]
+    bank = build_bank(data.seed, 2, data.difficulty.ecg_effect, data.difficulty.ecg_variability)
+    rng, questions, paths = np.random.default_rng(0), [], {}
+    for i in range(120):
+        path, answer = _make_ecg(tmp_path, rng, data, bank, site, "ecg_noise_qa", 0, "test", f"q{i}", questions)
+        assert answer == questions[-1]["answer"]
+        paths[f"q{i}"] = tmp_path / path
+
+    def has_mains(sample_id):
+        record = read_ecg(paths[sample_id])
+        f, p = welch(record.signal[:, 0], fs=record.fs, nperseg=int(record.fs))
+        mains = site.ecg.powerline_hz
+        return p[(f >= mains - 1) & (f <= mains + 1)].max() > 20 * np.median(p[(f >= 20) & (f <= 45)])
+
+    verify = [q for q in questions if q["question"] == NOISE_VERIFY_QUESTION]
+    query = [q for q in questions if q["question"] == TASKS["ecg_noise_qa"].question]
+    assert len(verify) + len(query) == 120 and 35 <= len(verify) <= 85
+    assert all(q["options"] == ["yes", "no"] for q in verify)
+    assert all(q["options"] == list(ECG_NOISE_ANSWERS) and q["answer"] in ECG_NOISE_ANSWERS for q in query)
+    yes = [q for q in verify if q["answer"] == "yes"]
+    assert 0.3 < len(yes) / len(verify) < 0.7  # "yes" is not a majority answer to guess
+    assert not any(has_mains(q["sample_id"]) for q in verify if q["answer"] == "no")
+    assert any(has_mains(q["sample_id"]) for q in yes)  # some of the noisy ones are powerline
+    assert all(has_mains(q["sample_id"]) == (q["answer"] == "powerline") for q in query)

@@ -55,7 +55,8 @@ def write_params(folder: Path, federation_root: Path, **extra) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     raw = small_params_dict(federation_root, **{
         **FAST, "tracking.uri": f"sqlite:///{folder / 'mlflow.db'}", "store.root": str(folder / "store"),
-        "report.root": str(folder / "reports"), "federation.work_dir": str(folder / "work"), **extra})
+        "report.root": str(folder / "reports"), "federation.work_dir": str(folder / "work"),
+        "report.comparison": None, **extra})  # the baselines: the newest comparison.json beside the reports
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from fedkim.config import DataParams, SiteSpec, params_hash
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS, tasks_for_modality
+from fedkim.data.catalogue import NOISE_VERIFY_QUESTION, TASKS, TRAIN_TASKS, tasks_for_modality
 from fedkim.data.formats.clinical import write_long
 from fedkim.data.formats.ecg import write_wfdb
 from fedkim.data.formats.image import write_dicom, write_png
@@ -314,11 +314,15 @@ def _make_ecg(out, rng, data: DataParams, bank: BeatBank, site: SiteSpec, task: 
         spec.ectopics = int(rng.integers(1, 4)) if label else 0
         if not label and rng.random() < 0.3:  # abnormal but not ectopic: no "abnormal = yes" shortcut
             spec.rhythm = ("af", "wide_qrs", "t_inversion")[rng.integers(3)]
-    else:  # ecg_noise_qa
-        spec.noise = NOISES[rng.integers(len(NOISES))]
-        answer = spec.noise
-        questions.append({"sample_id": sample_id, "question": TASKS[task].question, "options": list(NOISES),
-                          "answer": answer})
+    else:  # ecg_noise_qa, in ECG-QA's two forms: verify (is any noise there?) and query (which noise?)
+        if rng.random() < 0.5:
+            noisy = rng.random() < 0.5  # balanced, so that "yes" is not the majority answer
+            spec.noise = NOISES[1 + rng.integers(len(NOISES) - 1)] if noisy else "none"
+            question, options, answer = NOISE_VERIFY_QUESTION, ["yes", "no"], "yes" if noisy else "no"
+        else:
+            spec.noise = NOISES[rng.integers(len(NOISES))]
+            question, options, answer = TASKS[task].question, list(NOISES), spec.noise
+        questions.append({"sample_id": sample_id, "question": question, "options": options, "answer": answer})
     signal = compose(rng, bank, spec)
     folder = out / "ecg" / split
     folder.mkdir(parents=True, exist_ok=True)
