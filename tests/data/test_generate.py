@@ -14,6 +14,17 @@ from fedkim.data.synth.federation import GenerationError, generate_federation
 from tests.conftest import small_params_dict
 
 
+def has_mains(path, mains: float) -> bool:
+    """Lead I of the WFDB record shows a peak at the mains frequency (powerline noise) over its 20-45 Hz floor."""
+    from scipy.signal import welch
+
+    from fedkim.data.formats.ecg import read_ecg
+
+    record = read_ecg(path)
+    f, p = welch(record.signal[:, 0], fs=record.fs, nperseg=int(record.fs))
+    return p[(f >= mains - 1) & (f <= mains + 1)].max() > 20 * np.median(p[(f >= 20) & (f <= 45)])
+
+
 def params_at(tmp_path, root, **extra):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(small_params_dict(root, **extra)))
@@ -143,19 +154,10 @@ def test_every_generated_directory_passes_the_gate(small_federation):
 def test_labelled_ecgs_carry_routine_artifacts_at_the_configured_share(small_federation):
     """Recorded ECGs are not all clean (PTB-XL annotates drift, static and burst noise): a share of the labelled
     tasks' records carry one artifact, so encoders and the label-free calibration see them before ecg_noise_qa."""
-    from scipy.signal import welch
-
-    from fedkim.data.formats.ecg import read_ecg
-
     root = small_federation.root
     params = load_params(root.parent / "params.yaml").data
     records = [(root / site.id / rel, site.ecg.powerline_hz) for site in params.sites if "ecg" in site.modalities
                for rel in read_index(root / site.id)["ecg_path"].dropna()]
-
-    def has_mains(path, mains):
-        record = read_ecg(path)
-        f, p = welch(record.signal[:, 0], fs=record.fs, nperseg=int(record.fs))
-        return p[(f >= mains - 1) & (f <= mains + 1)].max() > 20 * np.median(p[(f >= 20) & (f <= 45)])
 
     with_mains = sum(has_mains(path, mains) for path, mains in records)
     expected = params.difficulty.ecg_artifacts / 3 * len(records)  # powerline is one of three artifacts
@@ -165,10 +167,7 @@ def test_labelled_ecgs_carry_routine_artifacts_at_the_configured_share(small_fed
 def test_ecg_noise_questions_verify_or_query_the_noise_the_record_carries(tmp_path):
     """ecg_noise_qa comes in ECG-QA's two forms: "is there noise?" (yes/no, balanced) and "which noise?" (four
     options). The answers must match the signal: powerline noise is visible as power at the site's mains."""
-    from scipy.signal import welch
-
     from fedkim.data.catalogue import ECG_NOISE_ANSWERS, NOISE_VERIFY_QUESTION
-    from fedkim.data.formats.ecg import read_ecg
     from fedkim.data.synth.ecg import build_bank
     from fedkim.data.synth.federation import _make_ecg
 
@@ -181,11 +180,8 @@ def test_ecg_noise_questions_verify_or_query_the_noise_the_record_carries(tmp_pa
         assert answer == questions[-1]["answer"]
         paths[f"q{i}"] = tmp_path / path
 
-    def has_mains(sample_id):
-        record = read_ecg(paths[sample_id])
-        f, p = welch(record.signal[:, 0], fs=record.fs, nperseg=int(record.fs))
-        mains = site.ecg.powerline_hz
-        return p[(f >= mains - 1) & (f <= mains + 1)].max() > 20 * np.median(p[(f >= 20) & (f <= 45)])
+    def mains_in(sample_id):
+        return has_mains(paths[sample_id], site.ecg.powerline_hz)
 
     verify = [q for q in questions if q["question"] == NOISE_VERIFY_QUESTION]
     query = [q for q in questions if q["question"] == TASKS["ecg_noise_qa"].question]
@@ -194,6 +190,6 @@ def test_ecg_noise_questions_verify_or_query_the_noise_the_record_carries(tmp_pa
     assert all(q["options"] == list(ECG_NOISE_ANSWERS) and q["answer"] in ECG_NOISE_ANSWERS for q in query)
     yes = [q for q in verify if q["answer"] == "yes"]
     assert 0.3 < len(yes) / len(verify) < 0.7  # "yes" is not a majority answer to guess
-    assert not any(has_mains(q["sample_id"]) for q in verify if q["answer"] == "no")
-    assert any(has_mains(q["sample_id"]) for q in yes)  # some of the noisy ones are powerline
-    assert all(has_mains(q["sample_id"]) == (q["answer"] == "powerline") for q in query)
+    assert not any(mains_in(q["sample_id"]) for q in verify if q["answer"] == "no")
+    assert any(mains_in(q["sample_id"]) for q in yes)  # some of the noisy ones are powerline
+    assert all(mains_in(q["sample_id"]) == (q["answer"] == "powerline") for q in query)
