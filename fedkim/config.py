@@ -235,10 +235,12 @@ class InjectParams(Strict):
     balance_scope: Literal["batch", "tasks"] = Field(
         "tasks", description="load-balancing loss over the batch's samples (one task per batch), or over every "
                              "training task's gate, so that the tasks together use every expert")
-    gate_norm: Literal["catalogue", "layer", "none"] = Field(
-        "catalogue", description="xattn: standardise the gate's pooled description vector against the catalogue's "
-                                 "descriptions (catalogue), on its own (layer), or not at all (none: the paper's "
-                                 "gate, uniform at start on a pretrained FM)")
+    gate_norm: Literal["train", "catalogue", "layer", "none"] = Field(
+        "train", description="xattn: place the gate's pooled description vector relative to the training tasks' "
+                             "descriptions (train: centred on their mean, one scale), standardise it per feature "
+                             "against all 12 catalogue descriptions, zero-shot ones included (catalogue: "
+                             "transductive), on its own (layer), or not at all (none: the paper's gate, uniform "
+                             "at start on a pretrained FM)")
     lm_head: bool = Field(False, description="experts on the LM head too")
     train_encoders: bool = Field(True, description="fine-tune the injected encoders on the public split")
     icu_window: Literal["recent", "full"] = Field(

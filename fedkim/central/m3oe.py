@@ -38,7 +38,9 @@ GateKind = Literal["xattn", "id", "single"]
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-GATE_NORMS = ("none", "layer", "catalogue")
+GATE_NORMS = ("none", "layer", "catalogue", "train")
+# The norms that place a description relative to a reference set of (task, modality) descriptions.
+REFERENCE_NORMS = ("catalogue", "train")
 BALANCE_SCOPES = ("batch", "tasks")
 
 
@@ -58,7 +60,7 @@ class M3OEConfig:
     balance_scope: str = "batch"              # batch: load over the batch's samples | tasks: over the training pairs
     gate_dropout: float = 0.1                 # attention dropout inside the xattn gate (reference code)
     mask_padding: bool = True                 # the reference code attends to and pools over padding
-    gate_norm: str = "catalogue"              # xattn: none | layer | catalogue (see XAttnGate)
+    gate_norm: str = "train"                  # xattn: none | layer | catalogue | train (see XAttnGate)
     id_dim: int = 64                          # embedding width of the id gate
 
     def __post_init__(self):
@@ -224,10 +226,15 @@ class XAttnGate(_Gate):
     tasks start with the same routing and collapse onto the same few experts. `catalogue` standardises each
     feature against the pooled vectors of a reference set of descriptions (the catalogue's (task, modality)
     pairs, recomputed every forward: no running statistics): what is left is what tells the descriptions apart,
-    so each task starts with its own routing, and a new description is placed relative to the known ones."""
+    so each task starts with its own routing, and a new description is placed relative to the known ones. Its
+    reference holds the zero-shot descriptions too, so rewording or adding a task the model never trains on
+    changes its training and the routing of every task (transductive). `train` fixes that: it centres on the mean
+    of the *training* pairs only and divides by one scale, their RMS spread. One scale, not one per feature: with
+    four training pairs a per-feature std is so noisy that a new description lands at z ~ 30 on some feature
+    (measured on SmolLM2), while the single scale keeps it at the spread of the known ones."""
 
     def __init__(self, embedding: nn.Embedding, num_experts: int, top_k=None, dropout: float = 0.1,
-                 mask_padding: bool = True, norm: str = "catalogue"):
+                 mask_padding: bool = True, norm: str = "train"):
         super().__init__(num_experts, top_k)
         d = embedding.embedding_dim
         self._embedding = [embedding]  # the FM's table: used, not registered (neither trained nor saved here)
@@ -265,6 +272,13 @@ class XAttnGate(_Gate):
             ref = self.pool(*reference).float()
             pooled = (pooled.float() - ref.mean(0)) / (ref.std(0, unbiased=False) + 1e-5)
             pooled = pooled.to(self.out.weight.dtype)
+        elif self.norm == "train":
+            if reference is None:
+                raise ValueError("gate_norm 'train' needs the reference descriptions")
+            ref = self.pool(*reference).float()
+            centre = ref.mean(0)
+            spread = (ref - centre).pow(2).mean().sqrt()
+            pooled = ((pooled.float() - centre) / (spread + 1e-5)).to(self.out.weight.dtype)
         return self.route(self.out(pooled))
 
 
@@ -314,10 +328,13 @@ class M3OE(nn.Module):
         self.modality_vocab = {m: i for i, m in enumerate(modality_vocab)}
         self._model = [model]
         self._token_cache: dict[str, list[int]] = {}
-        from fedkim.data.catalogue import TASKS
+        from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 
-        # The descriptions gate_norm 'catalogue' standardises against (CentralModel sets its gate mode's pairs).
-        self.reference: list[tuple[str, str]] = [(t.task_description, t.modality_description) for t in TASKS.values()]
+        # The descriptions the gate norm places a description against: the training pairs (norm 'train') or every
+        # catalogue pair (norm 'catalogue'). CentralModel sets its gate mode's pairs.
+        names = TRAIN_TASKS if config.gate_norm == "train" else TASKS
+        self.reference: list[tuple[str, str]] = [(TASKS[n].task_description, TASKS[n].modality_description)
+                                                 for n in names]
 
     @property
     def model(self) -> nn.Module:
@@ -382,7 +399,7 @@ class M3OE(nn.Module):
         u_tasks, u_mods = [p[0] for p in pairs], [p[1] for p in pairs]
         if isinstance(self.gate, XAttnGate):
             reference = None
-            if self.gate.norm == "catalogue":
+            if self.gate.norm in REFERENCE_NORMS:
                 reference = (*self.encode([t for t, _ in self.reference]), *self.encode([m for _, m in self.reference]))
             unique = self.gate(*self.encode(u_tasks), *self.encode(u_mods), reference)
         elif isinstance(self.gate, IdGate):

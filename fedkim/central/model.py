@@ -58,7 +58,9 @@ class CentralModel(nn.Module):
         self.m3oe: M3OE | None = None
         if m3oe_config is not None:
             self.m3oe = attach_m3oe(self.fm, m3oe_config, self.tokenizer)
-            self.m3oe.reference = [self.gate_mode.pair(t) for t in TASKS]  # what the gate sees, for every task
+            # what the gate sees, for each task of the norm's reference (see XAttnGate)
+            reference = TRAIN_TASKS if m3oe_config.gate_norm == "train" else TASKS
+            self.m3oe.reference = [self.gate_mode.pair(t) for t in reference]
         self._text_cache: dict[str, list[int]] = {}
 
     def _add_tags(self) -> None:

@@ -100,7 +100,7 @@ def test_gate_norms_break_the_uniform_start_without_adding_parameters():
     from fedkim.central.evaluate import gate_distance
 
     spreads, distances, keys = {}, {}, {}
-    for norm in ("none", "layer", "catalogue"):
+    for norm in ("none", "layer", "catalogue", "train"):
         fm = load_foundation("tiny")
         m3oe = attach(fm, gate_norm=norm)
         tasks, modalities = zip(*PAIRS)
@@ -110,14 +110,17 @@ def test_gate_norms_break_the_uniform_start_without_adding_parameters():
         distances[norm] = gate_distance({t: row.tolist() for t, row in zip(tasks, g)})
         keys[norm] = sorted(m3oe.gate.state_dict())
     assert spreads["layer"] > 4 * spreads["none"] and spreads["catalogue"] > 4 * spreads["none"]
-    assert distances["catalogue"] > 2 * distances["layer"] and distances["catalogue"] > 10 * distances["none"]
-    assert keys["none"] == keys["layer"] == keys["catalogue"]
+    assert spreads["train"] > 4 * spreads["none"]
+    for norm in ("catalogue", "train"):
+        assert distances[norm] > 2 * distances["layer"] and distances[norm] > 10 * distances["none"]
+    assert keys["none"] == keys["layer"] == keys["catalogue"] == keys["train"]
     with pytest.raises(ValueError, match="gate_norm must be one of"):
         M3OEConfig(gate_norm="batch")
 
 
-def test_catalogue_norm_follows_the_reference_and_stays_differentiable(fm):
-    m3oe = attach(fm, gate_norm="catalogue")
+@pytest.mark.parametrize("norm", ["catalogue", "train"])
+def test_reference_norms_follow_the_reference_and_stay_differentiable(fm, norm):
+    m3oe = attach(fm, gate_norm=norm)
     task, modality = PAIRS[0]
     before = m3oe.gate_weights(task, modality)
     m3oe.reference = PAIRS[:6]  # another reference set places the same description elsewhere
@@ -125,6 +128,37 @@ def test_catalogue_norm_follows_the_reference_and_stays_differentiable(fm):
     m3oe.train()
     m3oe.compute_gate([task] * 2, [modality] * 2)[:, 0].sum().backward()
     assert m3oe.gate.w_q.weight.grad is not None and m3oe.gate.out.weight.grad.abs().sum() > 0
+
+
+def test_train_norm_routes_independently_of_the_tasks_never_trained_on(monkeypatch):
+    """With norm 'train' the reference is the training pairs only: rewording a zero-shot task's description (or
+    adding one) changes neither a training task's routing nor, therefore, what training does. The catalogue norm
+    standardises against every description, so the same rewording moves the training tasks' gates."""
+    from dataclasses import replace
+
+    from fedkim.data.catalogue import TRAIN_TASKS, ZERO_SHOT_TASKS
+
+    train = [(TASKS[n].task_description, TASKS[n].modality_description) for n in TRAIN_TASKS]
+    zero_shot = ZERO_SHOT_TASKS[0]
+    # shorter, in the tiny FM's words (a reordering alone would not do: the gate's attention pool ignores order)
+    reworded = " ".join(TASKS[zero_shot].task_description.split()[4:])
+
+    def gates(norm):
+        fm = load_foundation("tiny")  # built before the rewording: the same vocabulary and weights every time
+        m3oe = attach(fm, gate_norm=norm)
+        before = m3oe.gate_weights(*zip(*train))
+        with monkeypatch.context() as patch:
+            patch.setitem(TASKS, zero_shot, replace(TASKS[zero_shot], task_description=reworded))
+            after = attach(load_foundation("tiny"), gate_norm=norm).gate_weights(*zip(*train))
+        return m3oe, before, after
+
+    m3oe, before, after = gates("train")
+    assert m3oe.reference == train
+    assert torch.equal(before, after)
+    zero_shot_gate = m3oe.gate_weights(reworded, TASKS[zero_shot].modality_description)
+    assert torch.isfinite(zero_shot_gate).all() and torch.allclose(zero_shot_gate.sum(), torch.tensor(1.0))
+    _, before, after = gates("catalogue")
+    assert not torch.allclose(before, after, atol=1e-4)
 
 
 def test_padding_does_not_change_the_gate(fm):
