@@ -151,6 +151,29 @@ def rescore(
     console.print(f"rescored: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
 
 
+@app.command("combine")
+def combine(
+    sources: list[str] = typer.Argument(..., help="finished `fedkim experiment --out` folders; FOLDER:v1,v2 takes "
+                                                   "only those variants from it"),
+    out: Path = typer.Option(..., "--out", help="a new folder for the combined comparison"),
+) -> None:
+    """One comparison from the trials of several experiments (e.g. the variants a change touches, run again, with
+    an earlier run's untouched ones), without re-running any."""
+    from fedkim.experiment import combine_experiments
+
+    chosen = []
+    for source in sources:
+        folder, _, names = source.partition(":")
+        chosen.append((Path(folder), [n.strip() for n in names.split(",") if n.strip()]) if names else Path(folder))
+    try:
+        comparison = combine_experiments(out, chosen)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print((out / "comparison.md").read_text(), markup=False)
+    console.print(f"combined: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
+
+
 @app.command("params")
 def show_params(params: Optional[Path] = ParamsOption) -> None:
     """Validate params.yaml and print the resolved values."""

@@ -269,19 +269,92 @@ def rescore_experiment(params: Params, out: Path, tasks: tuple[str, ...] | None 
                              meta={"peak_rss_mb": old.get("peak_rss_mb"), "rescored": rescored})
 
 
+SETTING = ("foundation_model", "rounds", "max_per_task")  # what makes two experiments' trials comparable
+COPIED = ("metrics.json", "gate_heatmap.png")  # a trial's small outputs (not its checkpoints or packages)
+
+
+def combine_experiments(out: Path, sources: list[Path | tuple[Path, list[str]]]) -> dict:
+    """One comparison from the trials of several finished `fedkim experiment` folders, without re-running any:
+    e.g. variants a change touches, run again, beside the untouched variants of an earlier run. The sources must
+    share the FM, rounds and test samples, and every variant must end with the same consecutive seeds (a trial of
+    a variant and seed is a fixed run: `first_seed` documents this); a variant and seed given twice is an error.
+    Each trial's metrics.json and gate heatmap are copied into `out` in the experiment layout; `out` must not
+    hold a comparison yet (nothing stored is overwritten). A source is a folder (all its variants) or a
+    (folder, variants) pair: only those variants are taken from it."""
+    import shutil
+
+    out = Path(out)
+    chosen = [(Path(s), None) if isinstance(s, (str, Path)) else (Path(s[0]), list(s[1])) for s in sources]
+    sources = [s for s, _ in chosen]
+    if (out / "comparison.json").exists():
+        raise FileExistsError(f"{out / 'comparison.json'} exists: combine into a new folder")
+    found: dict[str, dict[int, tuple[RunResult, Path]]] = {}
+    setting: dict = {}
+    peaks = []
+    for source, wanted in chosen:
+        path = source / "comparison.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a finished experiment (no comparison.json)")
+        saved = json.loads(path.read_text())
+        missing = [v for v in wanted or () if v not in saved["variants"]]
+        if missing:
+            raise ValueError(f"{path}: has no variant(s) {missing}; it has {list(saved['variants'])}")
+        for key in SETTING:
+            if setting.setdefault(key, saved[key]) != saved[key]:
+                raise ValueError(f"{path}: {key} is {saved[key]!r}, another source has {setting[key]!r}")
+        peaks.append(saved.get("peak_rss_mb") or 0)
+        seeds = list(range(saved.get("first_seed", 0), saved.get("first_seed", 0) + saved["seeds"]))
+        for name, row in saved["variants"].items():
+            if wanted is not None and name not in wanted:
+                continue
+            if name not in VARIANTS:
+                raise ValueError(f"{path}: unknown variant {name!r}")
+            for i, seed in enumerate(seeds):
+                folder = _trial_folder(source, seed, seeds) / name
+                if seed in found.setdefault(name, {}):
+                    raise ValueError(f"{path}: {name} seed {seed} is also in {found[name][seed][1]}")
+                metrics_path = folder / "metrics.json"
+                if not metrics_path.is_file():
+                    raise FileNotFoundError(f"{metrics_path}: the trial's metrics are missing")
+                rounds = [RoundRecord(**record) for record in row["rounds"]]
+                result = RunResult(name, json.loads(metrics_path.read_text()), rounds, row["trials"][i]["seconds"])
+                found[name][seed] = (result, folder)
+    if not found:
+        raise ValueError("no sources to combine")
+    seed_sets = {name: sorted(by_seed) for name, by_seed in found.items()}
+    trial_seeds = next(iter(seed_sets.values()))
+    for name, seeds in seed_sets.items():
+        if seeds != trial_seeds or seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+            raise ValueError(f"variant {name} has seeds {seeds}, but every variant needs the same consecutive "
+                             f"seeds ({next(iter(seed_sets))} has {trial_seeds})")
+    trials: dict[str, list[RunResult]] = {}
+    for name in [n for n in VARIANTS if n in found]:  # the usual order: fedkim first, then the baselines
+        trials[name] = [found[name][seed][0] for seed in trial_seeds]
+        for seed in trial_seeds:
+            target = _trial_folder(out, seed, trial_seeds) / name
+            target.mkdir(parents=True, exist_ok=True)
+            for file in COPIED:
+                if (found[name][seed][1] / file).is_file():
+                    shutil.copy2(found[name][seed][1] / file, target / file)
+    meta = setting | {"peak_rss_mb": max(peaks),
+                      "combined_from": [str(s) + (f" ({', '.join(w)})" if w else "") for s, w in chosen]}
+    return _write_comparison(None, out, trials, trial_seeds, meta=meta)
+
+
 def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _write_comparison(params: Params, out: Path, trials: dict[str, list[RunResult]], trial_seeds: list[int],
+def _write_comparison(params: Params | None, out: Path, trials: dict[str, list[RunResult]], trial_seeds: list[int],
                       meta: dict | None = None) -> dict:
-    """trial_seeds: the seeds of the trials done, in order (consecutive)."""
+    """trial_seeds: the seeds of the trials done, in order (consecutive). params None: meta holds the SETTING."""
     comparison = {name: _summarise(runs, trial_seeds) | {"description": VARIANTS[name].description}
                   for name, runs in trials.items()}
-    comparison_meta = {"peak_rss_mb": _peak_rss_mb(),
-                       "foundation_model": params.inject.foundation_model, "rounds": params.federation.rounds,
-                       "seeds": len(trial_seeds), "first_seed": trial_seeds[0],
-                       "max_per_task": params.eval.max_per_task} | (meta or {})
+    setting = {} if params is None else {"foundation_model": params.inject.foundation_model,
+                                         "rounds": params.federation.rounds,
+                                         "max_per_task": params.eval.max_per_task}
+    comparison_meta = {"peak_rss_mb": _peak_rss_mb(), **setting,
+                       "seeds": len(trial_seeds), "first_seed": trial_seeds[0]} | (meta or {})
     if "fedkim" in comparison:
         comparison_meta["fedkim_wins"] = fedkim_wins(trials)
     (out / "comparison.json").write_text(json.dumps({"variants": comparison, **comparison_meta}, indent=2,
@@ -358,4 +431,6 @@ def comparison_markdown(comparison: dict, meta: dict) -> str:
                   "| variant | train mean F1 | zero-shot mean | mean AUROC |", "|---|---|---|---|"]
         lines += [f"| {name} | " + " | ".join(str(w[k]) for k in HEADLINE) + " |" for name, w in wins.items()]
         lines.append("")
+    if meta.get("combined_from"):
+        lines += ["Trials combined from: " + ", ".join(f"`{s}`" for s in meta["combined_from"]) + ".", ""]
     return "\n".join(lines)

@@ -70,3 +70,19 @@ def test_rescore_names_the_missing_run_unknown_task_or_setting_with_exit_2(small
     setting = runner.invoke(app, ["rescore", str(tmp_path), "--params", str(small_params_file),
                                   "--set", "eval.choice_scoring=letters"])
     assert setting.exit_code == 2 and "eval.choice_scoring" in setting.output
+
+
+def test_combine_names_the_source_that_is_not_an_experiment_with_exit_2(tmp_path):
+    result = runner.invoke(app, ["combine", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "no comparison.json" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_combine_takes_the_variants_named_after_a_folder(tmp_path):
+    """FOLDER:v1,v2 picks variants; the error names the folder and what it holds."""
+    run = tmp_path / "run"
+    (run / "fedplug").mkdir(parents=True)
+    (run / "comparison.json").write_text(json.dumps({"variants": {"fedplug": {}}, "foundation_model": "tiny",
+                                                     "rounds": 1, "max_per_task": 6, "seeds": 1}))
+    result = runner.invoke(app, ["combine", f"{run}:fedkim", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "has no variant(s) ['fedkim']" in result.output.replace("\n", "")

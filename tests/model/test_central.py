@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -315,14 +316,58 @@ def test_two_sites_two_rounds_end_to_end(params, tmp_path):
     assert (tmp_path / "fedkim" / "gate_heatmap.png").stat().st_size > 1000
 
 
-def test_experiment_writes_the_comparison(params, tmp_path):
-    comparison = run_experiment(params, tmp_path, variants=["fedplug", "no_injection"])
-    assert set(comparison) == {"fedplug", "no_injection"}
-    text = (tmp_path / "comparison.md").read_text()
+def test_experiment_writes_the_comparison_and_combined_runs_equal_it(params, tmp_path):
+    from fedkim.experiment import combine_experiments
+
+    together = run_experiment(params, tmp_path / "together", variants=["fedplug", "no_injection"])
+    assert set(together) == {"fedplug", "no_injection"}
+    text = (tmp_path / "together" / "comparison.md").read_text()
     assert "| fedplug |" in text and "| no_injection |" in text and "±" not in text
-    assert (tmp_path / "comparison.json").is_file()
     with pytest.raises(ValueError, match="unknown variant"):
         run_experiment(params, tmp_path, variants=["nope"])
+
+    # The same variants run apart, then combined: the very same comparison, the timings aside.
+    run_experiment(params, tmp_path / "a", variants=["no_injection"])
+    run_experiment(params, tmp_path / "b", variants=["fedplug"])
+    combined = combine_experiments(tmp_path / "c", [tmp_path / "a", tmp_path / "b"])
+    assert list(combined) == ["no_injection", "fedplug"]  # the variants' usual order, whatever the sources'
+    for name, row in together.items():  # deterministic on CPU: same trials, same figures
+        for key in ("train_mean_f1", "zeroshot_mean", "mean_auroc", "tasks"):
+            assert combined[name][key] == row[key]
+        source = tmp_path / ("b" if name == "fedplug" else "a") / name / "metrics.json"
+        assert (tmp_path / "c" / name / "metrics.json").read_bytes() == source.read_bytes()
+    saved = json.loads((tmp_path / "c" / "comparison.json").read_text())
+    assert saved["combined_from"] == [str(tmp_path / "a"), str(tmp_path / "b")] and saved["seeds"] == 1
+    assert "Trials combined from" in (tmp_path / "c" / "comparison.md").read_text()
+
+    with pytest.raises(FileExistsError, match="combine into a new folder"):
+        combine_experiments(tmp_path / "c", [tmp_path / "a"])
+    assert json.loads((tmp_path / "c" / "comparison.json").read_text()) == saved  # left as it was
+    with pytest.raises(ValueError, match="no_injection seed 0 is also in"):
+        combine_experiments(tmp_path / "d", [tmp_path / "a", tmp_path / "together"])
+    # An edited copy of a finished run stands for a run with another setting or other seeds.
+    shutil.copytree(tmp_path / "b", tmp_path / "fewer")
+    edit_json(tmp_path / "fewer" / "comparison.json", max_per_task=3)
+    with pytest.raises(ValueError, match="max_per_task is 3"):
+        combine_experiments(tmp_path / "e", [tmp_path / "a", tmp_path / "fewer"])
+    (tmp_path / "later" / "seed-1").mkdir(parents=True)
+    shutil.copytree(tmp_path / "b" / "fedplug", tmp_path / "later" / "seed-1" / "fedplug")
+    shutil.copy(tmp_path / "b" / "comparison.json", tmp_path / "later")
+    edit_json(tmp_path / "later" / "comparison.json", first_seed=1)
+    with pytest.raises(ValueError, match=r"fedplug has seeds \[0, 1\], but every variant needs the same"):
+        combine_experiments(tmp_path / "f", [tmp_path / "a", tmp_path / "b", tmp_path / "later"])
+    with pytest.raises(FileNotFoundError, match="no comparison.json"):
+        combine_experiments(tmp_path / "g", [tmp_path / "a", tmp_path / "nothing"])
+    # Taking only some variants of a source: fedplug from `together`, no_injection from `a`.
+    picked = combine_experiments(tmp_path / "h", [(tmp_path / "together", ["fedplug"]), tmp_path / "a"])
+    assert {n: r["tasks"] for n, r in picked.items()} == {n: r["tasks"] for n, r in combined.items()}
+    assert json.loads((tmp_path / "h" / "comparison.json").read_text())["combined_from"][0].endswith("(fedplug)")
+    with pytest.raises(ValueError, match="has no variant"):
+        combine_experiments(tmp_path / "i", [(tmp_path / "a", ["fedkim"])])
+
+
+def edit_json(path, **changes):
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
 
 def test_experiment_over_seeds_reports_means_spread_and_wins(params, tmp_path):
