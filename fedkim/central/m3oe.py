@@ -262,7 +262,7 @@ class XAttnGate(_Gate):
 
     def forward(self, task_ids, task_mask, modality_ids, modality_mask, reference=None) -> torch.Tensor:
         """reference: (task_ids, task_mask, modality_ids, modality_mask) of the reference descriptions (needed by
-        norm 'catalogue')."""
+        norms 'catalogue' and 'train')."""
         pooled = self.pool(task_ids, task_mask, modality_ids, modality_mask)
         if self.norm == "layer":
             pooled = self.layer_norm(pooled)

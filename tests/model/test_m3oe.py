@@ -95,8 +95,8 @@ def test_gate_is_a_distribution_that_differs_across_pairs(fm):
 
 def test_gate_norms_break_the_uniform_start_without_adding_parameters():
     """A pretrained-scale embedding table (small values) gives near-uniform logits (`none`); `layer` fixes the scale
-    but every task starts with the same routing; `catalogue` gives each description its own routing. Neither adds
-    a parameter or a state-dict key."""
+    but every task starts with the same routing; `catalogue` and `train` give each description its own routing.
+    None adds a parameter or a state-dict key."""
     from fedkim.central.evaluate import gate_distance
 
     spreads, distances, keys = {}, {}, {}
