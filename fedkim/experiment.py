@@ -285,7 +285,6 @@ def combine_experiments(out: Path, sources: list[Path | tuple[Path, list[str]]])
 
     out = Path(out)
     chosen = [(Path(s), None) if isinstance(s, (str, Path)) else (Path(s[0]), list(s[1])) for s in sources]
-    sources = [s for s, _ in chosen]
     if (out / "comparison.json").exists():
         raise FileExistsError(f"{out / 'comparison.json'} exists: combine into a new folder")
     found: dict[str, dict[int, tuple[RunResult, Path]]] = {}
