@@ -44,6 +44,14 @@ REFERENCE_NORMS = ("catalogue", "train")
 BALANCE_SCOPES = ("batch", "tasks")
 
 
+def reference_tasks(gate_norm: str) -> tuple[str, ...]:
+    """The catalogue tasks whose descriptions a reference norm places a description against: the training tasks
+    (norm 'train') or all 12 (norm 'catalogue')."""
+    from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+
+    return tuple(TRAIN_TASKS) if gate_norm == "train" else tuple(TASKS)
+
+
 @dataclass
 class M3OEConfig:
     num_experts: int = 12
@@ -328,13 +336,11 @@ class M3OE(nn.Module):
         self.modality_vocab = {m: i for i, m in enumerate(modality_vocab)}
         self._model = [model]
         self._token_cache: dict[str, list[int]] = {}
-        from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+        from fedkim.data.catalogue import TASKS
 
-        # The descriptions the gate norm places a description against: the training pairs (norm 'train') or every
-        # catalogue pair (norm 'catalogue'). CentralModel sets its gate mode's pairs.
-        names = TRAIN_TASKS if config.gate_norm == "train" else TASKS
+        # The descriptions the gate norm places a description against (CentralModel sets its gate mode's pairs).
         self.reference: list[tuple[str, str]] = [(TASKS[n].task_description, TASKS[n].modality_description)
-                                                 for n in names]
+                                                 for n in reference_tasks(config.gate_norm)]
 
     @property
     def model(self) -> nn.Module:

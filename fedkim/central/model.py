@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fedkim.central.foundation import Foundation
-from fedkim.central.m3oe import M3OE, M3OEConfig, attach_m3oe
+from fedkim.central.m3oe import M3OE, M3OEConfig, attach_m3oe, reference_tasks
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 
 TAGS = {"image": ("<image>", "</image>"), "ecg": ("<ecg>", "</ecg>"), "clinical": ("<clinical>", "</clinical>")}
@@ -59,8 +59,7 @@ class CentralModel(nn.Module):
         if m3oe_config is not None:
             self.m3oe = attach_m3oe(self.fm, m3oe_config, self.tokenizer)
             # what the gate sees, for each task of the norm's reference (see XAttnGate)
-            reference = TRAIN_TASKS if m3oe_config.gate_norm == "train" else TASKS
-            self.m3oe.reference = [self.gate_mode.pair(t) for t in reference]
+            self.m3oe.reference = [self.gate_mode.pair(t) for t in reference_tasks(m3oe_config.gate_norm)]
         self._text_cache: dict[str, list[int]] = {}
 
     def _add_tags(self) -> None:
