@@ -10,7 +10,7 @@ One JSON object (stdout and OUT/gpu_check.json) with:
   * merge: a merged (task, modality) adapter loaded through peft on CUDA against the M3OE model (fp32).
 
     python -m benchmarks.gpu_check --out DIR [--foundation smollm2|tiny|DIR] [--random-init-from DIR]
-                                   [--work DIR] [--data-root DIR] [--set key=value ...]
+                                   [--work DIR] [--data-root DIR] [--set key=value ...] [--skip CHECK] [--profile]
 
 `--random-init-from DIR` builds the FM from DIR's config.json and tokenizer with random weights (seeded): the
 shapes, and so the costs, of the real model where its weights cannot travel (the device machine takes 64 MiB).
@@ -60,8 +60,9 @@ def peak_cuda_mb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
 
 
-def m3oe_figures(foundation: str) -> dict:
-    run = subprocess.run([sys.executable, "-m", "benchmarks.m3oe", "--foundation", foundation],
+def m3oe_figures(foundation: str, profile: Path | None = None) -> dict:
+    extra = ["--profile", str(profile)] if profile is not None else []
+    run = subprocess.run([sys.executable, "-m", "benchmarks.m3oe", "--foundation", foundation, *extra],
                          cwd=REPO, capture_output=True, text=True)
     if run.returncode != 0:
         return {"error": run.stderr[-2000:]}
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=None, help="federation folder (generated if missing)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
     parser.add_argument("--skip", action="append", default=[], choices=["m3oe", "round", "parity", "merge"])
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the M3OE benchmark's steps too (op tables in OUT/m3oe_profile/)")
     args = parser.parse_args()
     from fedkim.config import load_params, parse_overrides
     from fedkim.data.synth.federation import generate_federation
@@ -190,8 +193,11 @@ def main() -> None:
         report["data"] = {"root": params.data.root.name, "reused": generated.cached,  # no machine paths in reports
                           "seconds": round(time.perf_counter() - started, 1)}
     save()
-    steps = [("m3oe", lambda: m3oe_figures(foundation) | {"foundation": report["foundation"]}), ("round", lambda: full_round(params, work / "round")),
-             ("parity", lambda: injection_parity(params)), ("merge", lambda: merge_check(foundation))]
+    profile = args.out / "m3oe_profile" if args.profile else None
+    # cheapest first and the CPU-heavy parity last, so that a run cut short by its time limit keeps the most
+    steps = [("m3oe", lambda: m3oe_figures(foundation, profile) | {"foundation": report["foundation"]}),
+             ("merge", lambda: merge_check(foundation)), ("round", lambda: full_round(params, work / "round")),
+             ("parity", lambda: injection_parity(params))]
     for name, step in steps:
         if name in args.skip:
             continue
