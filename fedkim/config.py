@@ -172,6 +172,9 @@ class SiteTrainingParams(Strict):
     token_dim: int = Field(64, ge=8, description="width of ECG and clinical tokens")
     clinical_heads: int = Field(4, ge=1)
     head_hidden: int = Field(64, ge=4, description="hidden width of the task heads")
+    decode_cache_mb: float = Field(1024, ge=0, description="local training keeps decoded samples in memory across "
+                                                           "epochs, up to this many MB per modality (0: decode every "
+                                                           "epoch)")
 
     @model_validator(mode="after")
     def _shapes(self) -> "SiteTrainingParams":

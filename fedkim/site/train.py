@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from fedkim.config import DataParams, SiteTrainingParams
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
-from fedkim.data.loaders import SiteDataset, collate
+from fedkim.data.loaders import DecodedCache, SiteDataset, collate
 from fedkim.data.siteformat import read_index, read_manifest
 from fedkim.site.model import SiteModel, load_subset
 
@@ -63,10 +63,13 @@ def task_dataset(site_dirs: Path | list[Path], task: str, split: str | None, p: 
 
 
 def task_loader(site_dirs: Path | list[Path], task: str, split: str, p: SiteTrainingParams, data: DataParams, *,
-                shuffle: bool, seed: int) -> DataLoader:
+                shuffle: bool, seed: int, cache_mb: float = 0) -> DataLoader:
+    """cache_mb > 0: keep decoded samples in memory (up to that many MB) for loaders read for several epochs."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(task_dataset(site_dirs, task, split, p, data), batch_size=p.batch_size, shuffle=shuffle,
-                      collate_fn=collate, generator=generator)
+    dataset = task_dataset(site_dirs, task, split, p, data)
+    if cache_mb > 0:
+        dataset = DecodedCache(dataset, cache_mb)
+    return DataLoader(dataset, batch_size=p.batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
 def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.Tensor], p: SiteTrainingParams,
@@ -105,8 +108,9 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
         params = [*model.encoders[modality].parameters(),
                   *(q for t in tasks if TASKS[t].modality == modality for q in model.heads[t].parameters())]
         optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
-        loaders = {t: task_loader(site_dir, t, "train", p, data, shuffle=True, seed=seed)
-                   for t in tasks if TASKS[t].modality == modality}
+        modality_tasks = [t for t in tasks if TASKS[t].modality == modality]
+        loaders = {t: task_loader(site_dir, t, "train", p, data, shuffle=True, seed=seed,
+                                  cache_mb=p.decode_cache_mb / len(modality_tasks)) for t in modality_tasks}
         model.train()
         for _ in range(p.epochs):
             for task, loader in loaders.items():

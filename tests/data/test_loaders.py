@@ -15,8 +15,8 @@ from fedkim.data.formats.clinical import read_long, to_grid, write_long
 from fedkim.data.formats.ecg import LEADS, read_ecg, write_wfdb
 from fedkim.data.formats.image import read_image, write_dicom, write_png
 from fedkim.data.formats.text import read_jsonl, write_jsonl
-from fedkim.data.loaders import (ClinicalDataset, EcgDataset, ImageDataset, SiteDataset, TextDataset, collate,
-                                 load_ecg, load_image)
+from fedkim.data.loaders import (ClinicalDataset, DecodedCache, EcgDataset, ImageDataset, SiteDataset, TextDataset,
+                                 collate, load_ecg, load_image)
 
 
 @pytest.fixture
@@ -144,6 +144,43 @@ def test_datasets_over_a_generated_site(small_federation):
     texts = TextDataset(root / "test")
     q = texts[0]
     assert q["label"] == -1 and q["answer"] in q["options"] and "?" in q["question"]
+
+
+class CountingEcgs(EcgDataset):
+    """The real ECG dataset, counting how often each sample is decoded from its WFDB files."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads = [0] * len(self)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return super().__getitem__(i)
+
+
+def test_the_decoded_cache_reads_each_sample_once_and_returns_the_same_items(small_federation):
+    ecgs = CountingEcgs(small_federation.root / "site-b", split="train", ecg_hz=100, ecg_seconds=6)
+    cached = DecodedCache(ecgs, budget_mb=64)
+    first = [cached[i] for i in range(len(cached))]
+    first[0]["ecg"] = None  # a caller rebinding a key does not reach the kept item
+    again = [cached[i] for i in range(len(cached))]
+    assert ecgs.reads == [1] * len(ecgs) and cached.cached == len(ecgs)
+    fresh = EcgDataset(small_federation.root / "site-b", split="train", ecg_hz=100, ecg_seconds=6)
+    for i in range(len(fresh)):
+        assert torch.equal(again[i]["ecg"], fresh[i]["ecg"]) and again[i]["label"] == fresh[i]["label"]
+
+
+def test_past_its_budget_the_cache_reads_samples_again(small_federation):
+    ecgs = CountingEcgs(small_federation.root / "site-b", split="train", ecg_hz=100, ecg_seconds=6)
+    per_item = ecgs[0]["ecg"].nbytes
+    ecgs.reads[0] = 0
+    cached = DecodedCache(ecgs, budget_mb=3.5 * per_item / 2**20)  # room for three items
+    for _ in range(2):
+        for i in range(len(cached)):
+            cached[i]
+    assert cached.cached == 3 and cached.used == 3 * per_item <= cached.budget
+    assert ecgs.reads[:3] == [1, 1, 1] and all(n == 2 for n in ecgs.reads[3:]) and len(ecgs) > 3
+    assert DecodedCache(ecgs, budget_mb=0)[0]["ecg"].shape == (12, 600)  # 0: nothing kept, items still served
 
 
 def test_multimodal_questions_carry_both_inputs(small_federation):

@@ -67,6 +67,15 @@ def test_training_is_deterministic_on_cpu(params, small_federation):
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
+def test_training_on_cached_decoded_samples_equals_decoding_every_epoch(params, small_federation):
+    start = global_model(params.site, params.data).state_dict()
+    cached = train_site(small_federation.root / "site-a", start, params.site, params.data, seed=2)
+    fresh_params = params.site.model_copy(update={"decode_cache_mb": 0})
+    fresh = train_site(small_federation.root / "site-a", start, fresh_params, params.data, seed=2)
+    assert params.site.decode_cache_mb > 0 and cached.losses == fresh.losses
+    assert all(torch.equal(cached.state_dict[k], fresh.state_dict[k]) for k in cached.state_dict)
+
+
 def test_fedprox_keeps_weights_closer_to_the_global_model(params, small_federation):
     start = global_model(params.site, params.data).state_dict()
     plain = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
