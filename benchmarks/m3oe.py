@@ -26,11 +26,11 @@ import contextlib
 import copy
 import json
 import os
-from pathlib import Path
 import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -161,14 +161,17 @@ def main() -> None:
     m3oe = attach_m3oe(m3oe_model, config, tokenizer)
     lora_model = get_peft_model(fm(), LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.1,
                                                  target_modules=list(DEFAULT_TARGETS)))
-    loop_model = fm()
-    loop = attach_m3oe(loop_model, config, tokenizer)
-    loop.load_state_dict(m3oe.state_dict())
-    to_loop(loop)
-    loramoe_model = fm()
-    loramoe = attach_m3oe(loramoe_model, config, tokenizer)
-    loramoe.load_state_dict(m3oe.state_dict())
-    to_loop(loramoe, as_loramoe=True)
+
+    def loop_copy(as_loramoe: bool):
+        """An FM whose expert layers loop over M3OE's experts (same weights, same gate)."""
+        model = fm()
+        controller = attach_m3oe(model, config, tokenizer)
+        controller.load_state_dict(m3oe.state_dict())
+        to_loop(controller, as_loramoe)
+        return model, controller
+
+    loop_model, loop = loop_copy(as_loramoe=False)
+    loramoe_model, loramoe = loop_copy(as_loramoe=True)
     for model in (m3oe_model, lora_model, loop_model, loramoe_model):
         model.train()
     for controller in (m3oe, loop, loramoe):
@@ -210,7 +213,6 @@ def main() -> None:
                 "loop_as_loramoe": step(loramoe_model, loramoe)}
     train_ms = measure(steps_of, steps)
     profiled = profile_steps(steps_of, args.profile, cuda, sync) if args.profile else None
-
 
     # (d) inference: the exported mixture of one pair, merged into a clean FM, against the bare FM
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

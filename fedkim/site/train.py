@@ -105,10 +105,10 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
     bar = _Bar(progress, f"{site_id} local training",
                total=p.epochs * sum(-(-n // p.batch_size) for n in task_counts.values()))
     for modality in modalities:
-        params = [*model.encoders[modality].parameters(),
-                  *(q for t in tasks if TASKS[t].modality == modality for q in model.heads[t].parameters())]
-        optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
         modality_tasks = [t for t in tasks if TASKS[t].modality == modality]
+        params = [*model.encoders[modality].parameters(),
+                  *(q for t in modality_tasks for q in model.heads[t].parameters())]
+        optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
         loaders = {t: task_loader(site_dir, t, "train", p, data, shuffle=True, seed=seed,
                                   cache_mb=p.decode_cache_mb / len(modality_tasks)) for t in modality_tasks}
         model.train()
