@@ -92,7 +92,7 @@ def full_round(params, work: Path) -> dict:
 def injection_parity(params) -> dict:
     """The same injection on CUDA (bf16 autocast) and on the CPU (fp32): same initial state, same batches."""
     from fedkim.central.inject import inject
-    from fedkim.experiment import VARIANTS, build_central
+    from fedkim.central.variants import VARIANTS, build_central
 
     public = params.data.root / "public"
     out = {}
@@ -126,6 +126,7 @@ def merge_check(foundation: str) -> dict:
 
     from fedkim.central.foundation import load_foundation
     from fedkim.central.m3oe import DEFAULT_TARGETS, M3OEConfig, attach_m3oe, merge
+    from fedkim.central.model import reference_pairs
     from fedkim.data.catalogue import TASKS
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,8 +134,8 @@ def merge_check(foundation: str) -> dict:
     fm = load_foundation(foundation)
     fm.model.to(device)
     clean = copy.deepcopy(fm.model)
-    m3oe = attach_m3oe(fm.model, M3OEConfig(num_experts=12, rank=8, alpha=16.0, targets=DEFAULT_TARGETS),
-                       fm.tokenizer).to(device)
+    config = M3OEConfig(num_experts=12, rank=8, alpha=16.0, targets=DEFAULT_TARGETS)
+    m3oe = attach_m3oe(fm.model, config, fm.tokenizer, reference=reference_pairs(config.gate_norm)).to(device)
     with torch.no_grad():
         for layer in m3oe.layers.values():
             layer.lora_B.normal_(0, 0.02, generator=None)

@@ -19,7 +19,8 @@ import statistics
 from pathlib import Path
 
 from fedkim.config import load_params, parse_overrides
-from fedkim.experiment import HEADLINE, VARIANTS, SiteCache, run_variant
+from fedkim.central.variants import VARIANTS
+from fedkim.experiment import HEADLINE, SiteCache, run_variant
 
 SHAREABLE = ("inject.", "eval.")
 

@@ -39,6 +39,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from fedkim.central.foundation import load_foundation
 from fedkim.central.m3oe import DEFAULT_TARGETS, GateState, M3OEConfig, attach_m3oe, merge
+from fedkim.central.model import reference_pairs
 from fedkim.data.catalogue import TASKS
 
 BATCH, SEQ, EXPERTS, RANK = 8, 40, 12, 8
@@ -158,14 +159,14 @@ def main() -> None:
     config = M3OEConfig(num_experts=EXPERTS, rank=RANK, alpha=16.0, dropout=0.1, targets=DEFAULT_TARGETS)
 
     m3oe_model = fm()
-    m3oe = attach_m3oe(m3oe_model, config, tokenizer)
+    m3oe = attach_m3oe(m3oe_model, config, tokenizer, reference=reference_pairs(config.gate_norm))
     lora_model = get_peft_model(fm(), LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.1,
                                                  target_modules=list(DEFAULT_TARGETS)))
 
     def loop_copy(as_loramoe: bool):
         """An FM whose expert layers loop over M3OE's experts (same weights, same gate)."""
         model = fm()
-        controller = attach_m3oe(model, config, tokenizer)
+        controller = attach_m3oe(model, config, tokenizer, reference=m3oe.reference)
         controller.load_state_dict(m3oe.state_dict())
         to_loop(controller, as_loramoe)
         return model, controller

@@ -18,7 +18,8 @@ import torch
 from fedkim.config import load_params, parse_overrides
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 from fedkim.site.model import global_model
-from fedkim.site.train import evaluate_head, pick_device, train_site
+from fedkim.data.batches import pick_device
+from fedkim.site.train import evaluate_head, train_site
 
 
 def probe(params, modality: str, seed: int) -> dict:

@@ -24,8 +24,12 @@ ParamsOption = typer.Option(None, "--params", "-p", help="params.yaml to read (d
 
 
 def _params(path: Optional[Path], overrides: Optional[dict] = None):
+    from fedkim.data.catalogue import check_sites
+
     try:
-        return load_params(path, overrides)
+        params = load_params(path, overrides)
+        check_sites(params.data.sites)
+        return params
     except ConfigError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(2) from None
@@ -96,7 +100,8 @@ def experiment(
     """Run FedKIM and every baseline and ablation (multi-round), then compare them on the test split."""
     from fedkim.config import ConfigError, parse_overrides
     from fedkim.data.synth.federation import generate_federation
-    from fedkim.experiment import VARIANTS, run_experiment
+    from fedkim.central.variants import VARIANTS
+    from fedkim.experiment import run_experiment
 
     try:
         overrides = parse_overrides(settings)

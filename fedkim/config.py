@@ -18,7 +18,6 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedkim.data.catalogue import TASKS
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -317,15 +316,6 @@ class Params(Strict):
     tracking: TrackingParams = TrackingParams()
     store: StoreParams = StoreParams()
     report: ReportParams = ReportParams()
-
-    @model_validator(mode="after")
-    def _catalogue_covered(self) -> "Params":
-        held = {m for s in self.data.sites for m in s.modalities}
-        train_modalities = {t.modality for t in TASKS.values() if t.role == "train"}
-        missing = train_modalities - held
-        if missing:
-            raise ValueError(f"no site holds modality {sorted(missing)}; every training task needs one site")
-        return self
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import resource
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -19,44 +20,15 @@ import torch
 
 from fedkim.central.evaluate import (evaluate, gate_distance, gate_table, plot_gate_heatmap, summarise,
                                     write_metrics)
-from fedkim.central.foundation import load_foundation
-from fedkim.central.inject import InjectResult, inject
-from fedkim.central.m3oe import M3OEConfig
-from fedkim.central.model import CentralModel, GateMode
+from fedkim.central.model import CentralModel
+from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import Params
 from fedkim.data.catalogue import TASKS
-from fedkim.federation.aggregate import aggregate
-from fedkim.federation.checks import screen_packages
-from fedkim.federation.package import ValidationSummary, read_package, write_package
+from fedkim.federation.store import LocalStore
+from fedkim.rounds import (Trainer, aggregate_step, finish_round, get_state, inject_step, round_key, start_round,
+                           train_site_step)
 from fedkim.site.model import global_model
 from fedkim.site.train import LocalResult, train_site
-
-
-@dataclass(frozen=True)
-class Variant:
-    """How one compared system differs from full FedKIM."""
-
-    federated: bool = True  # encoders come from the sites' federation
-    pooled: bool = False  # centralised oracle: one model trained on all sites' data at the server
-    experts: bool = True  # M3OE on the FM (False: projectors and encoders only)
-    single_lora: bool = False  # one plain LoRA instead of the mixture
-    train_encoders: bool | None = None  # None: inject.train_encoders
-    use_task: bool = True
-    use_modality: bool = True
-    description: str = ""
-
-
-VARIANTS: dict[str, Variant] = {
-    "fedkim": Variant(description="full FedKIM: federated encoders injected through M3OE"),
-    "no_injection": Variant(federated=False, experts=False, train_encoders=False,
-                            description="FM + projectors trained on public data, untrained frozen encoders"),
-    "fedplug": Variant(experts=False, description="aggregated encoders plugged in, no experts"),
-    "fedplug_lora": Variant(single_lora=True, description="aggregated encoders + a single LoRA"),
-    "fedkim_pub": Variant(federated=False, description="no federation: encoders and M3OE trained on public data"),
-    "no_task_desc": Variant(use_task=False, description="gate without the task description"),
-    "no_modality_desc": Variant(use_modality=False, description="gate without the modality description"),
-    "centralized": Variant(federated=False, pooled=True, description="oracle: all site data pooled at the server"),
-}
 
 
 @dataclass
@@ -74,32 +46,6 @@ class RunResult:
     rounds: list[RoundRecord]
     seconds: float
     model: CentralModel | None = None
-
-
-def m3oe_config(params: Params, variant: Variant) -> M3OEConfig | None:
-    if not variant.experts:
-        return None
-    p = params.inject
-    if variant.single_lora:
-        return M3OEConfig(num_experts=1, rank=p.rank, alpha=p.alpha, dropout=p.dropout, scale_one=p.scale_one,
-                          gate="single", lm_head=p.lm_head)
-    return M3OEConfig(num_experts=p.num_experts, shared_experts=p.shared_experts, rank=p.rank, alpha=p.alpha,
-                      dropout=p.dropout, scale_one=p.scale_one, gate=p.gate, top_k=p.top_k,
-                      balance_weight=p.balance_weight, balance_scope=p.balance_scope, lm_head=p.lm_head,
-                      gate_norm=p.gate_norm)
-
-
-def build_central(params: Params, variant: Variant, encoders_state: dict | None = None, *,
-                  seed: int = 0) -> CentralModel:
-    """The central model of a variant; `seed` shifts the encoders' initialisation (a trial of `--seeds`)."""
-    encoders = global_model(params.site, params.data, seed=params.data.seed + seed).encoders
-    train_encoders = params.inject.train_encoders if variant.train_encoders is None else variant.train_encoders
-    model = CentralModel(load_foundation(params.inject.foundation_model), encoders, m3oe_config(params, variant),
-                         gate_mode=GateMode(variant.use_task, variant.use_modality), train_encoders=train_encoders,
-                         clinical_hours=params.data.icu_hours if params.inject.icu_window == "recent" else None)
-    if encoders_state is not None:
-        model.load_encoders(encoders_state)
-    return model
 
 
 def _state_key(state: dict[str, torch.Tensor]) -> str:
@@ -123,38 +69,23 @@ class SiteCache:
             self._store[key] = train_site(site_dir, global_state, params.site, params.data, seed=seed)
         return self._store[key]
 
-
-def federated_round(params: Params, round_id: str, global_state: dict, work_dir: Path,
-                    cache: SiteCache | None = None, seed: int = 0) -> tuple[dict, RoundRecord]:
-    """Every site trains from the global state, writes its knowledge package; the server screens and aggregates."""
-    record = RoundRecord(round_id)
-    folders = []
-    for spec in params.data.sites:
-        site_dir = params.data.root / spec.id
-        trainer = cache.train if cache else (lambda d, g, p, s: train_site(d, g, p.site, p.data, seed=s))
-        local = trainer(site_dir, global_state, params, params.data.seed + seed + int(round_id))
-        folder = work_dir / "rounds" / round_id / "sites" / spec.id
-        write_package(folder, local.state_dict, site_id=spec.id, round_id=round_id,
-                      sample_counts=local.sample_counts, task_counts=local.task_counts,
-                      data_fingerprint=local.data_fingerprint, local_metrics=_finite(local.metrics),
-                      validation_summary=ValidationSummary(success=True, findings=0))
-        folders.append(folder)
-        record.sites[spec.id] = {"sample_counts": local.sample_counts, "metrics": local.metrics,
-                                 "seconds": round(local.seconds, 1)}
-    accepted, rejected = screen_packages(folders, global_state, max_update_norm=params.federation.max_update_norm,
-                                         expected_round=round_id)
-    record.rejected = rejected
-    if len(accepted) < params.federation.quorum:
-        raise RuntimeError(f"round {round_id}: {len(accepted)} accepted package(s), below the quorum of "
-                           f"{params.federation.quorum}; rejected: {rejected}")
-    hparams = {"mu": params.site.fedprox_mu} if params.federation.strategy == "fedprox" else {}
-    result = aggregate(params.federation.strategy, global_state, accepted, **hparams)
-    return result.state_dict, record
+    def trainer(self, params: Params) -> Trainer:
+        """This cache as a round step's trainer."""
+        return lambda site_dir, global_state, seed: self.train(site_dir, global_state, params, seed)
 
 
-def _finite(metrics: dict) -> dict:
-    return {t: {k: v for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            for t, m in metrics.items()}
+def federated_round(params: Params, store: LocalStore, round_id: str, cache: SiteCache | None = None,
+                    seed: int = 0) -> RoundRecord:
+    """Every site trains from the global state and uploads its package; the server screens and aggregates: the
+    round steps the Prefect flow and the DVC stages run, here one after another in one process."""
+    start_round(params, store, round_id, seed=seed)
+    trainer = cache.trainer(params) if cache else None
+    outcomes = [train_site_step(params, store, round_id, spec.id, seed=seed, trainer=trainer)
+                for spec in params.data.sites]
+    aggregated = aggregate_step(params, store, round_id, [o.site_id for o in outcomes])
+    sites = {o.site_id: {"sample_counts": o.sample_counts, "metrics": o.metrics, "seconds": o.seconds}
+             for o in outcomes}
+    return RoundRecord(round_id, sites, aggregated.rejected)
 
 
 def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache | None = None,
@@ -164,32 +95,33 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
     variant = VARIANTS[name]
     started = time.perf_counter()
     work_dir = Path(work_dir) / name
+    shutil.rmtree(work_dir / "rounds", ignore_errors=True)  # a run trains afresh: nothing reused from an older one
+    store = LocalStore(work_dir)  # rounds/<r>/... as in the shared store of a deployed round
     if seed:
         params = params.model_copy(update={"inject": params.inject.model_copy(
             update={"seed": params.inject.seed + seed})})
     global_state = global_model(params.site, params.data, seed=params.data.seed + seed).state_dict()
     model = build_central(params, variant, seed=seed)
-    public, test = params.data.root / "public", params.data.root / "test"
     rounds: list[RoundRecord] = []
     for r in range(params.federation.rounds):
         round_id = str(r + 1)
         record = RoundRecord(round_id)
         if variant.federated:
-            global_state, record = federated_round(params, round_id, global_state, work_dir, cache, seed)
-            model.load_encoders(global_state)
+            record = federated_round(params, store, round_id, cache, seed)
+            model.load_encoders(get_state(store, round_key(round_id, "aggregate", "encoders.safetensors")))
         elif variant.pooled:
             sites = [params.data.root / s.id for s in params.data.sites]
             pooled = train_site(sites, global_state, params.site, params.data, seed=params.data.seed + seed + r)
             global_state = {**global_state, **pooled.state_dict}
             model.load_encoders(global_state)
-        injection: InjectResult = inject(model, public, params.inject, params.site, params.data, round_id=round_id,
-                                         checkpoint_dir=work_dir / "checkpoints", progress=progress)
-        record.injection = {"steps": len(injection.losses), "seconds": round(injection.seconds, 1),
-                            "first_loss": injection.losses[0] if injection.losses else None,
-                            "last_loss": injection.losses[-1] if injection.losses else None}
+        model, injection = inject_step(params, store, round_id, work_dir, model=model, progress=progress)
+        losses = injection["losses"]
+        record.injection = {"steps": len(losses), "seconds": injection["seconds"],
+                            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
         global_state = {**global_state, **model.encoder_state()}  # encoders go back to the sites
+        finish_round(store, round_id)  # the next round starts from this one's encoders
         rounds.append(record)
-    metrics = evaluate(model, test, params.eval, params.site, params.data)
+    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data)
     metrics["gate"] = gate_table(model)  # per (task, modality): which experts the gate mixes
     metrics["gate_distance"] = gate_distance(metrics["gate"])
     plot_gate_heatmap(metrics["gate"], work_dir / "gate_heatmap.png")
@@ -281,8 +213,6 @@ def combine_experiments(out: Path, sources: list[Path | tuple[Path, list[str]]])
     Each trial's metrics.json and gate heatmap are copied into `out` in the experiment layout; `out` must not
     hold a comparison yet (nothing stored is overwritten). A source is a folder (all its variants) or a
     (folder, variants) pair: only those variants are taken from it."""
-    import shutil
-
     out = Path(out)
     chosen = [(Path(s), None) if isinstance(s, (str, Path)) else (Path(s[0]), list(s[1])) for s in sources]
     if (out / "comparison.json").exists():

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,15 +33,18 @@ from safetensors.torch import load_file, save_file
 from fedkim.central.evaluate import evaluate, gate_table
 from fedkim.central.inject import inject
 from fedkim.central.model import CentralModel
+from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import Params
+from fedkim.data.catalogue import check_sites
 from fedkim.federation.aggregate import aggregate
 from fedkim.federation.checks import screen_packages
 from fedkim.federation.package import ValidationSummary, read_manifest, write_package
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.site.model import global_model
-from fedkim.site.train import train_site
+from fedkim.site.train import LocalResult, train_site
 
 LATEST_KEY = "rounds/LATEST.json"
+Trainer = Callable[[Path, dict, int], LocalResult]  # (site folder, global state, seed) -> local training result
 
 
 class QuorumError(RuntimeError):
@@ -105,13 +110,15 @@ class AggregateOutcome:
     reused: bool = False
 
 
-def start_round(params: Params, store: ArtifactStore, round_id: str) -> str:
+def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: int = 0) -> str:
     """Publish the global model of this round: the previous round's encoders after injection, or the initial
-    model. Returns its key. Idempotent: an existing global model of this round is kept as it is."""
+    model. Returns its key. Idempotent: an existing global model of this round is kept as it is. `seed` shifts
+    the initial model's seed (a trial of `fedkim experiment --seeds`)."""
     key = round_key(round_id, "global", "encoders.safetensors")
     if store.exists(key):
         return key
-    state = global_model(params.site, params.data, seed=params.data.seed).state_dict()
+    check_sites(params.data.sites)
+    state = global_model(params.site, params.data, seed=params.data.seed + seed).state_dict()
     previous = latest_round(store)
     if previous is not None and previous != str(round_id):
         state = {**state, **get_state(store, round_key(previous, "aggregate", "encoders.safetensors")),
@@ -132,28 +139,32 @@ def validate_site_step(params: Params, site_id: str, *, write_docs: bool = True)
 
 
 def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id: str, *,
-                    validation: ValidationSummary | None = None, progress: bool = False) -> SiteOutcome:
-    """Train at one site from the round's global model and upload its knowledge package (runs at the site)."""
+                    validation: ValidationSummary | None = None, progress: bool = False, seed: int = 0,
+                    trainer: Trainer | None = None) -> SiteOutcome:
+    """Train at one site from the round's global model and upload its knowledge package (runs at the site).
+    `seed` shifts the training seed (a trial); `trainer` replaces `train_site` (the experiment's shared cache)."""
     prefix = package_prefix(round_id, site_id)
     if store.exists(f"{prefix}/manifest.json"):  # this site already reported for this round
         manifest = read_manifest_from_store(store, prefix)
         return SiteOutcome(site_id, "reused", sample_counts=dict(manifest.sample_counts),
                            metrics=dict(manifest.local_metrics), data_fingerprint=manifest.data_fingerprint)
     global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
-    local = train_site(params.data.root / site_id, global_state, params.site, params.data,
-                       seed=round_seed(round_id, params.data.seed), progress=progress)
+    train = trainer or (lambda site_dir, state, seed_: train_site(site_dir, state, params.site, params.data,
+                                                                  seed=seed_, progress=progress))
+    local = train(params.data.root / site_id, global_state, round_seed(round_id, params.data.seed + seed))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / site_id
         write_package(folder, local.state_dict, site_id=site_id, round_id=str(round_id),
                       sample_counts=local.sample_counts, task_counts=local.task_counts,
-                      data_fingerprint=local.data_fingerprint, local_metrics=_finite(local.metrics),
+                      data_fingerprint=local.data_fingerprint, local_metrics=finite_metrics(local.metrics),
                       validation_summary=validation or ValidationSummary(success=True, findings=0))
         # The manifest goes last: its presence is what marks the package as complete.
         files = sorted(folder.iterdir(), key=lambda f: f.name == "manifest.json")
         for f in files:
             store.put_file(f"{prefix}/{f.name}", f)
-    return SiteOutcome(site_id, "trained", sample_counts=local.sample_counts, metrics=_finite(local.metrics),
-                       data_fingerprint=local.data_fingerprint, seconds=round(local.seconds, 1))
+    return SiteOutcome(site_id, "trained", sample_counts=local.sample_counts,
+                       metrics=finite_metrics(local.metrics), data_fingerprint=local.data_fingerprint,
+                       seconds=round(local.seconds, 1))
 
 
 def read_manifest_from_store(store: ArtifactStore, prefix: str):
@@ -195,8 +206,6 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
 def load_central(params: Params, store: ArtifactStore, round_id: str, *, injected: bool) -> CentralModel:
     """The central model for a round: aggregated encoders, plus this round's injected weights (injected=True) or
     the previous round's (the experts keep learning across rounds)."""
-    from fedkim.experiment import VARIANTS, build_central
-
     model = build_central(params, VARIANTS["fedkim"])
     model.load_encoders(get_state(store, round_key(round_id, "aggregate", "encoders.safetensors")))
     source = str(round_id) if injected else latest_round(store)
@@ -208,12 +217,13 @@ def load_central(params: Params, store: ArtifactStore, round_id: str, *, injecte
 
 
 def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: Path, *,
-                progress: bool = False) -> tuple[CentralModel, dict]:
-    """M3OE injection on the server's public split (runs on the central pool; uses CUDA when present)."""
+                model: CentralModel | None = None, progress: bool = False) -> tuple[CentralModel, dict]:
+    """M3OE injection on the server's public split (runs on the central pool; uses CUDA when present).
+    `model`: inject into this model as it is (the experiment's variants) instead of the round's fedkim model."""
     done = round_key(round_id, "central", "inject.json")
-    if store.exists(done):
+    if store.exists(done) and model is None:
         return load_central(params, store, round_id, injected=True), get_json(store, done)
-    model = load_central(params, store, round_id, injected=False)
+    model = model if model is not None else load_central(params, store, round_id, injected=False)
     result = inject(model, params.data.root / "public", params.inject, params.site, params.data,
                     round_id=str(round_id), checkpoint_dir=Path(work_dir) / "checkpoints", progress=progress)
     model.to("cpu")
@@ -281,8 +291,7 @@ class PhaseTimer:
             self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 2)
 
 
-def _finite(metrics: dict) -> dict:
-    import math
-
+def finite_metrics(metrics: dict) -> dict:
+    """Per-task metrics without NaN/inf (an AUROC of a one-class split): what a manifest or JSON can carry."""
     return {t: {k: v for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
             for t, m in metrics.items()}

@@ -667,7 +667,7 @@ def query_item(row: dict, task: str, params: Params, i: int) -> dict:
     from fedkim.data.formats.clinical import read_long, to_grid
     from fedkim.data.formats.text import read_jsonl
     from fedkim.data.loaders import load_ecg, load_image, standardise_clinical
-    from fedkim.site.train import icu_windows
+    from fedkim.data.batches import icu_windows
 
     def need(column: str) -> str:
         if not _present(row.get(column)):

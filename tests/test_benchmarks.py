@@ -65,6 +65,7 @@ def test_both_loop_references_compute_the_same_function_as_m3oe():
     from benchmarks.m3oe import LoopMoELinear, to_loop
     from fedkim.central.foundation import load_foundation
     from fedkim.central.m3oe import DEFAULT_TARGETS, M3OEConfig, attach_m3oe
+    from fedkim.central.model import reference_pairs
     from fedkim.data.catalogue import TASKS
 
     foundation = load_foundation("tiny")
@@ -75,7 +76,7 @@ def test_both_loop_references_compute_the_same_function_as_m3oe():
     for as_loop in (None, False, True):
         model = copy.deepcopy(foundation.model)
         torch.manual_seed(1)
-        m3oe = attach_m3oe(model, config, foundation.tokenizer)
+        m3oe = attach_m3oe(model, config, foundation.tokenizer, reference=reference_pairs(config.gate_norm))
         with torch.no_grad():
             for layer in m3oe.layers.values():
                 layer.lora_B.normal_(0, 0.05)

@@ -55,7 +55,6 @@ def test_out_of_range_value_is_named(tmp_path):
     [
         ([{"id": "site-a", "modalities": ["image", "ecg", "clinical"]}] * 2, "duplicate site id"),
         ([{"id": "public", "modalities": ["image", "ecg", "clinical"]}], "reserved"),
-        ([{"id": "site-a", "modalities": ["image"]}], "no site holds modality"),
         ([{"id": "site-a", "modalities": ["image", "image", "ecg", "clinical"]}], "duplicate modality"),
     ],
 )
@@ -90,3 +89,17 @@ def test_params_hash_ignores_paths_but_not_values():
     b = load_params(REPO / "params.yaml", {"data.root": "/tmp/other"}).data
     c = load_params(REPO / "params.yaml", {"data.seed": 7}).data
     assert params_hash(a) == params_hash(b) != params_hash(c)
+
+
+def test_every_training_modality_needs_a_site(tmp_path):
+    from fedkim.data.catalogue import check_sites
+    from fedkim.data.synth.federation import generate_federation
+
+    params = load_params(REPO / "params.yaml", {"data.sites": [{"id": "site-a", "modalities": ["image"]}],
+                                                "data.root": str(tmp_path / "fed")})
+    with pytest.raises(ConfigError, match=r"no site holds modality \['clinical', 'ecg'\].*ecg_abnormal"):
+        check_sites(params.data.sites)
+    with pytest.raises(ConfigError, match="no site holds modality"):  # before anything is written
+        generate_federation(params.data)
+    assert not (tmp_path / "fed").exists()
+    check_sites(load_params(REPO / "params.yaml").data.sites)  # the default federation covers every task

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from fedkim.central.model import TAGS, CentralModel
+from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import ConfigError, Params, format_validation_error
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 from fedkim.federation.package import current_code_version
@@ -203,8 +204,6 @@ def read_params(folder: str | Path) -> Params:
 
 def load_bundle(folder: str | Path) -> tuple[CentralModel, Params]:
     """Verify the bundle, rebuild its model (FM from its source, same variant) and load the weights; eval mode."""
-    from fedkim.experiment import VARIANTS, build_central  # the experiment module imports the whole pipeline
-
     folder = Path(folder)
     manifest = verify_bundle(folder)
     params = read_params(folder)

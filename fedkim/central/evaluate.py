@@ -51,7 +51,7 @@ from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, EvalParams, SiteTrainingParams
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS, YES_NO, ZERO_SHOT_TASKS
 from fedkim.data.loaders import collate
-from fedkim.site.train import icu_windows, task_dataset, to_device
+from fedkim.data.batches import icu_windows, task_dataset, to_device
 
 
 def select_tasks(which: str) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, InjectParams, SiteTrainingParams
 from fedkim.data.loaders import collate
-from fedkim.site.train import pick_device, task_dataset, to_device
+from fedkim.data.batches import pick_device, task_dataset, to_device
 
 # The reference code's server order: ECG, clinical, then the image tasks.
 SEQUENTIAL_ORDER = ("ecg_abnormal", "mortality", "lung_opacity", "covid")

@@ -44,14 +44,6 @@ REFERENCE_NORMS = ("catalogue", "train")
 BALANCE_SCOPES = ("batch", "tasks")
 
 
-def reference_tasks(gate_norm: str) -> tuple[str, ...]:
-    """The catalogue tasks whose descriptions a reference norm places a description against: the training tasks
-    (norm 'train') or all 12 (norm 'catalogue')."""
-    from fedkim.data.catalogue import TASKS, TRAIN_TASKS
-
-    return tuple(TRAIN_TASKS) if gate_norm == "train" else tuple(TASKS)
-
-
 @dataclass
 class M3OEConfig:
     num_experts: int = 12
@@ -324,7 +316,7 @@ class M3OE(nn.Module):
 
     def __init__(self, model: nn.Module, config: M3OEConfig, layers: dict[str, M3OELinear], gate: _Gate,
                  state: GateState, tokenizer=None, task_vocab: Sequence[str] = (),
-                 modality_vocab: Sequence[str] = ()):
+                 modality_vocab: Sequence[str] = (), reference: Sequence[tuple[str, str]] = ()):
         super().__init__()
         self.config = config
         self.gate = gate
@@ -336,11 +328,8 @@ class M3OE(nn.Module):
         self.modality_vocab = {m: i for i, m in enumerate(modality_vocab)}
         self._model = [model]
         self._token_cache: dict[str, list[int]] = {}
-        from fedkim.data.catalogue import TASKS
-
-        # The descriptions the gate norm places a description against (CentralModel sets its gate mode's pairs).
-        self.reference: list[tuple[str, str]] = [(TASKS[n].task_description, TASKS[n].modality_description)
-                                                 for n in reference_tasks(config.gate_norm)]
+        # The (task, modality) descriptions the gate norm places a description against (see XAttnGate).
+        self.reference: list[tuple[str, str]] = list(reference)
 
     @property
     def model(self) -> nn.Module:
@@ -487,13 +476,20 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def attach_m3oe(model: nn.Module, config: M3OEConfig, tokenizer=None, *,
-                task_vocab: Sequence[str] | None = None, modality_vocab: Sequence[str] | None = None) -> M3OE:
+                reference: Sequence[tuple[str, str]] = (), task_vocab: Sequence[str] = (),
+                modality_vocab: Sequence[str] = ()) -> M3OE:
     """Wrap the FM's matching nn.Linear layers with M3OELinear, in place, and return the controller.
 
-    tokenizer: the FM's tokenizer (needed by the xattn gate). task_vocab / modality_vocab: the descriptions the id
-    gate knows (default: every task and modality description of the catalogue)."""
+    tokenizer: the FM's tokenizer (needed by the xattn gate). reference: the (task, modality) description pairs
+    the xattn gate's norms 'train' and 'catalogue' place a description against. task_vocab / modality_vocab: the
+    descriptions the id gate knows. Like peft's layers, M3OE knows no domain: the caller brings the texts."""
     if any(isinstance(m, M3OELinear) for m in model.modules()):
         raise ValueError("this model already has M3OE layers attached")
+    if config.gate == "xattn" and config.gate_norm in REFERENCE_NORMS and not reference:
+        raise ValueError(f"gate_norm {config.gate_norm!r} places descriptions against reference pairs: "
+                         "pass reference=[(task description, modality description), ...]")
+    if config.gate == "id" and not (task_vocab and modality_vocab):
+        raise ValueError("the id gate needs task_vocab and modality_vocab (the descriptions it can route)")
     output = model.get_output_embeddings() if config.lm_head and hasattr(model, "get_output_embeddings") else None
     state = GateState(config.rank, config.shared_experts, config.scaling)
     layers: dict[str, M3OELinear] = {}
@@ -514,17 +510,13 @@ def attach_m3oe(model: nn.Module, config: M3OEConfig, tokenizer=None, *,
         gate = XAttnGate(model.get_input_embeddings(), config.num_experts, config.top_k, config.gate_dropout,
                          config.mask_padding, config.gate_norm)
     elif config.gate == "id":
-        from fedkim.data.catalogue import MODALITY_DESCRIPTIONS, TASKS
-
-        task_vocab = list(task_vocab or [t.task_description for t in TASKS.values()])
-        modality_vocab = list(modality_vocab or MODALITY_DESCRIPTIONS.values())
         gate = IdGate(len(task_vocab), len(modality_vocab), config.num_experts, config.id_dim, config.top_k)
     else:
         gate = SingleGate()
     weight = next(iter(layers.values())).base.weight
     gate.to(device=weight.device)
     gate.train(model.training)
-    return M3OE(model, config, layers, gate, state, tokenizer, task_vocab or (), modality_vocab or ())
+    return M3OE(model, config, layers, gate, state, tokenizer, task_vocab, modality_vocab, reference)
 
 
 def merge(m3oe: M3OE, task_description: str, modality_description: str, folder: str | Path) -> Path:

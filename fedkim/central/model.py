@@ -17,11 +17,22 @@ import torch
 from torch import nn
 
 from fedkim.central.foundation import Foundation
-from fedkim.central.m3oe import M3OE, M3OEConfig, attach_m3oe, reference_tasks
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.central.m3oe import M3OE, M3OEConfig, attach_m3oe
+from fedkim.data.catalogue import MODALITY_DESCRIPTIONS, TASKS, TRAIN_TASKS
 
 TAGS = {"image": ("<image>", "</image>"), "ecg": ("<ecg>", "</ecg>"), "clinical": ("<clinical>", "</clinical>")}
 HUMAN, ASSISTANT, END = "### Human: ", "\n### Assistant:", "\n###"
+
+
+def reference_tasks(gate_norm: str) -> tuple[str, ...]:
+    """The catalogue tasks whose descriptions a reference norm places a description against: the training tasks
+    (norm 'train') or all of them (norm 'catalogue')."""
+    return tuple(TRAIN_TASKS) if gate_norm == "train" else tuple(TASKS)
+
+
+def reference_pairs(gate_norm: str) -> list[tuple[str, str]]:
+    """The (task, modality) descriptions of reference_tasks(gate_norm), for code that attaches M3OE itself."""
+    return [GateMode().pair(t) for t in reference_tasks(gate_norm)]
 
 
 @dataclass
@@ -57,9 +68,11 @@ class CentralModel(nn.Module):
         self.gate_mode = gate_mode or GateMode()
         self.m3oe: M3OE | None = None
         if m3oe_config is not None:
-            self.m3oe = attach_m3oe(self.fm, m3oe_config, self.tokenizer)
             # what the gate sees, for each task of the norm's reference (see XAttnGate)
-            self.m3oe.reference = [self.gate_mode.pair(t) for t in reference_tasks(m3oe_config.gate_norm)]
+            reference = [self.gate_mode.pair(t) for t in reference_tasks(m3oe_config.gate_norm)]
+            self.m3oe = attach_m3oe(self.fm, m3oe_config, self.tokenizer, reference=reference,
+                                    task_vocab=[t.task_description for t in TASKS.values()],
+                                    modality_vocab=list(MODALITY_DESCRIPTIONS.values()))
         self._text_cache: dict[str, list[int]] = {}
 
     def _add_tags(self) -> None:

@@ -147,3 +147,15 @@ ZERO_SHOT_TASKS = tuple(n for n, t in TASKS.items() if t.role == "zero_shot")
 def tasks_for_modality(modality: str) -> list[Task]:
     """Training tasks whose (single) modality is `modality`: what a site holding it can train."""
     return [TASKS[n] for n in TRAIN_TASKS if TASKS[n].modality == modality]
+
+
+def check_sites(sites) -> None:
+    """Every training task needs a site that holds its modality: raise ConfigError naming the ones none holds.
+    `sites`: the site specs of params (data.sites), each with its modalities."""
+    from fedkim.config import ConfigError
+
+    held = {m for s in sites for m in s.modalities}
+    missing = sorted({TASKS[t].modality for t in TRAIN_TASKS} - held)
+    if missing:
+        raise ConfigError(f"data.sites: no site holds modality {missing}; every training task needs one site "
+                          f"({', '.join(t for t in TRAIN_TASKS if TASKS[t].modality in missing)})")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import DataLoader
 
 from fedkim.config import DataParams, SiteTrainingParams
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
-from fedkim.data.loaders import DecodedCache, SiteDataset, collate
+from fedkim.data.batches import pick_device, task_loader, to_device
 from fedkim.data.siteformat import read_index, read_manifest
 from fedkim.site.model import SiteModel, load_subset
 
@@ -32,44 +32,6 @@ class LocalResult:
     seconds: float
     data_fingerprint: str = ""
     losses: list[float] = field(default_factory=list)
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def icu_windows(data: DataParams) -> dict[str, int]:
-    """Hours of ICU series each clinical task observes (sepsis: twice the mortality window, as generated)."""
-    return {"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours}
-
-
-def task_dataset(site_dirs: Path | list[Path], task: str, split: str | None, p: SiteTrainingParams,
-                 data: DataParams, limit: int | None = None):
-    """One task's samples from one site, or from several pooled (the centralised oracle), shaped by params."""
-    parts = []
-    for d in ([site_dirs] if isinstance(site_dirs, (str, Path)) else site_dirs):
-        part = SiteDataset(d, split=split, tasks=[task], image_size=p.image_input, ecg_hz=p.ecg_hz,
-                           ecg_seconds=data.ecg_seconds, hours=icu_windows(data))
-        if limit is not None and len(part) > limit:
-            part.index = part.index.iloc[:limit].reset_index(drop=True)
-        parts.append(part)
-    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
-
-
-def task_loader(site_dirs: Path | list[Path], task: str, split: str, p: SiteTrainingParams, data: DataParams, *,
-                shuffle: bool, seed: int, cache_mb: float = 0) -> DataLoader:
-    """cache_mb > 0: keep decoded samples in memory (up to that many MB) for loaders read for several epochs."""
-    generator = torch.Generator().manual_seed(seed)
-    dataset = task_dataset(site_dirs, task, split, p, data)
-    if cache_mb > 0:
-        dataset = DecodedCache(dataset, cache_mb)
-    return DataLoader(dataset, batch_size=p.batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
 def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.Tensor], p: SiteTrainingParams,

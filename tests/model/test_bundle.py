@@ -11,8 +11,8 @@ import yaml
 from fedkim.central.bundle import BundleError, load_bundle, save_bundle
 from fedkim.config import load_params
 from fedkim.data.catalogue import TASKS
-from fedkim.experiment import VARIANTS, build_central
-from fedkim.site.train import task_loader
+from fedkim.central.variants import VARIANTS, build_central
+from fedkim.data.batches import task_loader
 from tests.conftest import small_params_dict
 
 TINY = {"inject.foundation_model": "tiny", "inject.num_experts": 4, "inject.rank": 4}

@@ -12,8 +12,9 @@ from fedkim.central.evaluate import evaluate, gate_distance
 from fedkim.central.inject import inject, warmup_decay
 from fedkim.config import load_params
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
-from fedkim.experiment import VARIANTS, build_central, run_experiment, run_variant
-from fedkim.site.train import task_loader
+from fedkim.central.variants import VARIANTS, build_central
+from fedkim.experiment import run_experiment, run_variant
+from fedkim.data.batches import task_loader
 from tests.conftest import small_params_dict
 
 TINY = {"inject.foundation_model": "tiny", "inject.num_experts": 4, "inject.rank": 4, "inject.batch_size": 8,
@@ -113,7 +114,7 @@ def test_scoring_handles_ragged_options_and_evaluation_covers_every_task(params)
 
 def test_yes_no_threshold_is_the_median_over_unlabelled_public_inputs_of_the_modality(params):
     from fedkim.central.evaluate import calibrate_threshold, calibration_inputs, evaluate_task, yes_no_scores
-    from fedkim.site.train import task_dataset
+    from fedkim.data.batches import task_dataset
 
     model = build_central(params, VARIANTS["fedkim"])
     public = params.data.root / "public"
@@ -134,7 +135,7 @@ def test_yes_no_threshold_is_the_median_over_unlabelled_public_inputs_of_the_mod
 
 def test_question_options_are_scored_relative_to_their_label_free_prior(params):
     from fedkim.central.evaluate import calibration_inputs, evaluate_task, option_priors
-    from fedkim.site.train import task_dataset
+    from fedkim.data.batches import task_dataset
 
     model = build_central(params, VARIANTS["fedkim"])
     public, test_dir = params.data.root / "public", params.data.root / "test"
@@ -173,7 +174,7 @@ def test_question_options_are_scored_relative_to_their_label_free_prior(params):
 
 def test_lettered_choices_are_scored_on_their_texts_after_the_question_stem(params):
     from fedkim.central.evaluate import choice_text_logprobs, evaluate_task, option_priors, question_stem
-    from fedkim.site.train import task_dataset
+    from fedkim.data.batches import task_dataset
 
     assert question_stem("Which? A. x y B. z", ["A", "B"], ["x y", "z"]) == "Which?"
     assert question_stem("Which one?", ["A", "B"], ["x", "z"]) == "Which one?"  # options not listed: unchanged
@@ -221,7 +222,7 @@ def test_lettered_choices_are_scored_on_their_texts_after_the_question_stem(para
 
 
 def test_the_model_reads_a_long_icu_series_as_its_most_recent_training_window(params):
-    from fedkim.site.train import task_dataset
+    from fedkim.data.batches import task_dataset
     from fedkim.data.loaders import collate
 
     hours = params.data.icu_hours

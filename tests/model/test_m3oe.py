@@ -8,7 +8,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from fedkim.central.foundation import load_foundation
 from fedkim.central.m3oe import M3OEConfig, M3OELinear, attach_m3oe, merge
-from fedkim.data.catalogue import TASKS
+from fedkim.central.model import reference_pairs
+from fedkim.data.catalogue import MODALITY_DESCRIPTIONS, TASKS
+
+# the descriptions an id gate can route: the catalogue's
+VOCAB = {"task_vocab": [t.task_description for t in TASKS.values()],
+         "modality_vocab": list(MODALITY_DESCRIPTIONS.values())}
 
 PAIRS = [(t.task_description, t.modality_description) for t in TASKS.values()]
 
@@ -39,7 +44,8 @@ def perturb_b(m3oe, seed=1, std=0.05):
 def attach(fm, **kw):
     kw = {"num_experts": 4, "rank": 2, **kw}
     torch.manual_seed(kw.pop("seed", 0))
-    return attach_m3oe(fm.model, M3OEConfig(**kw), fm.tokenizer)
+    config = M3OEConfig(**kw)
+    return attach_m3oe(fm.model, config, fm.tokenizer, reference=reference_pairs(config.gate_norm), **VOCAB)
 
 
 def test_identity_at_init_and_targets(fm):

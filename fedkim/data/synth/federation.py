@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from fedkim.config import DataParams, SiteSpec, params_hash
-from fedkim.data.catalogue import NOISE_VERIFY_QUESTION, TASKS, TRAIN_TASKS, tasks_for_modality
+from fedkim.data.catalogue import NOISE_VERIFY_QUESTION, TASKS, TRAIN_TASKS, check_sites, tasks_for_modality
 from fedkim.data.formats.clinical import write_long
 from fedkim.data.formats.ecg import write_wfdb
 from fedkim.data.formats.image import write_dicom, write_png
@@ -86,6 +86,7 @@ def data_hash(data: DataParams) -> str:
 
 
 def generate_federation(data: DataParams, *, force: bool = False, progress: bool = False) -> GenerationResult:
+    check_sites(data.sites)
     root = Path(data.root)
     digest = data_hash(data)
     existing = _read_federation_file(root)
