@@ -9,8 +9,6 @@ FEDKIM_STORE_KIND (store.kind: `fedkim stack up` switches its workers to its S3 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -18,6 +16,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedkim.digests import short_digest
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -386,8 +385,7 @@ def _resolve_paths(params: Params, base: Path) -> Params:
 
 def params_hash(section: BaseModel) -> str:
     """Stable short hash of a section (paths excluded so that moving the repo keeps caches valid)."""
-    payload = section.model_dump(mode="json", exclude={"root"})
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return short_digest(section.model_dump(mode="json", exclude={"root"}))
 
 
 # ------------------------------------------------------------------------------------------ error messages

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from fedkim.central.evaluate import (evaluate, gate_distance, gate_table, plot_gate_heatmap, summarise,
-                                    write_metrics)
+                                     write_metrics)
 from fedkim.central.model import CentralModel
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import Params
 from fedkim.data.catalogue import TASKS
 from fedkim.federation.store import LocalStore
-from fedkim.rounds import (Trainer, aggregate_step, finish_round, get_state, inject_step, round_key, start_round,
-                           train_site_step)
+from fedkim.rounds import (Trainer, aggregate_step, finish_round, get_state, inject_step, round_key,
+                           start_round, train_site_step)
 from fedkim.site.model import global_model
 from fedkim.site.train import LocalResult, train_site
 

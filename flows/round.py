@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import hashlib
-import json
 import re
 import shutil
 import sys
@@ -35,22 +33,14 @@ from prefect.futures import as_completed
 
 from fedkim import tracking
 from fedkim.config import ConfigError, Params, parse_overrides
+from fedkim.digests import settings_digest
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.rounds import (PhaseTimer, QuorumError, aggregate_step, evaluate_step, finish_round, get_json,
                            inject_step, put_json, read_manifest_from_store, round_key, start_round)
 from flows.report import find_comparison, load_baselines, write_report
 from flows.site import gate_reason, load, site_pool, site_tasks, store_for, validation_key
 
-# Settings that say where and how a round runs, not what it computes: a re-run may change them.
-ORCHESTRATION_ONLY = {"data": {"root", "workers"}, "store": True, "tracking": True, "report": True,
-                      "federation": {"rounds", "mode", "site_timeout_s", "retries", "retry_delay_s", "site_start_s",
-                                     "parallel_sites", "work_dir", "round_id"}}
 ROUND_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # as federation.round_id: a store key part, a run tag
-
-
-def round_params_hash(params: Params) -> str:
-    payload = params.model_dump(mode="json", exclude=ORCHESTRATION_ONLY)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def default_round_id() -> str:
@@ -281,7 +271,7 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
     store = store_for(params, base)
     uri = tracking.configure(params.tracking, base)
     sites_invited = [s.id for s in params.data.sites]
-    record = {"round_id": round_id, "mode": mode, "status": "started", "params_hash": round_params_hash(params),
+    record = {"round_id": round_id, "mode": mode, "status": "started", "params_hash": settings_digest(params),
               "prefect_flow_run_id": str(runtime.flow_run.id or ""), "sites_invited": sites_invited,
               "foundation_model": params.inject.foundation_model, "store": store.uri(round_key(round_id))}
     manifest_key = round_key(round_id, "round.json")

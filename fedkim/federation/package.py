@@ -9,7 +9,6 @@ parameter, so a training loop cannot leak a batch or a prediction vector into th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save_file
 import fedkim
 from fedkim.config import Modality
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.digests import sha256_file
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -101,14 +101,6 @@ class KnowledgePackage(NamedTuple):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @lru_cache(maxsize=1)
 def current_code_version() -> str:
     """`<fedkim version>+g<git sha>` inside a checkout, `<version>+unknown` in an installed wheel."""

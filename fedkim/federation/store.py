@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedkim.federation.package import sha256_file
+from fedkim.digests import sha256_file
 
 SHA_SUFFIX = ".sha256"
 
@@ -284,9 +284,11 @@ class S3Store(ArtifactStore):
         from botocore.exceptions import (
             BotoCoreError,
             ClientError,
-            ConnectionError as BotoConnectionError,
             NoCredentialsError,
             PartialCredentialsError,
+        )
+        from botocore.exceptions import (
+            ConnectionError as BotoConnectionError,
         )
 
         try:

@@ -16,8 +16,8 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 from torch.utils.data import DataLoader
 
 from fedkim.config import DataParams, SiteTrainingParams
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 from fedkim.data.batches import pick_device, task_loader, to_device
+from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 from fedkim.data.siteformat import read_index, read_manifest
 from fedkim.site.model import SiteModel, load_subset
 

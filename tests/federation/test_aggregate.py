@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedkim.federation import ServerOptimizerState, aggregate, fedavg, fedprox, write_package
+from fedkim.federation import ServerOptimizerState, aggregate, fedavg, write_package
 from fedkim.federation.package import PackageManifest, read_package
 from tests.federation import global_state, package_fields, site_state
 

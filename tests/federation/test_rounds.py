@@ -5,10 +5,10 @@ import torch
 import yaml
 
 from fedkim.config import load_params
-from fedkim.federation.package import sha256_file
+from fedkim.digests import sha256_file
 from fedkim.federation.store import LocalStore, package_key
-from fedkim.rounds import (QuorumError, aggregate_step, get_state, latest_round, round_key, run_round, start_round,
-                           train_site_step)
+from fedkim.rounds import (QuorumError, aggregate_step, get_state, latest_round, round_key, run_round,
+                           start_round, train_site_step)
 from tests.conftest import small_params_dict
 from tests.model.test_central import TINY
 
@@ -71,7 +71,7 @@ def test_a_tampered_package_is_rejected_with_its_reason_and_the_quorum_decides(p
     outcome = aggregate_step(relaxed, store, "7", sites + ["site-z"])
     assert outcome.accepted == [sites[1]]
     assert any("sha256" in r or "hash" in r for r in outcome.rejected[sites[0]])
-    assert outcome.rejected["site-z"] == [f"no package in the store at rounds/7/sites/site-z/"]
+    assert outcome.rejected["site-z"] == ["no package in the store at rounds/7/sites/site-z/"]
 
 
 def test_a_model_rebuilt_from_the_store_answers_exactly_like_the_injected_one(params, tmp_path):

@@ -14,19 +14,10 @@ from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 
 from fedkim.config import StoreParams, load_params
+from fedkim.digests import sha256_file
 from fedkim.federation import read_package, write_package
-from fedkim.federation.package import sha256_file
-from fedkim.federation.store import (
-    IntegrityError,
-    KeyExistsError,
-    LocalStore,
-    MissingKeyError,
-    S3Store,
-    StoreError,
-    open_store,
-    package_key,
-    package_prefix,
-)
+from fedkim.federation.store import (IntegrityError, KeyExistsError, LocalStore, MissingKeyError, S3Store,
+                                     StoreError, open_store, package_key, package_prefix)
 from tests.conftest import small_params_dict
 from tests.federation import global_state, package_fields, site_state
 

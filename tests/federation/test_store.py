@@ -2,16 +2,9 @@
 
 import pytest
 
-from fedkim.federation import (
-    IntegrityError,
-    KeyExistsError,
-    LocalStore,
-    check_package,
-    package_key,
-    package_prefix,
-    write_package,
-)
-from fedkim.federation.package import sha256_file
+from fedkim.digests import sha256_file
+from fedkim.federation import (IntegrityError, KeyExistsError, LocalStore, check_package, package_key,
+                               package_prefix, write_package)
 from tests.federation import global_state, package_fields, site_state
 
 
