@@ -205,7 +205,7 @@ def main() -> None:
         started = time.perf_counter()
         try:
             report[name] = step()
-        except Exception as exc:  # report what broke and go on: one lease, every check
+        except Exception as exc:  # report what broke and go on: one GPU call runs every check
             import traceback
 
             report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
