@@ -33,12 +33,13 @@ from prefect.futures import as_completed
 
 from fedkim import tracking
 from fedkim.config import ConfigError, Params, parse_overrides
+from fedkim.data.validate import gate_reason
 from fedkim.digests import settings_digest
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.rounds import (PhaseTimer, QuorumError, aggregate_step, evaluate_step, finish_round, get_json,
                            inject_step, put_json, read_manifest_from_store, round_key, start_round)
 from flows.report import find_comparison, load_baselines, write_report
-from flows.site import gate_reason, load, site_pool, site_tasks, store_for, validation_key
+from flows.site import load, site_pool, site_tasks, store_for, validation_key
 
 ROUND_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # as federation.round_id: a store key part, a run tag
 

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from fedkim.config import Params, default_params_path, load_params
+from fedkim.data.validate import gate_reason, gate_summary
 from fedkim.federation.package import ValidationSummary
 from fedkim.federation.store import ArtifactStore, open_store, package_prefix
 from fedkim.rounds import get_json, put_json, round_key, train_site_step, validate_site_step
@@ -45,24 +46,6 @@ def site_pool(site_id: str) -> str:
 def validation_key(round_id: str, site_id: str) -> str:
     # Beside the packages, not inside them: the aggregator downloads rounds/<r>/sites/<site>/ as the package.
     return round_key(round_id, "validation", f"{site_id}.json")
-
-
-def gate_summary(report) -> dict:
-    """What the central side may see of a gate report: rule, file, column, message and count of each finding.
-    The examples (sample ids, values) stay at the site, in <site>/reports/validation.json."""
-    findings = [{"rule": f.rule, "file": f.file, "column": f.column, "message": f.message, "count": f.count}
-                for f in report.findings]
-    stats = {k: v for k, v in report.stats.items() if k in ("samples", "files_checked", "expectations", "seconds")}
-    return {"site_id": report.site_id, "success": report.success, "findings": findings, "stats": stats}
-
-
-def gate_reason(summary: dict) -> str:
-    """One line naming the failed rules and files, for the round summary and the report."""
-    parts = [f"{f['rule']}" + (f" ({f['file']})" if f.get("file") else "") + f": {f['message']}"
-             for f in summary["findings"][:4]]
-    more = len(summary["findings"]) - len(parts)
-    return (f"data gate failed, {len(summary['findings'])} finding(s): " + "; ".join(parts)
-            + (f"; and {more} more" if more > 0 else ""))
 
 
 def retry_delays(params: Params) -> list[float]:

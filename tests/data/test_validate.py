@@ -2,41 +2,37 @@
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import wfdb
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from typer.testing import CliRunner
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-import wfdb  # noqa: E402
-import yaml  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from PIL import Image  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
-
-from fedkim.config import GateParams  # noqa: E402
-from fedkim.data.catalogue import MODALITY_INPUTS, TASKS  # noqa: E402
-from fedkim.data.formats.clinical import VARIABLES, read_long, to_grid, write_long  # noqa: E402
-from fedkim.data.formats.ecg import LEADS, write_wfdb  # noqa: E402
-from fedkim.data.formats.text import read_jsonl, write_jsonl  # noqa: E402
-from fedkim.data.siteformat import (  # noqa: E402
+from fedkim.config import GateParams
+from fedkim.data.catalogue import MODALITY_INPUTS, TASKS
+from fedkim.data.formats.clinical import VARIABLES, read_long, to_grid, write_long
+from fedkim.data.formats.ecg import LEADS, write_wfdb
+from fedkim.data.formats.text import read_jsonl, write_jsonl
+from fedkim.data.siteformat import (
     INDEX_FILE, REPORTS_DIR, SITE_FILE, SPLITS, compute_fingerprint, finalize_site, read_manifest,
     write_index,
 )
-import fedkim.data.validate as validate_module  # noqa: E402
-from fedkim.data.validate import RULES, ValidationReport, validate_site  # noqa: E402
-from tests.sitebuilder import build_site, refinalize, synthetic_ecg, synthetic_image  # noqa: E402
+import fedkim.data.validate as validate_module
+from fedkim.data.validate import RULES, ValidationReport, gate_reason, gate_summary, validate_site
+from tests.sitebuilder import build_site, refinalize, synthetic_ecg, synthetic_image
 
 N = 6  # per (task, split, label): one above the default minimum, so single-row edits keep counts valid
 LOOSE = GateParams(min_samples_per_site=1, min_samples_per_class=1)  # for the tiny fuzzing sites
@@ -148,8 +144,15 @@ def test_dicom_and_text_site_passes(copy_site):
     assert report.stats["modalities"] == {"image": 2 * N, "image+text": 2 * N, "text": 2 * N}
 
 
+def test_gx_analytics_off_in_the_context(monkeypatch):
+    from fedkim.data.validate.engine import _Gate
+
+    monkeypatch.setenv("GX_ANALYTICS_ENABLED", "true")  # the context's own setting wins over the environment
+    assert _Gate(None).context.config.analytics_enabled is False
+
+
 def test_rule_ids_are_documented():
-    source = Path(validate_module.__file__).read_text()
+    source = "".join(p.read_text() for p in sorted(Path(validate_module.__file__).parent.glob("*.py")))
     families = "site|manifest|index|file|image|ecg|clinical|text|counts|gate"
     used = set(re.findall(rf'"((?:{families})\.[a-z_]+)"', source))
     assert len(used) > 30 and used - {"index.html"} == set(RULES)
@@ -610,6 +613,45 @@ def test_fuzz_clinical_frames(templates, tmp_path, edits):
     report = check(site, LOOSE)
     assert "gate.error" not in rule_ids(report), report.summary()
     assert report.success == expected, report.summary()
+
+
+# ---------------------------------------------------------------------------------- what leaves the site
+def test_gate_summary_of_a_passing_site(copy_site):
+    report = check(copy_site("image"))
+    assert gate_summary(report) == {
+        "site_id": "site-t", "success": True, "findings": [],
+        "stats": {k: report.stats[k] for k in ("samples", "files_checked", "expectations", "seconds")},
+    }
+
+
+def test_gate_summary_and_reason_leave_the_examples_at_the_site(copy_site):
+    site = copy_site("image")
+    image = first(site, "image_path")
+    truncate(site / image)
+    edit_index(site, set_cell("split", "trian"))
+    edit_index(site, set_cell("task", "lung_opacityy", row=1))
+    edit_index(site, set_cell("sample_id", first(site, "sample_id"), row=2), finalize=False)
+    report = check(site)
+    summary = gate_summary(report)
+    assert json.loads(json.dumps(summary)) == summary  # what goes to the store is plain JSON
+    assert summary["site_id"] == "site-t" and summary["success"] is False
+    assert [f["rule"] for f in summary["findings"]] == [
+        "index.duplicate_ids", "index.split_values", "index.task_known", "file.decodes", "counts.per_class",
+        "manifest.fingerprint"] == [f.rule for f in report.findings]
+    assert summary["findings"][3] == {"rule": "file.decodes", "file": image, "column": "decodes",
+                                      "message": "file does not decode", "count": 1}
+    assert summary["stats"] == {k: report.stats[k] for k in ("samples", "files_checked", "expectations",
+                                                               "seconds")}
+    text = json.dumps(summary)
+    examples = [e for f in report.findings for e in f.examples]
+    assert examples and not any(e in text for e in examples)  # sample ids and values stay at the site
+    assert "examples" not in text and "truncated" not in text
+    assert gate_reason(summary) == (
+        "data gate failed, 6 finding(s): "
+        "index.duplicate_ids (index.parquet): sample_id appears more than once; "
+        f"index.split_values (index.parquet): split must be one of {list(SPLITS)}; "
+        "index.task_known (index.parquet): task not in the catalogue; "
+        f"file.decodes ({image}): file does not decode; and 2 more")
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

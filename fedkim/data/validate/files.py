@@ -1,0 +1,287 @@
+"""The per-file tables: one row per referenced image, ECG record, clinical Parquet file or question file,
+with facts read here by fedkim.data.formats, and the tables of the clinical rows and of the text samples."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from great_expectations.expectations.row_conditions import Column
+
+from fedkim.config import GateParams
+from fedkim.data.formats import FormatError
+from fedkim.data.formats import clinical as clinical_fmt
+from fedkim.data.formats import ecg as ecg_fmt
+from fedkim.data.formats import image as image_fmt
+from fedkim.data.formats import text as text_fmt
+from fedkim.data.siteformat import SiteFormatError, resolve
+from fedkim.data.validate.engine import GX, Rule, Table, _fmt, _gx_frame, _rule
+from fedkim.data.validate.tables import INT_TYPES, NUMERIC_TYPES, _needing, _paths, _relative
+
+GRAYSCALE = ["L", "I;16", "I", "MONOCHROME1", "MONOCHROME2"]
+
+
+# ---------------------------------------------------------------------------------------- per-file facts
+def _locate(site: Path, rel: str) -> tuple[dict, Path | None]:
+    """A referenced path's first facts; None when it leaves the site (or cannot be a path at all)."""
+    row: dict[str, Any] = {"file": rel, "inside": True, "exists": None, "decodes": None, "detail": ""}
+    try:
+        return row, resolve(site, rel)
+    except SiteFormatError:
+        row.update(inside=False, detail="points outside the site directory")
+    except (ValueError, OSError) as exc:  # a NUL byte, a name too long
+        row.update(inside=False, detail=str(exc))
+    return row, None
+
+
+def _exists(row: dict, parts: list[Path], site: Path) -> bool:
+    try:
+        missing = [p for p in parts if not p.is_file()]
+    except (OSError, ValueError) as exc:
+        missing, row["detail"] = parts, str(exc)
+    row["exists"] = not missing
+    if missing and not row["detail"]:
+        row["detail"] = "missing " + ", ".join(_relative(str(p), site.resolve()) for p in missing)
+    return not missing
+
+
+def _failed(row: dict, exc: Exception, site: Path) -> dict:
+    reason = exc.reason if isinstance(exc, FormatError) else f"{exc.__class__.__name__}: {exc}"
+    row.update(decodes=False, detail=_relative(reason, site.resolve()))
+    return row
+
+
+def _file_rules() -> list[Rule]:
+    common = (("file.path", "inside", "path leaves the site directory"),
+              ("file.exists", "exists", "referenced file missing"),
+              ("file.decodes", "decodes", "file does not decode"))
+    return [_rule(rid, GX.ExpectColumnValuesToBeInSet, msg, column=col, value_set=[True], detail="detail")
+            for rid, col, msg in common]
+
+
+def _facts_table(name: str, rows: list[dict], columns: list[str], checks: list[Rule]) -> Table:
+    """Facts of None/NaN were not measured: GX's column-map expectations skip them."""
+    frame = _gx_frame(pd.DataFrame(rows, columns=["file", "inside", "exists", "decodes", "detail", *columns]))
+    return Table(name, frame, _file_rules() + checks, list(frame["file"]), file_column="file")
+
+
+def _image_row(site: Path, rel: str) -> dict:
+    row, path = _locate(site, rel)
+    if path is None or not _exists(row, [path], site):
+        return row
+    row["format"] = "dicom" if path.suffix.lower() in image_fmt.DICOM_SUFFIXES else "png"
+    try:
+        facts = image_fmt.image_facts(path)  # header: width, height, bits, photometric, modality
+        row.update({k: facts[k] for k in ("width", "height", "bits", "photometric", "modality")})
+        image_fmt.read_image(path)  # decoded once: truncated pixel data fails here
+        row["decodes"] = True
+    except Exception as exc:  # image_facts does not wrap the libraries' errors
+        _failed(row, exc, site)
+    return row
+
+
+def _image_table(site: Path, paths: list[str], rules: GateParams) -> Table:
+    side = {"min_value": rules.image_min_side, "max_value": rules.image_max_side}
+    size = f"image side outside [{rules.image_min_side}, {rules.image_max_side}] px"
+    checks = [
+        _rule("image.size", GX.ExpectColumnValuesToBeBetween, size, column="width", **side),
+        _rule("image.size", GX.ExpectColumnValuesToBeBetween, size, column="height", **side),
+        _rule("image.bit_depth", GX.ExpectColumnValuesToBeInSet, f"bits stored not in {rules.image_bits}",
+              column="bits", value_set=list(rules.image_bits)),
+        _rule("image.bit_depth", GX.ExpectColumnValuesToBeInSet, "PNG must be 8-bit", column="bits",
+              value_set=[8], row_condition=Column("format") == "png", uses=("format",)),
+        _rule("image.photometric", GX.ExpectColumnValuesToBeInSet, "not single-channel grayscale",
+              column="photometric", value_set=GRAYSCALE),
+        _rule("image.modality", GX.ExpectColumnValuesToBeInSet, "DICOM modality must be DX or CR",
+              column="modality", value_set=["DX", "CR"], row_condition=Column("format") == "dicom",
+              uses=("format",)),
+    ]
+    rows = [_image_row(site, rel) for rel in paths]
+    facts = ["format", "width", "height", "bits", "photometric", "modality"]
+    return _facts_table("image", rows, facts, checks)
+
+
+def _ecg_parts(path: Path) -> list[Path]:
+    """The files a record needs, found as read_ecg finds them."""
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return [path]
+    record = path.with_suffix("") if path.suffix in (".hea", ".dat") else path
+    return [record.with_suffix(".hea"), record.with_suffix(".dat")]
+
+
+def _ecg_row(site: Path, rel: str, rules: GateParams) -> dict:
+    row, path = _locate(site, rel)
+    if path is None or not _exists(row, _ecg_parts(path), site):
+        return row
+    try:
+        record = ecg_fmt.read_ecg(path)  # header and samples read once
+    except Exception as exc:
+        return _ecg_header_only(row, path, exc, site)
+    signal = np.asarray(record.signal, dtype=np.float64)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN leads give NaN facts, which GX skips
+        row.update(
+            decodes=True, leads=len(record.leads), fs=float(record.fs),
+            seconds=signal.shape[0] / record.fs if record.fs > 0 else np.nan,
+            max_abs_mv=float(np.nanmax(np.abs(signal))) if signal.size else np.nan,
+            flat_leads=int((np.nanstd(signal, axis=0) < rules.ecg_flat_std_mv).sum()) if signal.size else 0,
+        )
+    return row
+
+
+def _ecg_header_only(row: dict, path: Path, exc: Exception, site: Path) -> dict:
+    """read_ecg refused the record: missing leads in a readable header are ecg.leads' finding, anything
+    else is a decoding failure."""
+    _failed(row, exc, site)
+    try:
+        header = ecg_fmt.header_facts(path)
+    except Exception:
+        return row
+    found, fs = len(set(ecg_fmt.LEADS) & set(header["leads"])), float(header["fs"])
+    row.update(leads=found, fs=fs, seconds=header["samples"] / fs if fs > 0 else np.nan)
+    if found < len(ecg_fmt.LEADS):
+        row["decodes"] = None
+    return row
+
+
+def _ecg_table(site: Path, paths: list[str], rules: GateParams) -> Table:
+    n = len(ecg_fmt.LEADS)
+    checks = [
+        _rule("ecg.leads", GX.ExpectColumnValuesToBeBetween, f"fewer than the {n} standard leads",
+              column="leads", min_value=n, max_value=n),
+        _rule("ecg.sampling_rate", GX.ExpectColumnValuesToBeBetween,
+              f"sampling rate outside [{rules.ecg_min_hz:g}, {rules.ecg_max_hz:g}] Hz",
+              column="fs", min_value=rules.ecg_min_hz, max_value=rules.ecg_max_hz),
+        _rule("ecg.duration", GX.ExpectColumnValuesToBeBetween,
+              f"duration outside [{rules.ecg_min_seconds:g}, {rules.ecg_max_seconds:g}] s",
+              column="seconds", min_value=rules.ecg_min_seconds, max_value=rules.ecg_max_seconds),
+        _rule("ecg.amplitude", GX.ExpectColumnValuesToBeBetween,
+              f"|signal| beyond {rules.ecg_max_abs_mv:g} mV (unit or amplifier error)",
+              column="max_abs_mv", max_value=rules.ecg_max_abs_mv),
+        _rule("ecg.flat_lead", GX.ExpectColumnValuesToBeBetween,
+              f"lead(s) with std below {rules.ecg_flat_std_mv:g} mV", column="flat_leads", max_value=0),
+    ]
+    rows = [_ecg_row(site, rel, rules) for rel in paths]
+    return _facts_table("ecg", rows, ["leads", "fs", "seconds", "max_abs_mv", "flat_leads"], checks)
+
+
+# ------------------------------------------------------------------------------------------------- clinical
+def _clinical_tables(site: Path, index: pd.DataFrame, rules: GateParams) -> list[Table]:
+    rows, frames = [], {}
+    for rel in _paths(index, "clinical_path"):
+        row, path = _locate(site, rel)
+        if path is not None and _exists(row, [path], site):
+            try:
+                frames[rel] = clinical_fmt.read_long(path)
+                row.update(decodes=True, hour_type=str(frames[rel]["hour"].dtype),
+                           value_type=str(frames[rel]["value"].dtype))
+            except Exception as exc:
+                _failed(row, exc, site)
+        rows.append(row)
+    checks = [
+        _rule("clinical.schema", GX.ExpectColumnValuesToBeInSet, "hour must be an integer column",
+              column="hour_type", value_set=[*INT_TYPES, "float64"]),  # float64: int16 with nulls
+        _rule("clinical.schema", GX.ExpectColumnValuesToBeInSet, "value must be a numeric column",
+              column="value_type", value_set=NUMERIC_TYPES),
+    ]
+    tables = [_facts_table("clinical_files", rows, ["hour_type", "value_type"], checks)]
+    if frames:
+        long = _long_frame(frames)
+        tables += [_values_table(long), _missingness_table(long, _needing(index, "clinical"), rules)]
+    return tables
+
+
+def _long_frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """All files' long rows with comparable types: numbers coerced (unparseable -> NaN), names as text."""
+    return pd.concat([pd.DataFrame({
+        "file": rel,
+        "sample_id": frame["sample_id"].map(_text).astype(object),
+        "hour": pd.to_numeric(frame["hour"], errors="coerce").astype("float64"),
+        "variable": frame["variable"].map(_text).astype(object),
+        "value": pd.to_numeric(frame["value"], errors="coerce").astype("float64"),
+    }) for rel, frame in frames.items()], ignore_index=True)
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+
+
+def _values_table(long: pd.DataFrame) -> Table:
+    checks = [
+        _rule("clinical.variables", GX.ExpectColumnValuesToBeInSet, "unknown variable",
+              column="variable", value_set=list(clinical_fmt.VARIABLES)),
+        _rule("clinical.hours", GX.ExpectColumnValuesToNotBeNull, "hour missing", column="hour"),
+        _rule("clinical.hours", GX.ExpectColumnValuesToBeBetween, "negative hour", column="hour",
+              min_value=0),
+    ]
+    checks += [_rule("clinical.physiological_range", GX.ExpectColumnValuesToBeBetween,
+                     f"{variable} outside physiological limits [{low:g}, {high:g}] {unit}", shown=variable,
+                     column="value", min_value=float(low), max_value=float(high),
+                     row_condition=Column("variable") == variable, uses=("variable",))
+               for variable, (unit, low, high) in clinical_fmt.VARIABLES.items()]
+    labels = [f"{f}: {s} hour {_fmt(h)}" for f, s, h in zip(long["file"], long["sample_id"], long["hour"])]
+    return Table("clinical_values", long, checks, labels, file_column="file")
+
+
+def _missingness_table(long: pd.DataFrame, needing: pd.DataFrame, rules: GateParams) -> Table:
+    """Share of empty cells in each sample's (hours x variables) grid, hours = its max hour + 1; a sample
+    without rows is fully missing. Same cells as clinical.to_grid, counted for all samples at once."""
+    keys = ["file", "sample_id"]
+    samples = pd.DataFrame({"file": list(needing["clinical_path"]), "sample_id": list(needing["sample_id"])})
+    samples = samples[samples["file"].isin(set(long["file"]))].drop_duplicates(ignore_index=True)
+    timed = long[long["hour"].notna()]
+    hours = (timed.groupby(keys)["hour"].max() + 1).clip(lower=0).rename("hours")
+    measured = timed[timed["variable"].isin(list(clinical_fmt.VARIABLES)) & timed["value"].notna()
+                     & (timed["hour"] >= 0)]
+    cells = measured.drop_duplicates([*keys, "hour", "variable"]).groupby(keys).size().rename("cells")
+    samples = samples.join(hours, on=keys).join(cells, on=keys)
+    samples["hours"] = samples["hours"].fillna(0).astype("int64")
+    grid = (samples["hours"] * len(clinical_fmt.VARIABLES)).astype("float64")
+    samples["missing_share"] = (1.0 - samples["cells"].fillna(0) / grid.where(grid > 0)).fillna(1.0)
+    check = _rule("clinical.missingness", GX.ExpectColumnValuesToBeBetween,
+                  f"more than {rules.clinical_max_missing:.0%} of (hour, variable) cells empty",
+                  column="missing_share", max_value=rules.clinical_max_missing)
+    labels = [f"{f}: {s}" for f, s in zip(samples["file"], samples["sample_id"])]
+    return Table("clinical_samples", _gx_frame(samples), [check], labels, file_column="file")
+
+
+# ----------------------------------------------------------------------------------------------------- text
+def _text_tables(site: Path, index: pd.DataFrame) -> list[Table]:
+    rows, questions = [], {}
+    for rel in _paths(index, "text_path"):
+        row, path = _locate(site, rel)
+        if path is not None and _exists(row, [path], site):
+            try:
+                questions[rel] = text_fmt.read_jsonl(path)
+                row["decodes"] = True
+            except Exception as exc:
+                _failed(row, exc, site)
+        rows.append(row)
+    tables = [_facts_table("text_files", rows, [], [])]
+    needing = _needing(index, "text")
+    needing = needing[needing["text_path"].isin(list(questions))]
+    if len(needing):
+        tables.append(_text_samples_table(needing, questions))
+    return tables
+
+
+def _text_samples_table(needing: pd.DataFrame, questions: dict[str, dict]) -> Table:
+    answers = needing["answer"] if "answer" in needing.columns else [None] * len(needing)
+    records = []
+    for rel, sample, answer in zip(needing["text_path"], needing["sample_id"], answers):
+        question = questions[rel].get(sample)
+        known = question is not None and isinstance(answer, str)  # a null answer is index.not_null's
+        records.append({"file": rel, "sample_id": sample, "present": question is not None,
+                        "answer_matches": str(question["answer"]) == answer if known else None})
+    frame = _gx_frame(pd.DataFrame(records))
+    checks = [
+        _rule("text.sample_present", GX.ExpectColumnValuesToBeInSet, "sample's question not in the file",
+              column="present", value_set=[True]),
+        _rule("text.answer_matches", GX.ExpectColumnValuesToBeInSet, "index answer differs from the file's",
+              column="answer_matches", value_set=[True]),
+    ]
+    labels = [f"{f}: {s}" for f, s in zip(frame["file"], frame["sample_id"])]
+    return Table("text_samples", frame, checks, labels, file_column="file")

@@ -1,0 +1,176 @@
+"""The tables of the index itself, of the counts and of site.yaml, and the index helpers that the per-file
+tables share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from great_expectations.expectations.row_conditions import Column
+
+from fedkim.config import GateParams
+from fedkim.data.catalogue import TASKS, ZERO_SHOT_TASKS
+from fedkim.data.siteformat import (INDEX_COLUMNS, INDEX_FILE, SITE_FILE, SPLITS, SiteManifest,
+                                     compute_fingerprint, count_samples)
+from fedkim.data.validate.engine import GX, Rule, Table, _gx_frame, _rule
+
+INT_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+             "Int8", "Int16", "Int32", "Int64"]
+NUMERIC_TYPES = [*INT_TYPES, "float32", "float64", "Float32", "Float64"]
+BINARY_TASKS = [n for n, t in TASKS.items() if t.kind == "binary"]
+INPUT_KINDS = ("image", "ecg", "clinical", "text")
+
+
+# ------------------------------------------------------------------------------------------ index helpers
+def _relative(message: str, site: Path) -> str:
+    """Messages name files relative to the site."""
+    return message.replace(f"{site}/", "").replace(str(site), ".")
+
+
+def _strings(values) -> list[str]:
+    return [v for v in values if isinstance(v, str)]
+
+
+def _paths(index: pd.DataFrame, column: str) -> list[str]:
+    """The distinct files a path column references: each is read once however many samples share it."""
+    return sorted(set(_strings(index[column])))
+
+
+def _needing(index: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Index rows whose task needs an input of `kind`, with string sample_id and path."""
+    column = f"{kind}_path"
+    if not {"task", "sample_id", column} <= set(index.columns):
+        return index.iloc[0:0]
+    rows = index[index["task"].isin([n for n, t in TASKS.items() if kind in t.inputs])]
+    is_text = rows[[column, "sample_id"]].map(lambda v: isinstance(v, str))
+    return rows[is_text.all(axis=1)]
+
+
+# ------------------------------------------------------------------------------------------------ index suite
+def _index_table(index: pd.DataFrame, rules: GateParams) -> Table:
+    tasks = sorted(set(_strings(index["task"])) & set(TASKS)) if "task" in index.columns else []
+    checks = [_rule("index.schema", GX.ExpectColumnToExist, f"required column {c!r} missing", column=c)
+              for c in INDEX_COLUMNS]
+    checks += [_rule("index.schema", GX.ExpectColumnValuesToBeInTypeList, "values must be strings",
+                     column=c, type_list=["str"]) for c in INDEX_COLUMNS if c != "label"]
+    checks += [
+        # Parquet int8 with nulls arrives as float64 (choice tasks leave label null)
+        _rule("index.schema", GX.ExpectColumnValuesToBeInTypeList, "label must be an integer column",
+              column="label", type_list=[*NUMERIC_TYPES, "int", "float"]),
+        *[_rule("index.not_null", GX.ExpectColumnValuesToNotBeNull, f"{c} must be set", column=c)
+          for c in ("sample_id", "task", "modality", "split", "answer")],
+        _rule("index.duplicate_ids", GX.ExpectColumnValuesToBeUnique, "sample_id appears more than once",
+              column="sample_id"),
+        _rule("index.split_values", GX.ExpectColumnValuesToBeInSet, f"split must be one of {list(SPLITS)}",
+              column="split", value_set=list(SPLITS)),
+        _rule("index.task_known", GX.ExpectColumnValuesToBeInSet, "task not in the catalogue",
+              column="task", value_set=list(TASKS)),
+        _rule("counts.per_site", GX.ExpectTableRowCountToBeBetween,
+              f"fewer than {rules.min_samples_per_site} samples in the site",
+              min_value=rules.min_samples_per_site),
+    ]
+    labels = [_row_label(index, i) for i in range(len(index))]
+    return Table("index", index, checks + _task_rules(tasks), labels, file=INDEX_FILE)
+
+
+def _task_rules(tasks: list[str]) -> list[Rule]:
+    """Rules for the rows of some tasks, built only for the tasks present: row conditions are GX's slowest
+    expectations, and one that selects no row checks nothing."""
+    binary = [t for t in tasks if TASKS[t].kind == "binary"]
+    choice = [t for t in tasks if TASKS[t].kind == "choice"]
+    zero_shot = [t for t in tasks if t in ZERO_SHOT_TASKS]
+    is_binary = Column("task").is_in(binary)
+    checks = []
+    if binary:
+        checks += [
+            _rule("index.label_set", GX.ExpectColumnValuesToBeInSet, "binary task label must be 0 or 1",
+                  column="label", value_set=[0, 1], row_condition=is_binary, uses=("task",)),
+            _rule("index.label_set", GX.ExpectColumnValuesToNotBeNull, "binary task label missing",
+                  column="label", row_condition=is_binary, uses=("task",)),
+            *[_rule("index.answer_label", GX.ExpectColumnValuesToBeInSet,
+                    f"label {label} needs answer {answer!r}", column="answer", value_set=[answer],
+                    row_condition=is_binary & (Column("label") == label),
+                    uses=("task", "label")) for label, answer in ((0, "No"), (1, "Yes"))],
+        ]
+    if choice:
+        checks.append(_rule("index.label_set", GX.ExpectColumnValuesToBeNull,
+                            "choice task label must be null", column="label",
+                            row_condition=Column("task").is_in(choice), uses=("task",)))
+    if zero_shot:
+        checks.append(_rule("index.zero_shot_split", GX.ExpectColumnValuesToBeInSet,
+                            "zero-shot task outside the test split", column="split", value_set=["test"],
+                            row_condition=Column("task").is_in(zero_shot), uses=("task",)))
+    for name in tasks:
+        task, is_task = TASKS[name], Column("task") == name
+        checks += [
+            _rule("index.modality", GX.ExpectColumnValuesToBeInSet,
+                  f"{name} needs modality {task.modality!r}", column="modality", value_set=[task.modality],
+                  row_condition=is_task, uses=("task",)),
+            _rule("index.answer_set", GX.ExpectColumnValuesToBeInSet,
+                  f"{name} answer not in {list(task.answers)}", column="answer",
+                  value_set=list(task.answers), row_condition=is_task, uses=("task",)),
+        ]
+    for kind in INPUT_KINDS:
+        needing = [t for t in tasks if kind in TASKS[t].inputs]
+        if needing:
+            checks.append(_rule("index.paths", GX.ExpectColumnValuesToNotBeNull,
+                                f"{kind}_path needed by the task", column=f"{kind}_path",
+                                row_condition=Column("task").is_in(needing), uses=("task",)))
+    return checks
+
+
+def _row_label(index: pd.DataFrame, row: int) -> str:
+    sample = index["sample_id"].iat[row] if "sample_id" in index.columns else None
+    return f"{sample} (row {row})" if isinstance(sample, str) else f"row {row}"
+
+
+# --------------------------------------------------------------------------------------- counts and manifest
+def _counts_table(index: pd.DataFrame, rules: GateParams) -> list[Table]:
+    if not {"task", "split", "label"} <= set(index.columns):
+        return []
+    rows = index[index["task"].isin(BINARY_TASKS) & index["split"].isin(list(SPLITS))]
+    labels = pd.to_numeric(rows["label"], errors="coerce")
+    records = [{"task": task, "split": split, "label": label,
+                "n": int((labels.loc[group.index] == label).sum())}
+               for (task, split), group in rows.groupby(["task", "split"], sort=True) for label in (0, 1)]
+    frame = _gx_frame(pd.DataFrame(records, columns=["task", "split", "label", "n"]))
+    check = _rule("counts.per_class", GX.ExpectColumnValuesToBeBetween,
+                  f"fewer than {rules.min_samples_per_class} samples for a (task, split, label)",
+                  shown="label", column="n", min_value=rules.min_samples_per_class)
+    names = [f"{t}/{s}/label {lab}" for t, s, lab in zip(frame["task"], frame["split"], frame["label"])]
+    return [Table("counts", frame, [check], names, file=INDEX_FILE)]
+
+
+def _manifest_tables(site: Path, manifest: SiteManifest, index: pd.DataFrame | None) -> list[Table]:
+    try:
+        content = compute_fingerprint(site)
+    except OSError as exc:  # an unreadable file: the mismatch below reports it
+        content = f"(cannot compute: {exc.__class__.__name__})"
+    row = {"fingerprint": manifest.fingerprint, "content_fingerprint": content,
+           "modalities": ",".join(sorted(manifest.modalities))}
+    checks = [_rule("manifest.fingerprint", GX.ExpectColumnPairValuesToBeEqual,
+                    "fingerprint differs from the content's (files changed after the export)",
+                    column_A="fingerprint", column_B="content_fingerprint")]
+    if index is not None and "modality" in index.columns:
+        row["index_modalities"] = ",".join(sorted({m for mod in _strings(index["modality"].unique())
+                                                   for m in mod.split("+")}))
+        checks.append(_rule("manifest.modalities", GX.ExpectColumnPairValuesToBeEqual,
+                            "modalities differ from the index's", column_A="modalities",
+                            column_B="index_modalities"))
+    tables = [Table("manifest", pd.DataFrame([row]), checks, [SITE_FILE], file=SITE_FILE)]
+    if index is not None and {"task", "split"} <= set(index.columns):
+        tables.append(_manifest_counts_table(manifest, index))
+    return tables
+
+
+def _manifest_counts_table(manifest: SiteManifest, index: pd.DataFrame) -> Table:
+    observed = count_samples(index)
+    keys = sorted({(t, s) for counts in (manifest.counts, observed) for t in counts for s in counts[t]})
+    frame = pd.DataFrame([{"task": t, "split": s, "manifest_n": manifest.counts.get(t, {}).get(s, 0),
+                           "index_n": observed.get(t, {}).get(s, 0)} for t, s in keys],
+                         columns=["task", "split", "manifest_n", "index_n"])
+    check = _rule("manifest.counts", GX.ExpectColumnPairValuesToBeEqual,
+                  "site.yaml counts differ from the index", shown="counts", column_A="manifest_n",
+                  column_B="index_n")
+    return Table("manifest_counts", _gx_frame(frame), [check], [f"{t}/{s}" for t, s in keys], file=SITE_FILE)
+
