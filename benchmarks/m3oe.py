@@ -38,7 +38,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from fedkim.central.foundation import load_foundation
-from fedkim.central.m3oe import DEFAULT_TARGETS, GateState, M3OEConfig, attach_m3oe, merge
+from fedkim.central.gates import GateState
+from fedkim.central.m3oe import DEFAULT_TARGETS, M3OEConfig, attach_m3oe, merge
 from fedkim.central.model import reference_pairs
 from fedkim.data.catalogue import TASKS
 

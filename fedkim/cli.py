@@ -219,7 +219,7 @@ def registry_show(params: Optional[Path] = ParamsOption) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- fedkim stack
-stack_app = typer.Typer(help="The deployed mode on this machine: Prefect, MLflow and S3 servers, work pools, "
+stack_app = typer.Typer(help="The deployed mode on one host: Prefect, MLflow and S3 servers, work pools, "
                              "workers and deployments, all on 127.0.0.1 (state in .fedkim/stack/).",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
@@ -240,7 +240,7 @@ def stack_up(
     timeout: float = typer.Option(120.0, help="seconds each service may take to become ready"),
 ) -> None:
     """Start Prefect, MLflow and S3 servers, a worker per pool (central, site-<id>) and the deployments."""
-    from fedkim import stack
+    from fedkim.ops import stack
 
     _params(params)  # bad params: exit 2 naming the key, before anything starts
     try:
@@ -267,7 +267,7 @@ def stack_down(
     grace: float = typer.Option(10.0, help="seconds between SIGTERM and SIGKILL"),
 ) -> None:
     """Stop everything `fedkim stack up` started (a no-op when nothing runs)."""
-    from fedkim import stack
+    from fedkim.ops import stack
 
     try:
         stack.down(params, grace_s=grace, log=lambda line: console.print(line, markup=False, highlight=False))
@@ -280,7 +280,7 @@ def stack_status(params: Optional[Path] = ParamsOption) -> None:
     """What the stack runs. Exit 0 when everything recorded runs, 1 when something is down or nothing runs."""
     from rich.table import Table
 
-    from fedkim import stack
+    from fedkim.ops import stack
 
     try:
         state, rows = stack.status(params)
@@ -307,7 +307,7 @@ def stack_env(
     """Print the `export` lines a worker of POOL needs to join the running stack (they hold the S3 secret)."""
     import shlex
 
-    from fedkim import stack
+    from fedkim.ops import stack
 
     state, _ = stack.status(params)
     if state is None:

@@ -19,7 +19,7 @@ stamp=$(cat requirements.lock.txt requirements-nodeps.txt pyproject.toml | sha25
 if [ "$(cat .venv/.stamp 2>/dev/null)" != "$stamp" ]; then
   echo "setup: installing from requirements.lock.txt into .venv (first time: about 2 minutes)"
   pip_install -U 'pip>=25'                 # pip 23's resolver backtracks for minutes on this stack
-  pip_install torch==2.13.0                # first, pinned: this machine's CPU wheel (a CUDA build otherwise)
+  pip_install torch==2.13.0                # first, pinned: the CPU wheel (a CUDA build otherwise)
   pip_install -r requirements.lock.txt
   pip_install --no-deps --require-hashes -r requirements-nodeps.txt
   pip_install --no-deps -e .

@@ -68,7 +68,7 @@ class CentralModel(nn.Module):
         self.gate_mode = gate_mode or GateMode()
         self.m3oe: M3OE | None = None
         if m3oe_config is not None:
-            # what the gate sees, for each task of the norm's reference (see XAttnGate)
+            # what the gate sees, for each task of the norm's reference (see gates.XAttnGate)
             reference = [self.gate_mode.pair(t) for t in reference_tasks(m3oe_config.gate_norm)]
             self.m3oe = attach_m3oe(self.fm, m3oe_config, self.tokenizer, reference=reference,
                                     task_vocab=[t.task_description for t in TASKS.values()],

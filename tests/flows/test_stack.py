@@ -18,7 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fedkim import stack
+from fedkim.ops import processes, stack
 from fedkim.cli import app
 from tests.conftest import small_params_dict
 from tests.model.test_central import TINY
@@ -34,7 +34,7 @@ def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
         for sock in socks:
-            sock.bind((stack.HOST, 0))
+            sock.bind((processes.HOST, 0))
         return [sock.getsockname()[1] for sock in socks]
     finally:
         for sock in socks:
@@ -68,7 +68,7 @@ def run(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProce
 
 def process_tree(state: dict) -> list[tuple[int, int | None]]:
     roots = [(e["pid"], e["ticks"]) for e in state["services"].values()]
-    return roots + [d for pid, ticks in roots for d in stack.descendants(pid, ticks)]
+    return roots + [d for pid, ticks in roots for d in processes.descendants(pid, ticks)]
 
 
 def proc_env(pid: int) -> dict[str, str]:
@@ -110,7 +110,7 @@ def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project
     assert set(services) == {"prefect", "mlflow", "s3", "worker-central", "worker-site-a", "worker-site-b"}
     assert {n: services[n]["port"] for n in ("prefect", "mlflow", "s3")} == {
         "prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}
-    assert all(stack.alive(e["pid"], e["ticks"]) and Path(e["log"]).is_file() for e in services.values())
+    assert all(processes.alive(e["pid"], e["ticks"]) and Path(e["log"]).is_file() for e in services.values())
     assert state["pools"] == ["central", *SITES]
     secret = state["s3"]["secret_access_key"]
     assert secret not in Path(f"/proc/{services['s3']['pid']}/cmdline").read_text()  # not shown by `ps`
@@ -129,7 +129,8 @@ def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project
                  {**env, "PREFECT_API_URL": state["prefect_api_url"]}, 450)
     assert round_.returncode == 0 and "Completed" in round_.stdout, (
         round_.stdout[-4000:] + round_.stderr[-2000:] + "\n".join(
-            f"--- {n}\n{stack._log_tail(Path(e['log']), 40)}" for n, e in services.items() if "worker" in n))
+            f"--- {n}\n{processes.log_tail(Path(e['log']), 40)}"
+            for n, e in services.items() if "worker" in n))
 
     from mlflow import MlflowClient
 
@@ -161,9 +162,9 @@ def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project
     assert len(tree) > len(services)  # the servers' helper processes are found too
     down = run([*FEDKIM, "stack", "down", "--params", str(project)], env, 120)
     assert down.returncode == 0 and "stopped prefect" in down.stdout, down.stdout + down.stderr
-    assert [pid for pid, ticks in tree if stack.alive(pid, ticks)] == []
+    assert [pid for pid, ticks in tree if processes.alive(pid, ticks)] == []
     assert not state_file.exists()
-    assert not any(stack.port_in_use(p) for p in (prefect_port, mlflow_port, s3_port))
+    assert not any(processes.port_in_use(p) for p in (prefect_port, mlflow_port, s3_port))
     again = run([*FEDKIM, "stack", "down", "--params", str(project)], env, 60)
     assert again.returncode == 0 and "no stack running" in again.stdout
     print(f"stack up + federated round + down: {time.monotonic() - started:.0f} s")
@@ -180,7 +181,7 @@ def test_a_taken_port_fails_before_anything_starts_naming_service_and_port(param
     ports = ["--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port),
              "--s3-port", str(s3_port)]
     with socket.socket() as taken:
-        taken.bind((stack.HOST, mlflow_port))
+        taken.bind((processes.HOST, mlflow_port))
         taken.listen()
         message = f"port {mlflow_port} on 127.0.0.1 for the MLflow server is already in use"
         with pytest.raises(stack.StackError, match=message):
@@ -193,10 +194,10 @@ def test_a_taken_port_fails_before_anything_starts_naming_service_and_port(param
 
 def test_a_service_that_dies_while_starting_is_named_with_its_log(tmp_path):
     crash = "print('no such backend store'); raise SystemExit(3)"
-    entry = stack._launch("mlflow", [sys.executable, "-c", crash], dict(os.environ), tmp_path / "logs",
+    entry = processes.launch("mlflow", [sys.executable, "-c", crash], dict(os.environ), tmp_path / "logs",
                           tmp_path)
     with pytest.raises(stack.StackError) as failure:
-        stack._wait("MLflow server on port 5999", lambda: False, entry, timeout_s=60)
+        processes.wait_ready("MLflow server on port 5999", lambda: False, entry, timeout_s=60)
     message = str(failure.value)
     assert message.startswith("MLflow server on port 5999 exited before it was ready")
     assert str(tmp_path / "logs" / "mlflow.log") in message and "no such backend store" in message
@@ -223,9 +224,9 @@ def launch_with_child(logs: Path, name: str, detached: bool, **extra) -> dict:
     server's helper)."""
     code = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {SLEEP!r}], "
             f"start_new_session={detached}); time.sleep(300)")
-    entry = stack._launch(name, [sys.executable, "-c", code], dict(os.environ), logs, logs, **extra)
+    entry = processes.launch(name, [sys.executable, "-c", code], dict(os.environ), logs, logs, **extra)
     deadline = time.monotonic() + 20
-    while not stack.descendants(entry["pid"], entry["ticks"]) and time.monotonic() < deadline:
+    while not processes.descendants(entry["pid"], entry["ticks"]) and time.monotonic() < deadline:
         time.sleep(0.1)
     return entry
 
@@ -236,9 +237,9 @@ def test_the_state_file_lists_pids_and_ports_and_down_stops_each_process_tree(pa
     worker = launch_with_child(logs, "worker-central", detached=True, pool="central")
     server = launch_with_child(logs, "s3", detached=False, port=free_ports(1)[0], url="http://127.0.0.1:1")
     state = {"services": {"s3": server, "worker-central": worker}}
-    stack._write_private(stack.state_path(project), state)
+    processes.write_private(stack.state_path(project), state)
     tree = process_tree(state)
-    assert len(tree) == 4 and all(stack.alive(pid, ticks) for pid, ticks in tree)
+    assert len(tree) == 4 and all(processes.alive(pid, ticks) for pid, ticks in tree)
 
     recorded = json.loads(stack.state_path(project).read_text())
     assert stat.S_IMODE(stack.state_path(project).stat().st_mode) == 0o600
@@ -251,11 +252,11 @@ def test_the_state_file_lists_pids_and_ports_and_down_stops_each_process_tree(pa
         stack.up(params_file, ports=stack.Ports(*free_ports(3)))
 
     os.kill(server["pid"], signal.SIGKILL)  # a server that died and left its helper behind
-    while stack.alive(server["pid"], server["ticks"]):
+    while processes.alive(server["pid"], server["ticks"]):
         time.sleep(0.05)
     lines: list[str] = []
     assert stack.down(params_file, grace_s=5, log=lines.append) == ["worker-central"]
-    assert [pid for pid, ticks in tree if stack.alive(pid, ticks)] == []  # children and orphans too
+    assert [pid for pid, ticks in tree if processes.alive(pid, ticks)] == []  # children and orphans too
     assert not stack.state_path(project).exists()
     assert lines == [f"stopped worker-central (pid {worker['pid']}); already gone: s3"]
 
@@ -264,8 +265,8 @@ def test_a_recorded_pid_now_used_by_another_process_is_left_alone(params_file):
     """The state holds each process's start time: a pid now used by someone else is never signalled."""
     other = subprocess.Popen([sys.executable, "-c", SLEEP])
     try:
-        entry = {"pid": other.pid, "ticks": stack.start_ticks(other.pid) - 1, "log": "x.log"}
-        stack._write_private(stack.state_path(params_file.parent), {"services": {"s3": entry}})
+        entry = {"pid": other.pid, "ticks": processes.start_ticks(other.pid) - 1, "log": "x.log"}
+        processes.write_private(stack.state_path(params_file.parent), {"services": {"s3": entry}})
         assert stack.down(params_file, grace_s=1, log=lambda _: None) == []
         assert other.poll() is None
     finally:

