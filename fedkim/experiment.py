@@ -121,7 +121,7 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
         global_state = {**global_state, **model.encoder_state()}  # encoders go back to the sites
         finish_round(store, round_id)  # the next round starts from this one's encoders
         rounds.append(record)
-    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data)
+    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data, progress=progress)
     metrics["gate"] = gate_table(model)  # per (task, modality): which experts the gate mixes
     metrics["gate_distance"] = gate_distance(metrics["gate"])
     plot_gate_heatmap(metrics["gate"], work_dir / "gate_heatmap.png")

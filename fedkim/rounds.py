@@ -235,11 +235,12 @@ def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: P
     return model, summary
 
 
-def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: CentralModel) -> dict:
+def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: CentralModel, *,
+                  progress: bool = False) -> dict:
     key = round_key(round_id, "evaluation", "metrics.json")
     if store.exists(key):
         return get_json(store, key)
-    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data)
+    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data, progress=progress)
     metrics["gate"] = gate_table(model)
     put_json(store, key, metrics)
     return metrics
@@ -267,7 +268,7 @@ def run_round(params: Params, store: ArtifactStore, round_id: str, work_dir: Pat
     with timer("inject"):
         model, injection = inject_step(params, store, round_id, work_dir, progress=progress)
     with timer("evaluate"):
-        metrics = evaluate_step(params, store, round_id, model)
+        metrics = evaluate_step(params, store, round_id, model, progress=progress)
     with timer("finish"):
         finish_round(store, round_id)
     return {"round_id": str(round_id), "sites": [s.as_dict() for s in sites], "aggregate": asdict(agg),

@@ -5,3 +5,9 @@
     report.py   the round report (Markdown + PNGs), plain Python
 
 Deployments, work pools and the round's schedule: prefect.yaml at the repo root."""
+
+import logging
+
+# The library's progress lines (INFO records of the "fedkim" loggers) reach Prefect's console handler on the root
+# logger; with PREFECT_LOGGING_EXTRA_LOGGERS=fedkim (scripts/env.sh) they also go to the run's logs in the API.
+logging.getLogger("fedkim").setLevel(logging.INFO)

@@ -76,8 +76,8 @@ def inject_task(params: Params, store: ArtifactStore, round_id: str, work_dir: P
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(params: Params, store: ArtifactStore, round_id: str, model) -> dict:
-    return evaluate_step(params, store, round_id, model)
+def evaluate_task(params: Params, store: ArtifactStore, round_id: str, model, progress: bool = False) -> dict:
+    return evaluate_step(params, store, round_id, model, progress=progress)
 
 
 @task(name="register", cache_policy=NO_CACHE)
@@ -235,7 +235,7 @@ def inject_and_evaluate(parent, params: Params, store: ArtifactStore, round_id: 
         with timer("inject"):
             model, injection = inject_task(params, store, round_id, work_dir, progress)
         with timer("evaluate"):
-            metrics = evaluate_task(params, store, round_id, model)
+            metrics = evaluate_task(params, store, round_id, model, progress)
         return model, injection, metrics, done.info.run_id
     with tracking.injection_run(parent) as run:
         with timer("inject"):
@@ -243,7 +243,7 @@ def inject_and_evaluate(parent, params: Params, store: ArtifactStore, round_id: 
         with timer("tracking"):
             run.log_injection(injection["losses"], injection["lrs"], injection["tasks"])
         with timer("evaluate"):
-            metrics = evaluate_task(params, store, round_id, model)
+            metrics = evaluate_task(params, store, round_id, model, progress)
         with timer("tracking"):
             run.log_evaluation(metrics)
             run.compare_with_champion(metrics)

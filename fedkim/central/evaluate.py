@@ -38,6 +38,7 @@ Length normalisation is its calibration, so no content-free prior is subtracted.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -52,6 +53,9 @@ from fedkim.config import DataParams, EvalParams, SiteTrainingParams
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS, YES_NO, ZERO_SHOT_TASKS
 from fedkim.data.loaders import collate
 from fedkim.data.batches import icu_windows, task_dataset, to_device
+from fedkim.progress import Progress
+
+log = logging.getLogger(__name__)
 
 
 def select_tasks(which: str) -> tuple[str, ...]:
@@ -60,24 +64,31 @@ def select_tasks(which: str) -> tuple[str, ...]:
 
 @torch.no_grad()
 def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: SiteTrainingParams, data: DataParams,
-             *, tasks: tuple[str, ...] | None = None) -> dict:
+             *, tasks: tuple[str, ...] | None = None, progress: bool = False) -> dict:
     started = time.perf_counter()
     model.eval()
     device = model.projectors[next(iter(model.projectors))].weight.device if len(model.projectors) else "cpu"
     out: dict = {"tasks": {}}
     public = Path(data.root) / "public"
-    for task in tasks or select_tasks(p.tasks):
-        dataset = task_dataset(Path(test_dir), task, "test", site, data, limit=p.max_per_task)
-        if len(dataset) == 0:
-            continue
-        threshold, priors = None, None
-        if TASKS[task].kind == "binary" and p.calibration == "public_median":
-            threshold = calibrate_threshold(model, public, task, p, site, data, device)
-            if threshold is None:
-                threshold = OWN_INPUTS  # no public inputs of this task's form: its own unlabelled inputs
-        elif p.calibration == "public_median":
-            priors = option_priors(model, public, dataset, task, p, site, data, device)
-        out["tasks"][task] = evaluate_task(model, dataset, task, p, device, threshold=threshold, priors=priors)
+    chosen = tasks or select_tasks(p.tasks)
+    with Progress("evaluation", len(chosen), logger=log, bar=progress, every=0) as bar:  # a line per task
+        for task in chosen:
+            bar.update(task)
+            dataset = task_dataset(Path(test_dir), task, "test", site, data, limit=p.max_per_task)
+            if len(dataset) == 0:
+                bar.advance()
+                continue
+            threshold, priors = None, None
+            if TASKS[task].kind == "binary" and p.calibration == "public_median":
+                threshold = calibrate_threshold(model, public, task, p, site, data, device)
+                if threshold is None:
+                    threshold = OWN_INPUTS  # no public inputs of this task's form: its own unlabelled inputs
+            elif p.calibration == "public_median":
+                priors = option_priors(model, public, dataset, task, p, site, data, device)
+            result = out["tasks"][task] = evaluate_task(model, dataset, task, p, device, threshold=threshold,
+                                                        priors=priors)
+            figure = "F1" if result["kind"] == "binary" else "accuracy"
+            bar.advance(description=f"{task} {figure} {result['primary']:.3f}")
     out |= summarise(out["tasks"])
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out

@@ -7,6 +7,7 @@ Seeded and deterministic on CPU; bf16 autocast on CUDA. A checkpoint per round l
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,9 @@ from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, InjectParams, SiteTrainingParams
 from fedkim.data.loaders import collate
 from fedkim.data.batches import pick_device, task_dataset, to_device
+from fedkim.progress import Progress
+
+log = logging.getLogger(__name__)
 
 # The reference code's server order: ECG, clinical, then the image tasks.
 SEQUENTIAL_ORDER = ("ecg_abnormal", "mortality", "lung_opacity", "covid")
@@ -75,20 +79,20 @@ def inject(model: CentralModel, public_dir: str | Path, p: InjectParams, site: S
     plan = [pair for epoch in range(p.epochs) for pair in _batches(Path(public_dir), p, site, data, p.seed + epoch)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(len(plan), p.warmup))
     result = InjectResult(str(round_id))
-    bar = _progress(progress, len(plan), f"round {round_id} injection")
-    for task, batch in plan:
-        batch = to_device(batch, device)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model.loss(batch, task, batch["answer"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
-        optimizer.step()
-        result.lrs.append(schedule.get_last_lr()[0])
-        schedule.step()
-        result.losses.append(float(loss.detach()))
-        result.tasks.append(task)
-        bar(f"{task} loss {result.losses[-1]:.3f}")
+    with Progress(f"round {round_id} injection", len(plan), logger=log, bar=progress) as bar:
+        for task, batch in plan:
+            batch = to_device(batch, device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model.loss(batch, task, batch["answer"])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+            optimizer.step()
+            result.lrs.append(schedule.get_last_lr()[0])
+            schedule.step()
+            result.losses.append(float(loss.detach()))
+            result.tasks.append(task)
+            bar.advance(description=f"{task} loss {result.losses[-1]:.3f}")
     model.eval()
     result.seconds = time.perf_counter() - started
     if ckpt is not None:
@@ -97,23 +101,3 @@ def inject(model: CentralModel, public_dir: str | Path, p: InjectParams, site: S
         torch.save({"state": model.trainable_state(), "result": result}, partial)
         partial.rename(ckpt)
     return result
-
-
-def _progress(enabled: bool, total: int, label: str):
-    if not enabled:
-        return lambda text: None
-    from rich.progress import Progress
-
-    progress = Progress(transient=True)
-    progress.start()
-    task = progress.add_task(label, total=total)
-    done = [0]
-
-    def advance(text: str) -> None:
-        done[0] += 1
-        progress.update(task, advance=1, description=f"{label}: {text}")
-        if done[0] >= total:
-            progress.stop()
-
-    return advance
-

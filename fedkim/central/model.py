@@ -10,7 +10,9 @@ like every other FM weight. The loss is the mean over answer tokens. Text-only s
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +51,23 @@ class GateMode:
         return task_text, modality_text
 
 
+class _DropMeanResizingNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "multivariate normal distribution" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_mean_resizing():
+    """Without transformers' notice that added rows are drawn from the old embeddings' distribution: the tag rows
+    are meant to be so (mean_resizing=True), and the notice means nothing to whoever runs a round."""
+    logger, notice = logging.getLogger("transformers.modeling_utils"), _DropMeanResizingNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 class CentralModel(nn.Module):
     def __init__(self, foundation: Foundation, encoders: nn.ModuleDict, m3oe_config: M3OEConfig | None,
                  *, gate_mode: GateMode | None = None, train_encoders: bool = True,
@@ -82,7 +101,7 @@ class CentralModel(nn.Module):
             # mean_resizing samples the new rows from the global RNG: seed it privately, so every process that
             # rebuilds the model (a DVC stage, a Prefect worker, a bundle load) gets the very same tag rows the
             # experts were trained with, and the caller's RNG stream is left as it was.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _quiet_mean_resizing():
                 torch.manual_seed(0)
                 self.fm.resize_token_embeddings(len(self.tokenizer), mean_resizing=True)
 

@@ -6,6 +6,7 @@ AdamW, gradient clipping, bf16 autocast on CUDA, optional FedProx proximal term 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,10 @@ from fedkim.config import DataParams, SiteTrainingParams
 from fedkim.data.batches import pick_device, task_loader, to_device
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 from fedkim.data.siteformat import read_index, read_manifest
+from fedkim.progress import Progress
 from fedkim.site.model import SiteModel, load_subset
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,25 +68,27 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
     sample_counts = {m: sum(n for t, n in task_counts.items() if TASKS[t].modality == m) for m in modalities}
     losses: list[float] = []
     augment = torch.Generator().manual_seed(seed + 7) if p.image_augment else None
-    bar = _Bar(progress, f"{site_id} local training",
-               total=p.epochs * sum(-(-n // p.batch_size) for n in task_counts.values()))
-    for modality in modalities:
-        modality_tasks = [t for t in tasks if TASKS[t].modality == modality]
-        params = [*model.encoders[modality].parameters(),
-                  *(q for t in modality_tasks for q in model.heads[t].parameters())]
-        optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
-        loaders = {t: task_loader(site_dir, t, "train", p, data, shuffle=True, seed=seed,
-                                  cache_mb=p.decode_cache_mb / len(modality_tasks)) for t in modality_tasks}
-        model.train()
-        for _ in range(p.epochs):
-            for task, loader in loaders.items():
-                for batch in loader:
-                    if augment is not None and "image" in batch:
-                        batch["image"] = augment_images(batch["image"], augment)
-                    loss = _step(model, optimizer, to_device(batch, device), task, params, p, anchor)
-                    losses.append(loss)
-                    bar.advance(loss)
-    bar.close()
+    steps = p.epochs * sum(-(-n // p.batch_size) for n in task_counts.values())
+    with Progress(f"{site_id} training", steps, logger=log, bar=progress) as bar:
+        for modality in modalities:
+            modality_tasks = [t for t in tasks if TASKS[t].modality == modality]
+            params = [*model.encoders[modality].parameters(),
+                      *(q for t in modality_tasks for q in model.heads[t].parameters())]
+            optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+            loaders = {t: task_loader(site_dir, t, "train", p, data, shuffle=True, seed=seed,
+                                      cache_mb=p.decode_cache_mb / len(modality_tasks)) for t in modality_tasks}
+            model.train()
+            for epoch in range(p.epochs):
+                epoch_losses = []
+                for task, loader in loaders.items():
+                    for batch in loader:
+                        if augment is not None and "image" in batch:
+                            batch["image"] = augment_images(batch["image"], augment)
+                        loss = _step(model, optimizer, to_device(batch, device), task, params, p, anchor)
+                        losses.append(loss)
+                        epoch_losses.append(loss)
+                        bar.advance(description=f"{modality} epoch {epoch + 1}/{p.epochs} "
+                                                f"loss {np.mean(epoch_losses):.3f}")
     metrics = {t: evaluate_head(model, site_dir, t, p, data, device) for t in tasks}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return LocalResult(site_id, state, sample_counts, task_counts, metrics,
@@ -146,25 +152,3 @@ def evaluate_head(model, site_dir, task, p, data, device, split: str = "val") ->
         return {}
     scores, labels = predict(model, loader, task, device)
     return binary_metrics(labels, scores)
-
-
-class _Bar:
-    """A rich progress bar when asked for, silent otherwise."""
-
-    def __init__(self, enabled: bool, label: str, total: int):
-        self.progress = None
-        if enabled:
-            from rich.progress import Progress
-
-            self.progress = Progress(transient=True)
-            self.progress.start()
-            self.task = self.progress.add_task(label, total=total)
-            self.label = label
-
-    def advance(self, loss: float) -> None:
-        if self.progress:
-            self.progress.update(self.task, advance=1, description=f"{self.label} loss {loss:.3f}")
-
-    def close(self) -> None:
-        if self.progress:
-            self.progress.stop()

@@ -1,6 +1,7 @@
 """The central model, injection and evaluation on the tiny FM, and a small end-to-end federation."""
 
 import json
+import logging
 import math
 import shutil
 
@@ -89,6 +90,22 @@ def test_injection_learns_the_public_answers(params):
     result = inject(model, params.data.root / "public", p, params.site, params.data)
     first, last = sum(result.losses[:4]) / 4, sum(result.losses[-4:]) / 4
     assert last < first - 0.5
+
+
+def test_injection_and_evaluation_log_their_progress(params, caplog):
+    caplog.set_level(logging.INFO, logger="fedkim")
+    model = build_central(params, VARIANTS["fedkim"])
+    p = params.inject.model_copy(update={"epochs": 1})
+    result = inject(model, params.data.root / "public", p, params.site, params.data, round_id="7")
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedkim.central.inject"]
+    steps = len(result.losses)
+    assert len(lines) >= 2 and lines[0].startswith("round 7 injection: ") and "ETA" in lines[0]
+    assert lines[-1].startswith(f"round 7 injection: {steps}/{steps} (100%) done in ")
+    assert lines[-1].endswith(f"{result.tasks[-1]} loss {result.losses[-1]:.3f}")
+    evaluate(model, params.data.root / "test", params.eval, params.site, params.data, tasks=("covid", "cxr_vqa"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedkim.central.evaluate"]
+    assert lines[0].startswith("evaluation: 1/2 (50%) covid F1 ")
+    assert lines[1].startswith("evaluation: 2/2 (100%) done in ") and " cxr_vqa accuracy " in lines[1]
 
 
 def test_warmup_then_linear_decay():

@@ -1,5 +1,7 @@
 """Site encoders, heads and local training."""
 
+import logging
+
 import pytest
 import torch
 
@@ -65,6 +67,17 @@ def test_training_is_deterministic_on_cpu(params, small_federation):
     a = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
     b = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_training_logs_its_progress_per_epoch(params, small_federation, caplog):
+    caplog.set_level(logging.INFO, logger="fedkim")
+    start = global_model(params.site, params.data).state_dict()
+    result = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedkim.site.train"]
+    steps = len(result.losses)
+    assert len(lines) >= 2 and lines[0].startswith("site-d training: ") and "ETA" in lines[0]
+    assert any(" epoch 1/2 loss " in line for line in lines)
+    assert lines[-1].startswith(f"site-d training: {steps}/{steps} (100%) done in ") and " epoch 2/2 loss " in lines[-1]
 
 
 def test_training_on_cached_decoded_samples_equals_decoding_every_epoch(params, small_federation):

@@ -13,6 +13,7 @@ leaves a half-written federation, and a folder that is not a generated federatio
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import time
 import zlib
@@ -33,6 +34,9 @@ from fedkim.data.formats.text import write_jsonl
 from fedkim.data.siteformat import SiteManifest, finalize_site, write_index
 from fedkim.data.synth import cxr, icu, text
 from fedkim.data.synth.ecg import BeatBank, EcgSpec, NOISES, build_bank, compose
+from fedkim.progress import Progress
+
+log = logging.getLogger(__name__)
 
 FEDERATION_FILE = "federation.yaml"
 BANK_PER_CLASS = 12
@@ -108,16 +112,16 @@ def generate_federation(data: DataParams, *, force: bool = False, progress: bool
                       workers=workers)
     args = [(job, data, bank, staging, digest) for job in jobs]
     manifests: list[SiteManifest] = []
-    with _progress(progress, len(jobs)) as advance:
+    with Progress("writing site directories", len(jobs), logger=log, bar=progress, every=0) as bar:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
                 for manifest in pool.map(_write_directory, args):
                     manifests.append(manifest)
-                    advance(manifest.site_id)
+                    bar.advance(description=f"wrote {manifest.site_id}")
         else:
             for a in args:
                 manifests.append(_write_directory(a))
-                advance(manifests[-1].site_id)
+                bar.advance(description=f"wrote {manifests[-1].site_id}")
     seconds = time.perf_counter() - started
     federation = {  # no timing: a regenerated federation is byte-identical, so DVC's hash of it is stable
         "params_hash": digest, "seed": data.seed,
@@ -147,25 +151,6 @@ def _swap_in(staging: Path, root: Path) -> None:
         root.rename(old)
     staging.rename(root)
     shutil.rmtree(old, ignore_errors=True)
-
-
-class _progress:
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda name: None
-        from rich.progress import Progress
-
-        self._bar = Progress(transient=False)
-        self._bar.start()
-        task = self._bar.add_task("writing site directories", total=self.total)
-        return lambda name: self._bar.update(task, advance=1, description=f"wrote {name}")
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.stop()
 
 
 # ---------------------------------------------------------------------------------------------------- plan
