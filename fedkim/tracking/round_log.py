@@ -70,9 +70,11 @@ class LoggedRound:
 
 def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
               inject: Callable[[], tuple[Any, dict]], evaluate: Callable[[Any], dict],
+              register: Callable[..., tuple[Any, PromotionResult]] | None = None,
               timer: Timer = _untimed) -> LoggedRound:
     """Run `inject` () -> (model, injection summary) and `evaluate` (model) -> metrics inside the round's injection
-    run (loss curve, evaluation, gate, comparison with the champion), then bundle, register and judge the model.
+    run (loss curve, evaluation, gate, comparison with the champion), then bundle, register and judge the model
+    with `register` (default register_round; an orchestrator may pass it wrapped as its own task).
 
     `sites`: {site id: data fingerprint} of the sites whose packages went into the model (the bundle records them).
     A finished injection run of an earlier try of this round is kept instead of adding another; a round id already
@@ -97,7 +99,7 @@ def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
                 run.compare_with_champion(metrics)
         run_id = run.run_id
     with timer("register"):
-        version, decision = register_round(model, params, run_id, round_id, metrics, sites)
+        version, decision = (register or register_round)(model, params, run_id, round_id, metrics, sites)
         registered = registry_outcome(version, decision)
     return LoggedRound(model, injection, metrics, run_id, version, decision, registered)
 
