@@ -26,6 +26,8 @@ ImageFormat = Literal["png", "dicom"]
 OpacityZone = Literal["upper", "middle", "lower"]
 EcgAbnormality = Literal["af", "wide_qrs", "t_inversion"]
 DeteriorationKind = Literal["shock", "respiratory", "renal"]
+# A round id is part of store keys (rounds/<id>/...) and MLflow tags and names: e.g. 7 or 2026-05-01.
+ROUND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class ConfigError(ValueError):
@@ -201,7 +203,7 @@ class FederationParams(Strict):
     parallel_sites: int = Field(1, ge=0, description="simulation: site trainings at once (0: all); 1 makes a "
                                                      "round bit-reproducible (torch's global RNG is per process)")
     work_dir: Path = Field(Path(".cache/rounds"), description="central scratch (injection checkpoints to resume)")
-    round_id: str = Field("1", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+    round_id: str = Field("1", pattern=ROUND_ID_PATTERN,
                           description="the round `dvc repro` runs: names its store keys and seeds its training")
 
     @field_validator("round_id", mode="before")
@@ -209,6 +211,11 @@ class FederationParams(Strict):
     def _round_id_text(cls, v: Any) -> Any:
         # YAML reads `round_id: 3` as an int; a round id is a name (`2026-05-01` works too).
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+def site_pool(site_id: str) -> str:
+    """The work pool of a site in federated mode: `site-<id>`, or the id itself when it starts with `site-`."""
+    return site_id if site_id.startswith("site-") else f"site-{site_id}"
 
 
 class ReportParams(Strict):

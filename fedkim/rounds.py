@@ -5,6 +5,7 @@ Store layout of a round (keys relative to the store root):
 
     rounds/<r>/global/encoders.safetensors       the global model the sites start from
     rounds/<r>/sites/<site>/...                  each site's knowledge package (manifest.json + tensors)
+    rounds/<r>/validation/<site>.json            each site's data gate summary (orchestrated rounds)
     rounds/<r>/aggregate/encoders.safetensors    the screened, aggregated model  (+ aggregate.json)
     rounds/<r>/central/trainable.safetensors     M3OE experts, gate, projectors after injection (+ inject.json)
     rounds/<r>/central/encoders.safetensors      encoders after injection: what goes back to the sites
@@ -55,6 +56,12 @@ def round_key(round_id: str, *parts: str) -> str:
     return "/".join(["rounds", str(round_id), *parts])
 
 
+def validation_key(round_id: str, site_id: str) -> str:
+    """Where a site's gate summary goes: beside the packages, not inside them (the aggregator downloads
+    rounds/<r>/sites/<site>/ as the package)."""
+    return round_key(round_id, "validation", f"{site_id}.json")
+
+
 def round_seed(round_id: str, base: int) -> int:
     """Numeric round ids keep the seeds of `fedkim experiment`; other ids (e.g. dates) hash to a seed."""
     text = str(round_id)
@@ -89,6 +96,8 @@ def get_json(store: ArtifactStore, key: str) -> dict:
 # ------------------------------------------------------------------------------------------ steps
 @dataclass
 class SiteOutcome:
+    """A site's part of a round: what its package reports, or why it has none (reason)."""
+
     site_id: str
     status: str  # trained | reused | excluded | failed
     reason: str = ""
@@ -96,9 +105,17 @@ class SiteOutcome:
     metrics: dict = field(default_factory=dict)
     data_fingerprint: str = ""
     seconds: float = 0.0
+    validation: dict | None = None  # the data gate's summary (no examples), when the gate ran
+
+    @classmethod
+    def from_manifest(cls, manifest, status: str, *, validation: dict | None = None) -> "SiteOutcome":
+        return cls(manifest.site_id, status, sample_counts=dict(manifest.sample_counts),
+                   metrics=dict(manifest.local_metrics), data_fingerprint=manifest.data_fingerprint,
+                   validation=validation)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Everything but the gate summary, which travels on its own (store, MLflow)."""
+        return {k: v for k, v in asdict(self).items() if k != "validation"}
 
 
 @dataclass
@@ -145,9 +162,7 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
     `seed` shifts the training seed (a trial); `trainer` replaces `train_site` (the experiment's shared cache)."""
     prefix = package_prefix(round_id, site_id)
     if store.exists(f"{prefix}/manifest.json"):  # this site already reported for this round
-        manifest = read_manifest_from_store(store, prefix)
-        return SiteOutcome(site_id, "reused", sample_counts=dict(manifest.sample_counts),
-                           metrics=dict(manifest.local_metrics), data_fingerprint=manifest.data_fingerprint)
+        return SiteOutcome.from_manifest(read_manifest_from_store(store, prefix), "reused")
     global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
     train = trainer or (lambda site_dir, state, seed_: train_site(site_dir, state, params.site, params.data,
                                                                   seed=seed_, progress=progress))

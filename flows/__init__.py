@@ -2,7 +2,7 @@
 
     round.py    flow `fedkim` (deployment `fedkim/round`): one federated round; `python -m flows.round`
     site.py     flow `fedkim-site` (deployments `fedkim-site/<site-id>`): a site's gate, training and upload
-    report.py   the round report (Markdown + PNGs), plain Python
+    dispatch.py how the round reaches its sites: tasks in its own process, or the sites' deployments
 
 Deployments, work pools and the round's schedule: prefect.yaml at the repo root."""
 

@@ -18,7 +18,7 @@ from fedkim import tracking
 from fedkim.config import Params
 from fedkim.digests import settings_digest, short_digest
 from fedkim.federation.store import package_prefix
-from fedkim.rounds import get_json, load_central, read_manifest_from_store, round_key
+from fedkim.rounds import SiteOutcome, get_json, load_central, read_manifest_from_store, round_key
 from pipelines.common import params_path, parser, setup, write_json
 
 
@@ -63,22 +63,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def log_and_register(params: Params, store, round_id: str, tracked_id: str, digest: str, metrics: dict):
-    aggregated = get_json(store, round_key(round_id, "aggregate", "aggregate.json"))
-    manifests = {site: read_manifest_from_store(store, package_prefix(round_id, site))
-                 for site in aggregated["accepted"]}
-    fingerprints = {site: m.data_fingerprint for site, m in manifests.items()}
-    injection = get_json(store, round_key(round_id, "central", "inject.json"))
-    model = load_central(params, store, round_id, injected=True)
+    """Log the round as `tracked_id` (round run, a run per accepted site, the injection run) and register and judge
+    its model: fedkim.tracking.log_round over what the earlier stages left in the store."""
+    accepted = get_json(store, round_key(round_id, "aggregate", "aggregate.json"))["accepted"]
+    manifests = [read_manifest_from_store(store, package_prefix(round_id, site)) for site in accepted]
+    sites = [SiteOutcome.from_manifest(m, "trained", validation=m.validation_summary.model_dump(mode="json"))
+             for m in manifests]
+    fingerprints = {s.site_id: s.data_fingerprint for s in sites}
+
+    def injected():
+        return (load_central(params, store, round_id, injected=True),
+                get_json(store, round_key(round_id, "central", "inject.json")))
+
     with tracking.round_run(params, tracked_id, sites=fingerprints, params_hash=digest) as parent:
-        for site, manifest in manifests.items():
-            tracking.log_site(parent, site, metrics=manifest.local_metrics, validation=manifest.validation_summary,
-                              sample_counts=dict(manifest.sample_counts), fingerprint=manifest.data_fingerprint)
-        with tracking.injection_run(parent) as run:
-            run.log_injection(injection["losses"], injection["lrs"], injection["tasks"])
-            run.log_evaluation(metrics)
-            run.compare_with_champion(metrics)
-        version, _ = tracking.register_round(model, params, run.run_id, tracked_id, metrics, fingerprints)
-        return version
+        tracking.log_sites(parent, sites)
+        logged = tracking.log_round(parent, params, tracked_id, sites=fingerprints, inject=injected,
+                                    evaluate=lambda model: metrics)
+    return logged.version
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from fedkim.config import REPO_ROOT, Params, default_params_path, load_params
+from fedkim.config import REPO_ROOT, Params, default_params_path, load_params, site_pool
 from fedkim.ops.processes import (HOST, StackError, alive, find_executable, http_request, launch, port_in_use,
     run_to_end, stop_processes, tcp_open, wait_ready, write_private)
 
@@ -42,11 +42,6 @@ class Ports:
     prefect: int = 4200
     mlflow: int = 5000
     s3: int = 9000
-
-
-def site_pool(site_id: str) -> str:
-    """The work pool of a site: the rule of flows.site.site_pool (a test checks that they agree)."""
-    return site_id if site_id.startswith("site-") else f"site-{site_id}"
 
 
 # ------------------------------------------------------------------------------------------------ locations
@@ -133,7 +128,7 @@ def worker_env(state: dict, pool: str, base: dict[str, str] | None = None) -> di
 
 def _mlflow_paths(params: Params, project: Path) -> tuple[Path, Path]:
     """The SQLite file and artifact folder the server serves: tracking.uri's file when it is SQLite (local
-    and stack runs then share one registry), else mlruns/mlflow.db; artifacts beside it, as in tracking.py."""
+    and stack runs then share one registry), else mlruns/mlflow.db; artifacts beside it, as fedkim.tracking resolves them."""
     uri, prefix = params.tracking.uri, "sqlite:///"
     db = Path(uri[len(prefix):]) if uri.startswith(prefix) and not uri.endswith(":memory:") else None
     db = project / "mlruns" / "mlflow.db" if db is None else db if db.is_absolute() else project / db

@@ -321,7 +321,8 @@ def test_prefect_yaml_deploys_the_round_and_one_site_deployment_per_site():
     assert round_["schedules"][0]["active"] is False and round_["concurrency_limit"]["limit"] == 1
     assert {d["entrypoint"] for d in deployments.values()} == {"flows/site.py:site_flow"}
     from flows.round import fedkim_flow as round_flow
-    from flows.site import site_flow, site_pool
+    from fedkim.config import site_pool
+    from flows.site import site_flow
 
     assert {n: (d["work_pool"]["name"], d["parameters"]["site_id"]) for n, d in deployments.items()} == {
         s: (site_pool(s), s) for s in sites}

@@ -275,10 +275,9 @@ def test_a_recorded_pid_now_used_by_another_process_is_left_alone(params_file):
 
 
 def test_site_workers_get_the_api_and_the_store_but_not_mlflow():
-    from flows.site import site_pool
+    from fedkim.config import site_pool
 
-    ids = ("site-a", "charite")
-    assert [stack.site_pool(s) for s in ids] == [site_pool(s) for s in ids]
+    assert [site_pool(s) for s in ("site-a", "charite")] == ["site-a", "site-charite"]
     state = {"prefect_api_url": "http://127.0.0.1:1/api", "repo": "/repo", "params": "/p/params.yaml",
              "mlflow_url": "http://127.0.0.1:2",
              "s3": {"endpoint": "http://127.0.0.1:3", "access_key_id": "k", "secret_access_key": "s",

@@ -1,7 +1,7 @@
 """The round report: one folder per round with report.md, summary.json and PNGs (per-task metrics against the
 previous champion and the `fedkim experiment` baselines, the gate heatmap, the injection loss curve).
 
-Plain Python (no Prefect): the round flow calls it last; anything else can call it on a stored summary.
+The round flow calls `write_round_report` last; `write_report` works on any stored summary.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from fedkim.central.evaluate import plot_gate_heatmap
+from fedkim.config import Params
 from fedkim.data.catalogue import TASKS
 
 
@@ -36,6 +37,19 @@ def load_baselines(path: Path | None) -> tuple[dict[str, dict[str, float]], dict
     except (OSError, ValueError, KeyError, TypeError) as exc:  # a stale or foreign file must not fail the round
         return {}, {"path": str(path), "error": f"unreadable: {exc.__class__.__name__}: {exc}"}
     return rows, {"path": str(path), "foundation_model": raw.get("foundation_model"), "rounds": raw.get("rounds")}
+
+
+def write_round_report(params: Params, summary: dict, metrics: dict, injection: dict, *,
+                       champion: dict | None, mlflow_ui: str) -> Path:
+    """The report of a round in report.root/<round id>/, with the baselines of report.comparison (else the newest
+    comparison.json beside the reports). Sets summary["report"] (the report.md path) before summary.json is
+    written, so that the file names its report too. Returns the folder."""
+    baselines, meta = load_baselines(find_comparison(params.report.comparison, params.report.root.parent))
+    folder = params.report.root / summary["round_id"]
+    summary["report"] = str(folder / "report.md")
+    write_report(folder, summary, metrics, injection, champion=champion, baselines=baselines, baseline_meta=meta,
+                 mlflow_ui=mlflow_ui)
+    return folder
 
 
 def _fmt(value) -> str:
@@ -77,7 +91,7 @@ def write_report(folder: Path, summary: dict, metrics: dict, injection: dict, *,
 
     champion: {"version", "round_id", "tasks": {task: {"primary", "auroc"}}} of the champion this round was
     compared with (None when there was none)."""
-    from fedkim.tracking import plot_loss_curve
+    from fedkim.tracking.runs import plot_loss_curve
 
     folder.mkdir(parents=True, exist_ok=True)
     baselines, baseline_meta = baselines or {}, baseline_meta or {}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.report import find_comparison, load_baselines
+from fedkim.report import find_comparison, load_baselines
 from tests.conftest import REPO
 
 

@@ -1,0 +1,131 @@
+"""The model registry (`tracking.registered_model`): a registered version per round, alias `challenger` on the newest
+and `champion` on the one the promotion gate (fedkim.tracking.promotion) chose; each version carries its round id,
+its round run and its per-task figures in tags.
+
+    version = register(save_bundle(model, params, folder), injection_run_id, "3", metrics)
+    registry_show()                                       # one row per version: aliases, round, lineage, decision
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from fedkim.tracking.connection import (CHALLENGER, CHAMPION, DECISION, METRICS_TAG, PARENT, REASON, ROUND,
+                                        ROUND_RUN_TAG, SUMMARY, client, current, quoted)
+from fedkim.tracking.serving import FedKIMPyfunc, serving_signature
+
+
+def registered_name(name: str | None = None) -> str:
+    """`name`, else the configured tracking.registered_model."""
+    return name or current().registered_model
+
+
+def find_version(round_id: str, name: str | None = None):
+    """The registered version tagged with this round id (lowest version if several), or None."""
+    found = client().search_model_versions(
+        f"name = {quoted(registered_name(name))} and tags.`{ROUND}` = {quoted(round_id)}")
+    if not found:
+        return None
+    first = min(found, key=lambda v: int(v.version))
+    return client().get_model_version(first.name, first.version)  # search results carry no aliases
+
+
+def champion_version(name: str | None = None):
+    """The version aliased `champion`, or None."""
+    try:
+        return client().get_model_version_by_alias(registered_name(name), CHAMPION)
+    except MlflowException:  # no such model or no such alias yet
+        return None
+
+
+def champion_figures(version) -> dict[str, dict[str, float]]:
+    """Per-task primary/AUROC of a version: its fedkim.metrics tag, else its source run's eval.* metrics."""
+    if version.tags.get(METRICS_TAG):
+        return json.loads(version.tags[METRICS_TAG])
+    logged = client().get_run(version.run_id).data.metrics if version.run_id else {}
+    table: dict[str, dict[str, float]] = defaultdict(dict)
+    for key, value in logged.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2] in ("primary", "auroc"):
+            table[parts[1]][parts[2]] = value
+    return dict(table)
+
+
+def per_task(metrics: dict) -> dict[str, dict[str, float]]:
+    """{task: {primary, auroc}}: the compact form kept in a version's tags."""
+    return {t: {k: float(m[k]) for k in ("primary", "auroc") if isinstance(m.get(k), (int, float))}
+            for t, m in metrics.get("tasks", {}).items()}
+
+
+def requirements() -> list[str]:
+    """Pins of the served model's Python dependencies, as installed here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "transformers", "peft", "safetensors", "pandas", "pyyaml", "pydantic", "mlflow"):
+        try:
+            pins.append(f"{package}=={version(package).split('+')[0]}")  # no local label (+cpu): see stack notes
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def register(bundle_folder: str | Path, run_id: str, round_id: str, metrics: dict, *, name: str | None = None):
+    """Log the bundle as a pyfunc model on `run_id` (the injection run), register it, alias it `challenger` and
+    tag it with the round id and its figures. A round id that already has a version gets that version back."""
+    from mlflow.models import Model
+
+    from fedkim.central.bundle import verify_bundle
+
+    name = registered_name(name)
+    existing = find_version(round_id, name)
+    if existing is not None:
+        return existing
+    verify_bundle(bundle_folder)  # fail here, not at serving time
+    info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
+                     python_model=FedKIMPyfunc(), artifacts={"bundle": str(bundle_folder)},
+                     pip_requirements=requirements(), signature=serving_signature(),
+                     metadata={"fedkim.round_id": str(round_id), "requires": "the fedkim package importable"})
+    parent = client().get_run(run_id).data.tags.get(PARENT, "")
+    tags = {ROUND: str(round_id), ROUND_RUN_TAG: parent, DECISION: "pending",
+            METRICS_TAG: json.dumps(per_task(metrics), separators=(",", ":"))}
+    tags |= {f"fedkim.{k}": f"{metrics[k]:.6f}" for k in SUMMARY if isinstance(metrics.get(k), (int, float))}
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    client().set_registered_model_alias(name, CHALLENGER, version.version)
+    return client().get_model_version(name, version.version)
+
+
+def registry_show(name: str | None = None) -> list[dict]:
+    """One dict per version (oldest first): aliases, round, source run, round run, figures, promotion decision."""
+    registry = client()
+    name = registered_name(name)
+    try:
+        aliases = registry.get_registered_model(name).aliases  # {alias: version}
+    except MlflowException:
+        return []
+    by_version: dict[str, list[str]] = defaultdict(list)
+    for alias, number in sorted(aliases.items()):
+        by_version[str(number)].append(alias)
+    rows = []
+    for v in sorted(registry.search_model_versions(f"name = {quoted(name)}"), key=lambda v: int(v.version)):
+        rows.append({
+            "version": int(v.version), "aliases": by_version.get(str(v.version), []),
+            "round_id": v.tags.get(ROUND, ""), "run_id": v.run_id or "", "round_run_id": v.tags.get(ROUND_RUN_TAG, ""),
+            **{k: _float(v.tags.get(f"fedkim.{k}")) for k in SUMMARY},
+            "decision": v.tags.get(DECISION, "pending"), "reason": v.tags.get(REASON, ""),
+            "created": pd.Timestamp(v.creation_timestamp, unit="ms").isoformat(timespec="seconds"),
+        })
+    return rows
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
