@@ -36,7 +36,7 @@ from fedkim.data.siteformat import (  # noqa: E402
 )
 import fedkim.data.validate as validate_module  # noqa: E402
 from fedkim.data.validate import RULES, ValidationReport, validate_site  # noqa: E402
-from tests.sitebuilder import build_site, refinalize, synthetic_ecg, synthetic_image  # noqa: E402
+from tests.helpers.sites import build_site, refinalize, synthetic_ecg, synthetic_image  # noqa: E402
 
 N = 6  # per (task, split, label): one above the default minimum, so single-row edits keep counts valid
 LOOSE = GateParams(min_samples_per_site=1, min_samples_per_class=1)  # for the tiny fuzzing sites
