@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.helpers import TINY, small_params_dict, write_params
+
 for key, value in {
     "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MPLBACKEND": "Agg",
 }.items():
     os.environ.setdefault(key, value)
-
-REPO = Path(__file__).resolve().parents[1]
-
-# A federation small enough for tests: same sites and knobs as the default, fewer and shorter samples.
-SMALL = {
-    "data.sizes": {"site_train": 24, "val_fraction": 0.25, "public": 12, "test": 12},
-    "data.image_size": 64,
-    "data.ecg_seconds": 6,
-    "data.workers": 1,
-}
-
-
-def small_params_dict(root: Path, **extra) -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    for dotted, value in {**SMALL, "data.root": str(root), **extra}.items():
-        node = raw
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = copy.deepcopy(value)
-    return raw
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +33,18 @@ def small_federation(small_params_file):
 
     params = load_params(small_params_file)
     return generate_federation(params.data)
+
+
+@pytest.fixture(scope="session")
+def make_params(small_federation, tmp_path_factory):
+    """make_params(**overrides): params over the small federation, each in its own folder."""
+    def make(**overrides):
+        raw = small_params_dict(small_federation.root, **overrides)
+        return write_params(tmp_path_factory.mktemp("params"), raw)
+    return make
+
+
+@pytest.fixture(scope="module")
+def params(make_params):
+    """The tiny FM over the small federation (tests.helpers.TINY)."""
+    return make_params(**TINY)

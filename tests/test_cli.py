@@ -6,7 +6,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedkim.cli import app
-from tests.conftest import small_params_dict
+from tests.helpers import small_params_dict
 
 runner = CliRunner()
 

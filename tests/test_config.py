@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from fedkim.config import ConfigError, load_params, params_hash
-from tests.conftest import REPO, small_params_dict
+from tests.helpers import REPO, small_params_dict
 
 
 def write(tmp_path: Path, raw: dict) -> Path:

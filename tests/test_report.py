@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from fedkim.report import find_comparison, load_baselines
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def comparison(path: Path, primary: float) -> Path:

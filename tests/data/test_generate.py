@@ -11,7 +11,7 @@ from fedkim.data.catalogue import TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS
 from fedkim.data.formats.ecg import header_facts
 from fedkim.data.siteformat import INDEX_COLUMNS, compute_fingerprint, count_samples, read_index, read_manifest
 from fedkim.data.synth.federation import GenerationError, generate_federation
-from tests.conftest import small_params_dict
+from tests.helpers import small_params_dict
 
 
 def has_mains(path, mains: float) -> bool:

@@ -32,7 +32,7 @@ from fedkim.data.siteformat import (
 )
 import fedkim.data.validate as validate_module
 from fedkim.data.validate import RULES, ValidationReport, gate_reason, gate_summary, validate_site
-from tests.sitebuilder import build_site, refinalize, synthetic_ecg, synthetic_image
+from tests.helpers.sites import build_site, refinalize, synthetic_ecg, synthetic_image
 
 N = 6  # per (task, split, label): one above the default minimum, so single-row edits keep counts valid
 LOOSE = GateParams(min_samples_per_site=1, min_samples_per_class=1)  # for the tiny fuzzing sites

@@ -7,7 +7,7 @@ import torch
 
 from fedkim.federation import ServerOptimizerState, aggregate, fedavg, write_package
 from fedkim.federation.package import PackageManifest, read_package
-from tests.federation import global_state, package_fields, site_state
+from tests.helpers.packages import global_state, package_fields, site_state
 
 
 def pkg(glob, site, seed, **counts):

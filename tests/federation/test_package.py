@@ -14,7 +14,7 @@ from fedkim.federation import (
     write_package,
 )
 from fedkim.federation.package import MANIFEST_FILE, TENSORS_FILE
-from tests.federation import global_state, package_fields, site_state
+from tests.helpers.packages import global_state, package_fields, site_state
 
 NORM = 100.0
 

@@ -2,23 +2,11 @@
 
 import pytest
 import torch
-import yaml
 
-from fedkim.config import load_params
 from fedkim.digests import sha256_file
 from fedkim.federation.store import LocalStore, package_key
 from fedkim.rounds import (QuorumError, aggregate_step, get_state, latest_round, round_key, run_round,
                            start_round, train_site_step)
-from tests.conftest import small_params_dict
-from tests.model.test_central import TINY
-
-
-@pytest.fixture(scope="module")
-def params(small_federation, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rounds")
-    raw = small_params_dict(small_federation.root, **TINY)
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
-    return load_params(folder / "params.yaml")
 
 
 def snapshot(store: LocalStore) -> dict[str, str]:
@@ -78,7 +66,7 @@ def test_a_model_rebuilt_from_the_store_answers_exactly_like_the_injected_one(pa
     """DVC stages and Prefect workers rebuild the central model in a new process: the FM's modality-tag rows
     must come out the same there, or the trained experts meet different inputs."""
     from fedkim.rounds import inject_step, load_central
-    from tests.model.test_central import batch_of
+    from tests.helpers.models import batch_of
 
     store = LocalStore(tmp_path / "store")
     start_round(params, store, "3")

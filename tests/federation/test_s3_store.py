@@ -18,8 +18,8 @@ from fedkim.digests import sha256_file
 from fedkim.federation import read_package, write_package
 from fedkim.federation.store import (IntegrityError, KeyExistsError, LocalStore, MissingKeyError, S3Store,
                                      StoreError, open_store, package_key, package_prefix)
-from tests.conftest import small_params_dict
-from tests.federation import global_state, package_fields, site_state
+from tests.helpers import small_params_dict
+from tests.helpers.packages import global_state, package_fields, site_state
 
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",

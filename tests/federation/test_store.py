@@ -5,7 +5,7 @@ import pytest
 from fedkim.digests import sha256_file
 from fedkim.federation import (IntegrityError, KeyExistsError, LocalStore, check_package, package_key,
                                package_prefix, write_package)
-from tests.federation import global_state, package_fields, site_state
+from tests.helpers.packages import global_state, package_fields, site_state
 
 
 @pytest.fixture

@@ -23,8 +23,7 @@ from fedkim.config import REPO_ROOT, load_params
 from fedkim.federation.store import LocalStore, package_key, package_prefix
 from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_round
 from flows.round import fedkim_flow
-from tests.conftest import small_params_dict
-from tests.model.test_central import TINY
+from tests.helpers import TINY, small_params_dict
 
 # One retry without delay keeps the crash scenario short while still proving that retries happen. The small
 # federation has fewer than the default 5 samples per (task, split, label): the gate's minimum follows it.

@@ -20,8 +20,7 @@ from typer.testing import CliRunner
 
 from fedkim.ops import processes, stack
 from fedkim.cli import app
-from tests.conftest import small_params_dict
-from tests.model.test_central import TINY
+from tests.helpers import TINY, small_params_dict
 
 BIN = Path(sys.executable).parent
 FEDKIM = [sys.executable, "-m", "fedkim.cli"]

@@ -9,39 +9,11 @@ import torch
 import yaml
 
 from fedkim.central.bundle import BundleError, load_bundle, save_bundle
-from fedkim.config import load_params
 from fedkim.data.catalogue import TASKS
-from fedkim.central.variants import VARIANTS, build_central
-from fedkim.data.batches import task_loader
-from tests.conftest import small_params_dict
+from tests.helpers.models import batch_of, trained_model
 
-TINY = {"inject.foundation_model": "tiny", "inject.num_experts": 4, "inject.rank": 4}
 METRICS = {"tasks": {"lung_opacity": {"role": "train", "primary": 0.61, "f1": 0.61, "auroc": 0.7, "accuracy": 0.6}},
            "train_mean_f1": 0.61, "zeroshot_mean": float("nan"), "mean_auroc": 0.7}
-
-
-@pytest.fixture(scope="module")
-def params(small_federation, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bundle")
-    (folder / "params.yaml").write_text(yaml.safe_dump(small_params_dict(small_federation.root, **TINY)))
-    return load_params(folder / "params.yaml")
-
-
-def trained_model(params, variant="fedkim", seed=0):
-    """A model whose every trainable tensor and tag row differs from a fresh build (stands in for injection)."""
-    model = build_central(params, VARIANTS[variant])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        tags = [model.tokenizer.convert_tokens_to_ids(t) for t in ("<image>", "</image>", "<ecg>", "</ecg>")]
-        model.fm.get_input_embeddings().weight[tags] += 0.1
-    return model.eval()
-
-
-def batch_of(params, task, n=4):
-    site = params.site.model_copy(update={"batch_size": n})
-    return next(iter(task_loader(params.data.root / "test", task, "test", site, params.data, shuffle=False, seed=0)))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +29,7 @@ def test_round_trip_gives_the_same_outputs(params, saved):
     loaded, loaded_params = load_bundle(folder)
     assert loaded_params == params
     for task in ("lung_opacity", "ecg_abnormal", "mortality", "cxr_vqa"):
-        batch = batch_of(params, task)
+        batch = batch_of(params, task, "test", "test")
         options = batch.get("options") or [list(TASKS[task].answers)] * len(batch["answer"])
         assert torch.equal(model.option_logprobs(batch, task, options), loaded.option_logprobs(batch, task, options))
     ids = torch.tensor([loaded.tokenizer.convert_tokens_to_ids("<ecg>")])
@@ -109,7 +81,7 @@ def test_variant_without_experts_has_no_adapters_and_loads(params, tmp_path):
     assert not (folder / "adapters").exists()
     loaded, _ = load_bundle(folder)
     assert loaded.m3oe is None
-    batch = batch_of(params, "ecg_abnormal")
+    batch = batch_of(params, "ecg_abnormal", "test", "test")
     options = [["No", "Yes"]] * len(batch["answer"])
     assert torch.equal(model.option_logprobs(batch, "ecg_abnormal", options),
                        loaded.option_logprobs(batch, "ecg_abnormal", options))

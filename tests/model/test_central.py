@@ -7,38 +7,18 @@ import shutil
 
 import pytest
 import torch
-import yaml
 
 from fedkim.central.evaluate import evaluate, gate_distance
 from fedkim.central.inject import inject, warmup_decay
-from fedkim.config import load_params
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.experiment import run_experiment, run_variant
-from fedkim.data.batches import task_loader
-from tests.conftest import small_params_dict
-
-TINY = {"inject.foundation_model": "tiny", "inject.num_experts": 4, "inject.rank": 4, "inject.batch_size": 8,
-        "site.epochs": 1, "site.batch_size": 16, "eval.max_per_task": 6, "eval.batch_size": 6}
-
-
-@pytest.fixture(scope="module")
-def params(small_federation, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("central")
-    raw = small_params_dict(small_federation.root, **TINY)
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw))
-    return load_params(folder / "params.yaml")
+from tests.helpers.models import batch_of
 
 
 def fm_weights(model):
     return {k: v.detach().cpu().clone() for k, v in model.fm.state_dict().items()
             if "lora_" not in k and "experts" not in k}
-
-
-def batch_of(params, task, site="public", split="public", n=4):
-    loader = task_loader(params.data.root / site, task, split, params.site.model_copy(update={"batch_size": n}),
-                         params.data, shuffle=False, seed=0)
-    return next(iter(loader))
 
 
 def test_tags_are_in_the_vocabulary_and_the_fm_is_frozen(params):

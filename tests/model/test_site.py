@@ -11,13 +11,14 @@ from fedkim.site.train import augment_images, binary_metrics, train_site
 
 
 @pytest.fixture(scope="module")
-def params(small_params_file):
-    return load_params(small_params_file, {"site.epochs": 2, "site.batch_size": 8})
+def site_params(make_params):
+    """Two short epochs: enough for training to move the weights."""
+    return make_params(**{"site.epochs": 2, "site.batch_size": 8})
 
 
-def test_encoders_emit_token_sequences(params):
-    model = global_model(params.site, params.data)
-    p, d = params.site, params.data
+def test_encoders_emit_token_sequences(site_params):
+    model = global_model(site_params.site, site_params.data)
+    p, d = site_params.site, site_params.data
     batch = {"image": torch.rand(3, 1, p.image_input, p.image_input),
              "ecg": torch.randn(3, 12, p.ecg_hz * d.ecg_seconds),
              "clinical": torch.randn(3, 24, 9), "clinical_mask": torch.ones(3, 24, 9)}
@@ -28,30 +29,30 @@ def test_encoders_emit_token_sequences(params):
     assert model(batch, "mortality").shape == (3,)
 
 
-def test_clinical_encoder_does_not_mix_samples(params):
+def test_clinical_encoder_does_not_mix_samples(site_params):
     """batch_first=True: a sample's tokens do not depend on the other samples of its batch."""
-    encoder = global_model(params.site, params.data).encoders["clinical"].eval()
+    encoder = global_model(site_params.site, site_params.data).encoders["clinical"].eval()
     x = {"clinical": torch.randn(4, 24, 9), "clinical_mask": torch.ones(4, 24, 9)}
     alone = encoder({k: v[:1] for k, v in x.items()})
     assert torch.allclose(encoder(x)[:1], alone, atol=1e-5)
 
 
-def test_state_dict_naming_and_partial_sites(params):
-    full = global_model(params.site, params.data)
+def test_state_dict_naming_and_partial_sites(site_params):
+    full = global_model(site_params.site, site_params.data)
     keys = full.state_dict().keys()
     assert all(k.startswith(("encoders.", "heads.")) for k in keys)
     assert {k.split(".")[1] for k in keys if k.startswith("heads.")} == {"lung_opacity", "covid", "ecg_abnormal",
                                                                           "mortality"}
-    ecg_only = SiteModel(["ecg"], params.site, params.data, seed=5)
+    ecg_only = SiteModel(["ecg"], site_params.site, site_params.data, seed=5)
     assert set(ecg_only.heads) == {"ecg_abnormal"}
     load_subset(ecg_only, full.state_dict())
     for k, v in ecg_only.state_dict().items():
         assert torch.equal(v, full.state_dict()[k])
 
 
-def test_local_training_learns_and_touches_only_held_modalities(params, small_federation):
-    start = global_model(params.site, params.data).state_dict()
-    result = train_site(small_federation.root / "site-b", start, params.site, params.data, seed=1)
+def test_local_training_learns_and_touches_only_held_modalities(site_params, small_federation):
+    start = global_model(site_params.site, site_params.data).state_dict()
+    result = train_site(small_federation.root / "site-b", start, site_params.site, site_params.data, seed=1)
     assert set(result.sample_counts) == {"ecg", "clinical"}
     assert result.sample_counts["ecg"] == result.task_counts["ecg_abnormal"] > 0
     assert not any(k.startswith("encoders.image") for k in result.state_dict)
@@ -62,17 +63,17 @@ def test_local_training_learns_and_touches_only_held_modalities(params, small_fe
     assert result.data_fingerprint and len(result.losses) > 0
 
 
-def test_training_is_deterministic_on_cpu(params, small_federation):
-    start = global_model(params.site, params.data).state_dict()
-    a = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
-    b = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
+def test_training_is_deterministic_on_cpu(site_params, small_federation):
+    start = global_model(site_params.site, site_params.data).state_dict()
+    a = train_site(small_federation.root / "site-d", start, site_params.site, site_params.data, seed=3)
+    b = train_site(small_federation.root / "site-d", start, site_params.site, site_params.data, seed=3)
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
-def test_training_logs_its_progress_per_epoch(params, small_federation, caplog):
+def test_training_logs_its_progress_per_epoch(site_params, small_federation, caplog):
     caplog.set_level(logging.INFO, logger="fedkim")
-    start = global_model(params.site, params.data).state_dict()
-    result = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
+    start = global_model(site_params.site, site_params.data).state_dict()
+    result = train_site(small_federation.root / "site-d", start, site_params.site, site_params.data, seed=3)
     lines = [r.getMessage() for r in caplog.records if r.name == "fedkim.site.train"]
     steps = len(result.losses)
     assert len(lines) >= 2 and lines[0].startswith("site-d training: ") and "ETA" in lines[0]
@@ -80,20 +81,20 @@ def test_training_logs_its_progress_per_epoch(params, small_federation, caplog):
     assert lines[-1].startswith(f"site-d training: {steps}/{steps} (100%) done in ") and " epoch 2/2 loss " in lines[-1]
 
 
-def test_training_on_cached_decoded_samples_equals_decoding_every_epoch(params, small_federation):
-    start = global_model(params.site, params.data).state_dict()
-    cached = train_site(small_federation.root / "site-a", start, params.site, params.data, seed=2)
-    fresh_params = params.site.model_copy(update={"decode_cache_mb": 0})
-    fresh = train_site(small_federation.root / "site-a", start, fresh_params, params.data, seed=2)
-    assert params.site.decode_cache_mb > 0 and cached.losses == fresh.losses
+def test_training_on_cached_decoded_samples_equals_decoding_every_epoch(site_params, small_federation):
+    start = global_model(site_params.site, site_params.data).state_dict()
+    cached = train_site(small_federation.root / "site-a", start, site_params.site, site_params.data, seed=2)
+    fresh_params = site_params.site.model_copy(update={"decode_cache_mb": 0})
+    fresh = train_site(small_federation.root / "site-a", start, fresh_params, site_params.data, seed=2)
+    assert site_params.site.decode_cache_mb > 0 and cached.losses == fresh.losses
     assert all(torch.equal(cached.state_dict[k], fresh.state_dict[k]) for k in cached.state_dict)
 
 
-def test_fedprox_keeps_weights_closer_to_the_global_model(params, small_federation):
-    start = global_model(params.site, params.data).state_dict()
-    plain = train_site(small_federation.root / "site-d", start, params.site, params.data, seed=3)
-    prox_params = params.site.model_copy(update={"fedprox_mu": 50.0})
-    prox = train_site(small_federation.root / "site-d", start, prox_params, params.data, seed=3)
+def test_fedprox_keeps_weights_closer_to_the_global_model(site_params, small_federation):
+    start = global_model(site_params.site, site_params.data).state_dict()
+    plain = train_site(small_federation.root / "site-d", start, site_params.site, site_params.data, seed=3)
+    prox_params = site_params.site.model_copy(update={"fedprox_mu": 50.0})
+    prox = train_site(small_federation.root / "site-d", start, prox_params, site_params.data, seed=3)
     distance = lambda r: sum(float(((r.state_dict[k] - start[k]) ** 2).sum()) for k in r.state_dict
                              if r.state_dict[k].is_floating_point() and "running" not in k)
     assert distance(prox) < distance(plain)
@@ -106,10 +107,10 @@ def test_binary_metrics_use_sklearn_definitions():
     assert m["accuracy"] == 0.5 and m["auroc"] == 0.75 and m["f1"] == 0.5
 
 
-def test_conv_stem_keeps_the_token_grid(params):
+def test_conv_stem_keeps_the_token_grid(site_params):
     """The conv stem replaces DeiT's patch projection: log2(patch) stride-2 3x3 convolutions + a 1x1 projection,
     the same number of tokens; `patch` (the default) keeps DeiT's single projection."""
-    p = params.site
+    p = site_params.site
     conv = ImageEncoder(p.model_copy(update={"image_stem": "conv"}))
     stem = conv.vit.embeddings.patch_embeddings.projection
     strided = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d) and m.stride == (2, 2)]
@@ -134,9 +135,9 @@ def test_image_augmentation_jitters_without_flipping():
     assert (left > 5 * right).all()
 
 
-def test_only_tasks_restricts_local_training(params, small_federation):
-    start = global_model(params.site, params.data).state_dict()
-    result = train_site(small_federation.root / "site-a", start, params.site, params.data, seed=1,
+def test_only_tasks_restricts_local_training(site_params, small_federation):
+    start = global_model(site_params.site, site_params.data).state_dict()
+    result = train_site(small_federation.root / "site-a", start, site_params.site, site_params.data, seed=1,
                         only_tasks=["lung_opacity", "covid"])
     assert set(result.metrics) == {"lung_opacity", "covid"} and set(result.sample_counts) == {"image"}
     assert not any(k.startswith(("encoders.ecg", "encoders.clinical")) for k in result.state_dict)

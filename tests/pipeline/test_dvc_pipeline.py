@@ -14,11 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, small_params_dict
-
-# The tiny foundation model and short training of tests/model/test_central.py.
-TINY = {"inject.foundation_model": "tiny", "inject.num_experts": 4, "inject.rank": 4, "inject.batch_size": 8,
-        "site.epochs": 1, "site.batch_size": 16, "eval.max_per_task": 6, "eval.batch_size": 6}
+from tests.helpers import REPO, TINY, small_params_dict
 # The small federation's validation splits hold 2-4 samples per class: below the default gate's 5.
 GATE = {"data.gate.min_samples_per_class": 1}
 # Two of its four sites keep the run short (every stage is a process that imports torch and the library): site-a

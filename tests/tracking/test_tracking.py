@@ -18,8 +18,8 @@ from fedkim.cli import app
 from fedkim.config import load_params
 from fedkim.data.catalogue import TASKS
 from fedkim.data.siteformat import read_index
-from tests.conftest import small_params_dict
-from tests.model.test_bundle import TINY, batch_of, trained_model
+from tests.helpers import TINY, small_params_dict
+from tests.helpers.models import batch_of, trained_model
 
 SITES = {"site-a": "fp-a", "site-b": "fp-b"}
 
@@ -207,7 +207,7 @@ def test_champion_pyfunc_answers_real_samples(rounds, store, model):
     answers = served.predict(query)
     assert list(answers.columns) == ["task", "answer", "scores"] and list(answers["task"]) == list(query["task"])
     for task in chosen:
-        batch = batch_of(params, task, n=2)
+        batch = batch_of(params, task, "test", "test", n=2)
         options = batch.get("options") or [list(TASKS[task].answers)] * 2
         expected = model.option_logprobs(batch, task, options)
         for i, sample in enumerate(batch["sample_id"]):
