@@ -8,6 +8,8 @@ from fedkim.federation.store import LocalStore, package_key
 from fedkim.rounds import (QuorumError, aggregate_step, get_state, latest_round, round_key, run_round,
                            start_round, train_site_step)
 
+pytestmark = pytest.mark.slow
+
 
 def snapshot(store: LocalStore) -> dict[str, str]:
     return {key: store.sha256(key) for key in store.list("rounds/")}

@@ -21,6 +21,8 @@ from fedkim.federation.store import (IntegrityError, KeyExistsError, LocalStore,
 from tests.helpers import small_params_dict
 from tests.helpers.packages import global_state, package_fields, site_state
 
+pytestmark = pytest.mark.integration
+
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
             # Never ask the EC2 metadata service (a network call) for credentials.

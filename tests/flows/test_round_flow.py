@@ -25,6 +25,8 @@ from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_roun
 from flows.round import fedkim_flow
 from tests.helpers import TINY, small_params_dict
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 # One retry without delay keeps the crash scenario short while still proving that retries happen. The small
 # federation has fewer than the default 5 samples per (task, split, label): the gate's minimum follows it.
 FAST = {**TINY, "federation.retries": 1, "federation.retry_delay_s": 0, "federation.site_timeout_s": 600,
@@ -288,7 +290,6 @@ def serving_sites(site_ids: list[str]):
         thread.join(60)
 
 
-@pytest.mark.slow
 def test_federated_round_runs_each_site_as_its_own_deployment(prefect_api, broken_federation, tmp_path):
     from flows.site import site_flow
 

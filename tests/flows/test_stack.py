@@ -22,6 +22,8 @@ from fedkim.ops import processes, stack
 from fedkim.cli import app
 from tests.helpers import TINY, small_params_dict
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 BIN = Path(sys.executable).parent
 FEDKIM = [sys.executable, "-m", "fedkim.cli"]
 SITES = ["site-a", "site-b"]  # two sites keep it short; site-a alone holds every training modality
@@ -89,7 +91,6 @@ def project(small_federation, tmp_path) -> Path:
     stack.down(params, grace_s=5, log=lambda _: None)  # whatever failed above: leave no process behind
 
 
-@pytest.mark.integration
 def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project, tmp_path):
     started = time.monotonic()
     env = stack_env(tmp_path)

@@ -298,6 +298,7 @@ def test_task_scope_balance_enters_the_injection_loss(params):
     assert not torch.allclose(balance, model.m3oe.aux_loss)  # not the single-task batch's own load
 
 
+@pytest.mark.slow
 def test_two_sites_two_rounds_end_to_end(params, tmp_path):
     sites = [s.model_dump() for s in params.data.sites if s.id in ("site-a", "site-b")]
     two = params.model_copy(update={
@@ -314,6 +315,7 @@ def test_two_sites_two_rounds_end_to_end(params, tmp_path):
     assert (tmp_path / "fedkim" / "gate_heatmap.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_experiment_writes_the_comparison_and_combined_runs_equal_it(params, tmp_path):
     from fedkim.experiment import combine_experiments
 
@@ -368,6 +370,7 @@ def edit_json(path, **changes):
     path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
 
+@pytest.mark.slow
 def test_experiment_over_seeds_reports_means_spread_and_wins(params, tmp_path):
     from safetensors.torch import load_file
 

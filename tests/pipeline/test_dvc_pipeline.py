@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, TINY, small_params_dict
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # The small federation's validation splits hold 2-4 samples per class: below the default gate's 5.
 GATE = {"data.gate.min_samples_per_class": 1}
 # Two of its four sites keep the run short (every stage is a process that imports torch and the library): site-a

@@ -11,6 +11,8 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
 BUCKET = "dvc-store"
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
          "AWS_DEFAULT_REGION": "us-east-1"}

@@ -192,6 +192,7 @@ def test_comparison_with_the_previous_champion(rounds):
     assert json.loads(open(path).read())["champion_round_id"] == "1"
 
 
+@pytest.mark.slow
 def test_champion_pyfunc_answers_real_samples(rounds, store, model):
     params = store["params"]
     test_dir = params.data.root / "test"
