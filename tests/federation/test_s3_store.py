@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 from moto import settings as moto_settings
-from moto.server import ThreadedMotoServer
 from pydantic import ValidationError
 
 from fedkim.config import StoreParams, load_params
@@ -19,6 +18,7 @@ from fedkim.federation import read_package, write_package
 from fedkim.federation.store import (IntegrityError, KeyExistsError, LocalStore, MissingKeyError, S3Store,
                                      StoreError, open_store, package_key, package_prefix)
 from tests.helpers import small_params_dict
+from tests.helpers.servers import moto_server
 from tests.helpers.packages import global_state, package_fields, site_state
 
 pytestmark = pytest.mark.integration
@@ -43,11 +43,8 @@ def s3_endpoint(tmp_path_factory):
         nowhere = tmp_path_factory.mktemp("aws") / "none"
         mp.setenv("AWS_CONFIG_FILE", str(nowhere))  # ignore ~/.aws
         mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-        server.stop()
+        with moto_server() as endpoint:
+            yield endpoint
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import sys
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
+
+from tests.helpers.servers import moto_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -20,11 +21,8 @@ CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
