@@ -20,6 +20,14 @@ app.add_typer(data_app, name="data")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
+@app.callback()
+def _console_progress() -> None:
+    """Long commands (generation, experiments) show their progress lines off a terminal too."""
+    from fedkim.progress import log_to_console
+
+    log_to_console()
+
+
 ParamsOption = typer.Option(None, "--params", "-p", help="params.yaml to read (default: FEDKIM_PARAMS or repo's)")
 
 

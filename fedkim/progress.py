@@ -187,3 +187,17 @@ class _Guard(logging.Handler):
 
 
 _DISPLAY = _Display()
+
+
+def log_to_console(level: int = logging.INFO) -> None:
+    """Print fedkim's progress records on stderr: for command-line tools and pipeline stages, which configure no
+    logging of their own. Where the application already handles log records (the flows through Prefect's
+    handlers, a test's capture), only the level is set. Idempotent."""
+    logger = logging.getLogger("fedkim")
+    logger.setLevel(level)
+    if logging.getLogger().handlers or any(getattr(h, "fedkim_console", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    handler.fedkim_console = True
+    logger.addHandler(handler)

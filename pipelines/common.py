@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedkim.config import Params, load_params
 from fedkim.federation.store import LocalStore
+from fedkim.progress import log_to_console
 
 
 def parser(description: str | None, *, store: bool = True, site: bool = False) -> argparse.ArgumentParser:
@@ -34,6 +35,7 @@ def setup(args: argparse.Namespace) -> tuple[Params, LocalStore | None, str]:
     """The params, the round's store (None without --store) and the round id (federation.round_id).
 
     The params file is FEDKIM_PARAMS, else ./params.yaml: the file DVC tracks (stages run in the folder of dvc.yaml)."""
+    log_to_console()  # DVC shows a stage's output: progress lines of training, injection and evaluation
     params_file = params_path()
     params = load_params(params_file)
     if getattr(args, "site", None) is not None:

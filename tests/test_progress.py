@@ -83,3 +83,19 @@ def test_on_a_terminal_a_bar_instead_of_lines_and_the_log_handlers_restored(capl
             logging.getLogger("fedkim.other").info("a line between the bars")
     assert root.handlers == handlers and progress_module._DISPLAY.bars is None
     assert messages(caplog) == ["b: 30/30 (100%) done in 0:00:00", "a: 30/30 (100%) done in 0:00:00, x"]
+
+
+def test_a_command_line_process_prints_progress_lines_once_on_stderr():
+    import subprocess
+    import sys
+
+    script = ("import logging\n"
+              "from fedkim.progress import Progress, log_to_console\n"
+              "log_to_console(); log_to_console()\n"
+              "with Progress('stage', 4, logger='fedkim.stage', every=0) as bar:\n"
+              "    for i in range(4): bar.advance(description=f'item {i}')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "stage:" in line]
+    assert len(lines) == 4 and "item 0" in lines[0] and "done in" in lines[-1]  # one handler, not two
+    assert done.stdout == ""
