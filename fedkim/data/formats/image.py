@@ -137,6 +137,11 @@ def _read_dicom(path: Path) -> tuple[np.ndarray, float]:
         center = float(np.atleast_1d(ds.WindowCenter)[0])
         width = float(np.atleast_1d(ds.WindowWidth)[0])
         low, high = center - width / 2, center + width / 2
+        stored_low, stored_high = _stored_range(ds)
+        if low <= stored_low and high >= stored_high:
+            # spanning the stored range, pydicom's VOI transform is the identity up to rounding: kept, so
+            # that such files (the generated ones) decode exactly as they always have
+            values = apply_voi_lut(values, ds, prefer_lut=True).astype(np.float32)
     else:  # neither: the range its bit depth can store, through the modality LUT
         low, high = _stored_range(ds)
     scaled = (values - low) / max(high - low, 1e-6)
