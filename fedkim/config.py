@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedkim.digests import short_digest
 
@@ -112,42 +111,18 @@ class GateParams(Strict):
     min_samples_per_class: int = Field(5, ge=1, description="per task, label value and split")
     image_min_side: int = Field(32, ge=8)
     image_max_side: int = Field(4096, ge=8)
-    image_min_bits: int = Field(8, ge=1, le=16, description="fewest bits per sample (DICOM BitsStored)")
-    image_max_bits: int = Field(16, ge=1, le=16, description="most bits per sample; the readers decode 8 to 16")
-    image_max_colour_spread: float = Field(0.05, ge=0, le=1, description="mean (largest - smallest colour channel) "
-                                                                        "above which an image is a colour picture")
+    image_min_bits: int = Field(8, ge=1, le=16, description="bits per sample (DICOM BitsStored), at least")
+    image_max_bits: int = Field(16, ge=1, le=16, description="at most; the readers decode 8 to 16")
+    image_max_colour_spread: float = Field(0.05, ge=0, le=1, description="mean (max - min colour channel) above "
+                                                                        "which an image is a photo, not an X-ray")
     ecg_min_hz: float = Field(100.0, gt=0)
     ecg_max_hz: float = Field(2000.0, gt=0)
     ecg_min_seconds: float = Field(5.0, gt=0)
-    ecg_max_seconds: float = Field(86400.0, gt=0, description="longer is not an ECG export (a day of Holter at most); "
-                                                              "long records are read as their first window")
+    ecg_max_seconds: float = Field(86400.0, gt=0, description="absurd lengths only: long records are windowed")
     ecg_max_abs_mv: float = Field(10.0, gt=0, description="any sample beyond this is an amplifier/unit error")
     ecg_flat_std_mv: float = Field(0.005, ge=0, description="a lead whose std is below this is flat")
     clinical_max_missing: float = Field(0.85, gt=0, le=1, description="max share of empty (hour, variable) cells")
-    ecg_window_seconds: float | None = Field(None, gt=0, description="span from a record's start that the amplitude "
-                                             "and flat-lead checks read; in data.gate it defaults to data.ecg_seconds "
-                                             "(the window the model reads); None: the whole record")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _bits_range(cls, raw: Any) -> Any:
-        """image_bits (a list of allowed depths) became the range image_min_bits..image_max_bits."""
-        if isinstance(raw, dict) and "image_bits" in raw:
-            raw = dict(raw)
-            bits = raw.pop("image_bits")
-            if "image_min_bits" in raw or "image_max_bits" in raw:
-                raise ValueError("image_bits was replaced by image_min_bits and image_max_bits: set only those")
-            if not isinstance(bits, list) or not bits or not all(isinstance(b, int) for b in bits):
-                raise ValueError(f"image_bits (now image_min_bits/image_max_bits) must be a list of integers, "
-                                 f"got {bits!r}")
-            raw.update(image_min_bits=min(bits), image_max_bits=max(bits))
-        return raw
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "GateParams":
-        if self.image_min_bits > self.image_max_bits:
-            raise ValueError(f"image_min_bits {self.image_min_bits} above image_max_bits {self.image_max_bits}")
-        return self
+    ecg_window_seconds: float | None = Field(None, gt=0, description="signal checks read (data.ecg_seconds); None: all")
 
 
 class DataParams(Strict):
