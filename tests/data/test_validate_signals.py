@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 
 from fedkim.config import ConfigError, GateParams
 from fedkim.data.formats.ecg import write_wfdb
@@ -170,6 +171,22 @@ def test_signal_checks_read_the_window_the_model_reads(site_of):
     refinalize(site)
     assert check(site, GateParams(ecg_window_seconds=10)).success
     assert only_finding(site, "ecg.amplitude", GateParams(ecg_window_seconds=None)).file == rel
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_dicom_waveform_units_are_checked(site_of, units):
+    site = site_of("ecg")
+    rel, path = replace_first(site, "ecg_path", ".dcm")
+    ds = pydicom.dcmread(get_testdata_file("waveform_ecg.dcm"))
+    if not units:
+        del ds.WaveformSequence[0].ChannelDefinitionSequence[1].ChannelSensitivityUnitsSequence
+    ds.save_as(path)
+    refinalize(site)
+    if units:
+        assert check(site).success
+    else:
+        found = only_finding(site, "ecg.units")
+        assert found.file == rel and f"{rel}: II: no unit" in found.examples[0]
 
 
 # ------------------------------------------------------------------------------------------------- config
