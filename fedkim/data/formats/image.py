@@ -34,7 +34,8 @@ def write_png(path: Path, image01: np.ndarray) -> None:
 
 def write_dicom(path: Path, image01: np.ndarray, *, sample_id: str, site_id: str, monochrome1: bool = False,
                 bits_stored: int = 12) -> None:
-    """Write a DX 'for presentation' DICOM: 12 bits stored with a window, MONOCHROME1 stores inverted values."""
+    """Write a DX 'for presentation' DICOM: `bits_stored` (8 to 16) with a window spanning them, MONOCHROME1
+    stores inverted values."""
     top = (1 << bits_stored) - 1
     stored = np.clip(np.rint(image01 * top), 0, top).astype(np.uint16)
     if monochrome1:  # MONOCHROME1: low values are shown white, so store the complement
