@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedkim.digests import short_digest
 
@@ -111,14 +111,18 @@ class GateParams(Strict):
     min_samples_per_class: int = Field(5, ge=1, description="per task, label value and split")
     image_min_side: int = Field(32, ge=8)
     image_max_side: int = Field(4096, ge=8)
-    image_bits: list[int] = Field(default_factory=lambda: [8, 12, 16])
+    image_min_bits: int = Field(8, ge=1, le=16, description="bits per sample (DICOM BitsStored), at least")
+    image_max_bits: int = Field(16, ge=1, le=16, description="at most; the readers decode 8 to 16")
+    image_max_colour_spread: float = Field(0.05, ge=0, le=1, description="mean (max - min colour channel) above "
+                                                                        "which an image is a photo, not an X-ray")
     ecg_min_hz: float = Field(100.0, gt=0)
     ecg_max_hz: float = Field(2000.0, gt=0)
     ecg_min_seconds: float = Field(5.0, gt=0)
-    ecg_max_seconds: float = Field(120.0, gt=0)
+    ecg_max_seconds: float = Field(86400.0, gt=0, description="absurd lengths only: long records are windowed")
     ecg_max_abs_mv: float = Field(10.0, gt=0, description="any sample beyond this is an amplifier/unit error")
     ecg_flat_std_mv: float = Field(0.005, ge=0, description="a lead whose std is below this is flat")
     clinical_max_missing: float = Field(0.85, gt=0, le=1, description="max share of empty (hour, variable) cells")
+    ecg_window_seconds: float | None = Field(None, gt=0, description="signal checks read (data.ecg_seconds); None: all")
 
 
 class DataParams(Strict):
@@ -130,8 +134,17 @@ class DataParams(Strict):
     workers: int = Field(2, ge=1, le=64, description="processes used to synthesise ECGs")
     sizes: Sizes = Sizes()
     difficulty: Difficulty = Difficulty()
-    gate: GateParams = GateParams()
+    gate: GateParams = Field(GateParams(), validate_default=True)
     sites: list[SiteSpec] = Field(min_length=1)
+
+    @field_validator("gate")
+    @classmethod
+    def _ecg_window(cls, gate: GateParams, info: ValidationInfo) -> GateParams:
+        """The gate checks the ECG window the model reads unless told otherwise."""
+        seconds = info.data.get("ecg_seconds")
+        if gate.ecg_window_seconds is None and seconds is not None:
+            return gate.model_copy(update={"ecg_window_seconds": float(seconds)})
+        return gate
 
     @field_validator("sites")
     @classmethod

@@ -1,8 +1,8 @@
 """torch Datasets over a site data directory, shared by site training, the server and evaluation.
 
 Files are read from disk when an item is requested (clinical Parquet files once per file, then kept), and
-brought to one shape per modality: images resized to `image_size`, ECGs resampled to `ecg_hz` and cut or
-padded to `ecg_seconds`, ICU series gridded to `hours` with a measurement mask.
+brought to one shape per modality: images resized to `image_size`, ECGs cut to their first `ecg_seconds`,
+resampled to `ecg_hz` and zero-padded when shorter, ICU series gridded to `hours` with a measurement mask.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 
 
 def load_ecg(path: Path, hz: int, seconds: float) -> torch.Tensor:
-    """(12, hz*seconds) float in mV, resampled and cut or zero-padded at the end."""
-    record = read_ecg(path)
+    """(12, hz*seconds) float in mV: the record's first `seconds` (read_ecg's window), resampled, zero-padded at
+    the end when shorter."""
+    record = read_ecg(path, seconds)
     signal = record.signal.T
     fs = int(round(record.fs))
     if fs != hz:

@@ -186,18 +186,22 @@ def test_missing_image(copy_site):
 
 
 @pytest.mark.parametrize("defect, rule, column", [
-    ("16bit", "image.bit_depth", "bits"),
-    ("rgb", "image.photometric", "photometric"),
+    ("bilevel", "image.bit_depth", "bits"),
+    ("cmyk", "image.photometric", "photometric"),
+    ("photo", "image.colour", "colour_spread"),
     ("small", "image.size", "width"),
 ])
 def test_image_facts(copy_site, defect, rule, column):
     site = copy_site("image")
     rel = first(site, "image_path")
     pixels = synthetic_image(np.random.default_rng(1))
-    if defect == "16bit":
-        Image.fromarray((pixels * 65535).astype(np.uint16)).save(site / rel)
-    elif defect == "rgb":
-        Image.fromarray((np.stack([pixels] * 3, axis=-1) * 255).astype(np.uint8)).save(site / rel)
+    if defect == "bilevel":
+        Image.fromarray(pixels > 0.5).save(site / rel)  # 1 bit per sample
+    elif defect == "cmyk":  # an Adobe-style CMYK JPEG, whatever its name says
+        Image.fromarray((pixels * 255).astype(np.uint8)).convert("CMYK").save(site / rel, format="JPEG")
+    elif defect == "photo":  # strongly coloured: red and blue channels apart
+        rgb = np.stack([pixels, 0.5 * pixels, 1 - pixels], axis=-1)
+        Image.fromarray((rgb * 255).astype(np.uint8)).save(site / rel)
     else:
         Image.fromarray((pixels[:16, :16] * 255).astype(np.uint8)).save(site / rel)
     refinalize(site)

@@ -21,9 +21,6 @@ from fedkim.data.siteformat import SiteFormatError, resolve
 from fedkim.data.validate.engine import GX, Rule, Table, _fmt, _gx_frame, _rule
 from fedkim.data.validate.tables import INT_TYPES, NUMERIC_TYPES, _needing, _paths, _relative
 
-GRAYSCALE = ["L", "I;16", "I", "MONOCHROME1", "MONOCHROME2"]
-
-
 # ---------------------------------------------------------------------------------------- per-file facts
 def _locate(site: Path, rel: str) -> tuple[dict, Path | None]:
     """A referenced path's first facts; None when it leaves the site (or cannot be a path at all)."""
@@ -72,11 +69,12 @@ def _image_row(site: Path, rel: str) -> dict:
     row, path = _locate(site, rel)
     if path is None or not _exists(row, [path], site):
         return row
-    row["format"] = "dicom" if path.suffix.lower() in image_fmt.DICOM_SUFFIXES else "png"
     try:
-        facts = image_fmt.image_facts(path)  # header: width, height, bits, photometric, modality
-        row.update({k: facts[k] for k in ("width", "height", "bits", "photometric", "modality")})
-        image_fmt.read_image(path)  # decoded once: truncated pixel data fails here
+        facts = image_fmt.image_facts(path)  # header: format, width, height, bits, photometric, modality
+        row.update({k: facts[k] for k in ("format", "width", "height", "bits", "photometric", "modality")})
+        if facts["photometric"] not in image_fmt.SUPPORTED_FORMS:
+            return row  # image.photometric's finding; not decoded
+        _, row["colour_spread"] = image_fmt.decode_image(path)  # decoded once: truncated pixel data fails here
         row["decodes"] = True
     except Exception as exc:  # image_facts does not wrap the libraries' errors
         _failed(row, exc, site)
@@ -89,18 +87,21 @@ def _image_table(site: Path, paths: list[str], rules: GateParams) -> Table:
     checks = [
         _rule("image.size", GX.ExpectColumnValuesToBeBetween, size, column="width", **side),
         _rule("image.size", GX.ExpectColumnValuesToBeBetween, size, column="height", **side),
-        _rule("image.bit_depth", GX.ExpectColumnValuesToBeInSet, f"bits stored not in {rules.image_bits}",
-              column="bits", value_set=list(rules.image_bits)),
-        _rule("image.bit_depth", GX.ExpectColumnValuesToBeInSet, "PNG must be 8-bit", column="bits",
-              value_set=[8], row_condition=Column("format") == "png", uses=("format",)),
-        _rule("image.photometric", GX.ExpectColumnValuesToBeInSet, "not single-channel grayscale",
-              column="photometric", value_set=GRAYSCALE),
+        _rule("image.bit_depth", GX.ExpectColumnValuesToBeBetween,
+              f"bits per sample outside [{rules.image_min_bits}, {rules.image_max_bits}]", column="bits",
+              min_value=rules.image_min_bits, max_value=rules.image_max_bits),
+        _rule("image.photometric", GX.ExpectColumnValuesToBeInSet,
+              "colour form the reader cannot convert to gray", column="photometric",
+              value_set=list(image_fmt.SUPPORTED_FORMS)),
+        _rule("image.colour", GX.ExpectColumnValuesToBeBetween,
+              f"colour channels differ by more than {rules.image_max_colour_spread:g} on average (a colour "
+              f"picture, not a radiograph)", column="colour_spread", max_value=rules.image_max_colour_spread),
         _rule("image.modality", GX.ExpectColumnValuesToBeInSet, "DICOM modality must be DX or CR",
               column="modality", value_set=["DX", "CR"], row_condition=Column("format") == "dicom",
               uses=("format",)),
     ]
     rows = [_image_row(site, rel) for rel in paths]
-    facts = ["format", "width", "height", "bits", "photometric", "modality"]
+    facts = ["format", "width", "height", "bits", "photometric", "colour_spread", "modality"]
     return _facts_table("image", rows, facts, checks)
 
 
@@ -113,37 +114,33 @@ def _ecg_parts(path: Path) -> list[Path]:
 
 
 def _ecg_row(site: Path, rel: str, rules: GateParams) -> dict:
+    """Header facts (leads, rate, whole duration, units), then the signal facts of the window the model reads."""
     row, path = _locate(site, rel)
     if path is None or not _exists(row, _ecg_parts(path), site):
         return row
     try:
-        record = ecg_fmt.read_ecg(path)  # header and samples read once
+        header = ecg_fmt.header_facts(path)
     except Exception as exc:
-        return _ecg_header_only(row, path, exc, site)
+        return _failed(row, exc, site)
+    fs = float(header["fs"])
+    unknown = ecg_fmt.unknown_units(header["names"], header["units"])
+    row.update(leads=len(set(ecg_fmt.LEADS) & set(header["leads"])), fs=fs,
+               seconds=header["samples"] / fs if fs > 0 else np.nan,
+               units_known=not unknown, units_detail="; ".join(unknown) or "all leads in mV, uV or V")
+    if unknown or row["leads"] < len(ecg_fmt.LEADS):
+        return row  # ecg.units' or ecg.leads' finding; not decoded
+    try:
+        record = ecg_fmt.read_ecg(path, rules.ecg_window_seconds)
+    except Exception as exc:
+        return _failed(row, exc, site)
     signal = np.asarray(record.signal, dtype=np.float64)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN leads give NaN facts, which GX skips
         row.update(
-            decodes=True, leads=len(record.leads), fs=float(record.fs),
-            seconds=signal.shape[0] / record.fs if record.fs > 0 else np.nan,
+            decodes=True,
             max_abs_mv=float(np.nanmax(np.abs(signal))) if signal.size else np.nan,
             flat_leads=int((np.nanstd(signal, axis=0) < rules.ecg_flat_std_mv).sum()) if signal.size else 0,
         )
-    return row
-
-
-def _ecg_header_only(row: dict, path: Path, exc: Exception, site: Path) -> dict:
-    """read_ecg refused the record: missing leads in a readable header are ecg.leads' finding, anything
-    else is a decoding failure."""
-    _failed(row, exc, site)
-    try:
-        header = ecg_fmt.header_facts(path)
-    except Exception:
-        return row
-    found, fs = len(set(ecg_fmt.LEADS) & set(header["leads"])), float(header["fs"])
-    row.update(leads=found, fs=fs, seconds=header["samples"] / fs if fs > 0 else np.nan)
-    if found < len(ecg_fmt.LEADS):
-        row["decodes"] = None
     return row
 
 
@@ -155,6 +152,9 @@ def _ecg_table(site: Path, paths: list[str], rules: GateParams) -> Table:
         _rule("ecg.sampling_rate", GX.ExpectColumnValuesToBeBetween,
               f"sampling rate outside [{rules.ecg_min_hz:g}, {rules.ecg_max_hz:g}] Hz",
               column="fs", min_value=rules.ecg_min_hz, max_value=rules.ecg_max_hz),
+        _rule("ecg.units", GX.ExpectColumnValuesToBeInSet,
+              f"lead unit missing or not a voltage ({ecg_fmt.KNOWN_UNITS})", column="units_known",
+              value_set=[True], detail="units_detail"),
         _rule("ecg.duration", GX.ExpectColumnValuesToBeBetween,
               f"duration outside [{rules.ecg_min_seconds:g}, {rules.ecg_max_seconds:g}] s",
               column="seconds", min_value=rules.ecg_min_seconds, max_value=rules.ecg_max_seconds),
@@ -165,7 +165,8 @@ def _ecg_table(site: Path, paths: list[str], rules: GateParams) -> Table:
               f"lead(s) with std below {rules.ecg_flat_std_mv:g} mV", column="flat_leads", max_value=0),
     ]
     rows = [_ecg_row(site, rel, rules) for rel in paths]
-    return _facts_table("ecg", rows, ["leads", "fs", "seconds", "max_abs_mv", "flat_leads"], checks)
+    facts = ["leads", "fs", "seconds", "units_known", "units_detail", "max_abs_mv", "flat_leads"]
+    return _facts_table("ecg", rows, facts, checks)
 
 
 # ------------------------------------------------------------------------------------------------- clinical
