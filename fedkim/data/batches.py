@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
 from fedkim.config import DataParams, SiteTrainingParams
+from fedkim.data.formats.clinical import task_windows
 from fedkim.data.loaders import DecodedCache, SiteDataset, collate
 
 
@@ -24,7 +25,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def icu_windows(data: DataParams) -> dict[str, int]:
     """Hours of ICU series each clinical task observes (sepsis: twice the mortality window, as generated)."""
-    return {"mortality": data.icu_hours, "sepsis": 2 * data.icu_hours}
+    return task_windows(data.icu_hours)
 
 
 def task_dataset(site_dirs: Path | list[Path], task: str, split: str | None, p: SiteTrainingParams,

@@ -1,11 +1,18 @@
-"""What the gate reports: the rule vocabulary, the findings and the report, and the summary of a report that
-leaves the site (never its examples or values)."""
+"""What the gate reports: the rule vocabulary and what each rule does to a site, the findings and the report,
+and the summary of a report that leaves the site (never its examples, sample ids or values).
+
+Each rule has an action: `block` fails the site, `quarantine` leaves the samples it names out of training and
+evaluation (never deleting or changing them), `warn` only reports. Rules about the site as a whole (schema,
+manifest, index structure, counts) always block; rules about one sample can be set per federation
+(data.gate.actions)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+Action = Literal["block", "quarantine", "warn"]
 
 REPORT_FILE = "validation.json"
 
@@ -44,7 +51,13 @@ RULES: dict[str, str] = {
     "clinical.variables": "variable is one of clinical.VARIABLES",
     "clinical.hours": "hour is set and not negative",
     "clinical.physiological_range": "values within each variable's physiological limits",
-    "clinical.missingness": "share of empty (hour, variable) cells per sample <= clinical_max_missing",
+    "clinical.units": "each unit is an accepted unit of its variable (clinical.UNITS)",
+    "clinical.empty_sample": "a sample that needs clinical data has at least one measurement",
+    "clinical.missingness": "each variable a sample records is measured in >= clinical_min_hours hours of the "
+                            "window the model reads",
+    "clinical.static_schema": "clinical/static.parquet is readable, with sample_id, variable and a numeric value",
+    "clinical.static_variables": "a static covariate is one of clinical.STATIC",
+    "clinical.static_range": "static covariates within their limits (after unit conversion)",
     "text.sample_present": "each sample's question is in its JSONL file",
     "text.answer_matches": "the index answer equals the JSONL answer",
     "counts.per_class": "samples per (binary task, split, label) >= min_samples_per_class, test split too",
@@ -53,18 +66,60 @@ RULES: dict[str, str] = {
 }
 
 
+# Rules about one sample (a value, a file, a stay): quarantine by default, and the actions each allows. A rule
+# whose samples cannot be read at all (a missing file, an unknown unit) cannot be `warn`: training would fail.
+SAMPLE_RULES: dict[str, tuple[Action, ...]] = {
+    **{rule: ("quarantine", "block") for rule in (
+        "file.path", "file.exists", "file.decodes", "ecg.leads", "image.photometric", "clinical.units",
+        "text.sample_present")},
+    **{rule: ("quarantine", "block", "warn") for rule in (
+        "image.size", "image.bit_depth", "image.modality", "ecg.sampling_rate", "ecg.duration", "ecg.amplitude",
+        "ecg.flat_lead", "clinical.hours", "clinical.physiological_range", "clinical.empty_sample",
+        "clinical.missingness", "text.answer_matches", "clinical.static_range")},
+}
+# Rules about data the model ignores: warn by default.
+WARN_RULES: dict[str, tuple[Action, ...]] = {"clinical.static_variables": ("warn", "block")}
+# Every other rule blocks and allows nothing else.
+ACTIONS: dict[str, Action] = {rule: (SAMPLE_RULES.get(rule) or WARN_RULES.get(rule) or ("block",))[0]
+                              for rule in RULES}
+
+
+def allowed_actions(rule: str) -> tuple[Action, ...]:
+    return SAMPLE_RULES.get(rule) or WARN_RULES.get(rule) or ("block",)
+
+
+def check_actions(actions: dict[str, str]) -> None:
+    """data.gate.actions: every rule id known, every action one the rule allows; else a ValueError naming them."""
+    unknown = sorted(set(actions) - set(RULES))
+    if unknown:
+        raise ValueError(f"unknown rule id(s) {unknown}; rules: {', '.join(RULES)}")
+    refused = [f"{rule}: {action} (allowed: {', '.join(allowed_actions(rule))})"
+               for rule, action in actions.items() if action not in allowed_actions(rule)]
+    if refused:
+        raise ValueError("action not allowed for " + "; ".join(refused)
+                         + " (schema, manifest, index and count rules always block)")
+
+
+def action_of(rule: str, actions: dict[str, str] | None = None) -> Action:
+    return (actions or {}).get(rule, ACTIONS.get(rule, "block"))
+
+
 class Finding(BaseModel):
     rule: str
+    action: Action = "block"
     severity: Literal["error"] = "error"
     file: str | None = None
     column: str | None = None
     message: str
     count: int = 1
     examples: list[str] = Field(default_factory=list)
+    samples: list[str] = Field(default_factory=list, description="every sample id the finding names (quarantine)")
 
     def line(self) -> str:
         where = ", ".join(p for p in (self.file, f"column {self.column}" if self.column else None) if p)
         text = f"  {self.rule:<28} {where + ': ' if where else ''}{self.message}: {self.count} found"
+        if self.action == "quarantine":
+            text += f", {len(self.samples)} sample(s) quarantined"
         return text + ("; e.g. " + "; ".join(self.examples[:3]) if self.examples else "")
 
 
@@ -73,36 +128,60 @@ class ValidationReport(BaseModel):
     site_id: str | None = None
     success: bool
     findings: list[Finding] = Field(default_factory=list)
+    quarantine: dict[str, list[str]] = Field(default_factory=dict, description="sample id -> the rules it failed")
     stats: dict = Field(default_factory=dict)
     docs_path: str | None = None
+
+    @property
+    def blocking(self) -> list[Finding]:
+        return [f for f in self.findings if f.action == "block"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.action == "warn"]
+
+    @property
+    def quarantined(self) -> list[str]:
+        """The sample ids left out of training and evaluation (the site's data is never changed)."""
+        return sorted(self.quarantine)
 
     def summary(self) -> str:
         name = self.site_id or "(unknown site)"
         s = self.stats
         scope = (f"{s.get('samples', 0)} samples, {s.get('files_checked', 0)} files, "
                  f"{s.get('expectations', 0)} expectations, {s.get('seconds', 0.0):.1f} s")
-        head = (f"PASS {name} ({self.site_dir}): {scope}" if self.success
-                else f"FAIL {name} ({self.site_dir}): {len(self.findings)} finding(s); {scope}")
-        lines = [head, *(f.line() for f in self.findings)]
+        kept = f"; {len(self.quarantine)} sample(s) quarantined" if self.quarantine else ""
+        head = (f"PASS {name} ({self.site_dir}): {scope}{kept}" if self.success
+                else f"FAIL {name} ({self.site_dir}): {len(self.blocking)} blocking finding(s); {scope}{kept}")
+        order = {"block": 0, "quarantine": 1, "warn": 2}
+        lines = [head, *(f.line() for f in sorted(self.findings, key=lambda f: order[f.action]))]
         if self.docs_path:
             lines.append(f"  data docs: {self.docs_path}")
         return "\n".join(lines)
 
 
 def gate_summary(report: ValidationReport) -> dict:
-    """What the central side may see of a gate report: rule, file, column, message and count of each finding.
-    The examples (sample ids, values) stay at the site, in <site>/reports/validation.json."""
-    findings = [{"rule": f.rule, "file": f.file, "column": f.column, "message": f.message, "count": f.count}
-                for f in report.findings]
+    """What the central side may see of a gate report: rule, action, file, column, message and count of each
+    finding, and the number of quarantined samples per rule. The examples and sample ids stay at the site, in
+    its validation.json."""
+    findings = [{"rule": f.rule, "action": f.action, "file": f.file, "column": f.column, "message": f.message,
+                 "count": f.count} for f in report.findings]
+    per_rule: dict[str, int] = {}
+    for rules in report.quarantine.values():
+        for rule in rules:
+            per_rule[rule] = per_rule.get(rule, 0) + 1
     shared = ("samples", "files_checked", "expectations", "seconds")
     stats = {k: v for k, v in report.stats.items() if k in shared}
-    return {"site_id": report.site_id, "success": report.success, "findings": findings, "stats": stats}
+    return {"site_id": report.site_id, "success": report.success, "findings": findings,
+            "quarantined": {"samples": len(report.quarantine), "per_rule": dict(sorted(per_rule.items()))},
+            "stats": stats}
 
 
 def gate_reason(summary: dict) -> str:
-    """One line naming the failed rules and files, for the round summary and the report."""
+    """One line naming the blocking rules and files, for the round summary and the report."""
+    blocking = [f for f in summary["findings"] if f.get("action", "block") == "block"]
     parts = [f"{f['rule']}" + (f" ({f['file']})" if f.get("file") else "") + f": {f['message']}"
-             for f in summary["findings"][:4]]
-    more = len(summary["findings"]) - len(parts)
-    return (f"data gate failed, {len(summary['findings'])} finding(s): " + "; ".join(parts)
+             for f in blocking[:4]]
+    more = len(blocking) - len(parts)
+    return (f"data gate failed, {len(blocking)} blocking finding(s): " + "; ".join(parts)
             + (f"; and {more} more" if more > 0 else ""))
