@@ -145,11 +145,15 @@ def to_grid(frame: pd.DataFrame, hours: int, variables: tuple[str, ...] = tuple(
     hour = pd.to_numeric(frame["hour"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     value = pd.to_numeric(frame["value"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     keep = (hour >= 0) & (hour < hours) & ~np.isnan(value) & frame["variable"].isin(column).to_numpy()
-    cells = pd.DataFrame({"hour": hour[keep].astype(np.int64),
-                          "variable": frame["variable"].to_numpy()[keep], "value": value[keep]})
-    if cells.duplicated(["hour", "variable"]).any():
-        cells = combine_duplicates(cells, duplicates)
-    grid[cells["hour"].to_numpy(), cells["variable"].map(column).to_numpy()] = cells["value"].to_numpy()
+    rows = hour[keep].astype(np.int64)
+    cols = frame["variable"].to_numpy()[keep]
+    cols = pd.Series(cols, dtype=object).map(column).to_numpy(dtype=np.int64)
+    values = value[keep]
+    cell = rows * len(variables) + cols
+    if len(np.unique(cell)) < len(cell):
+        cells = combine_duplicates(pd.DataFrame({"hour": rows, "variable": cols, "value": values}), duplicates)
+        rows, cols, values = (cells[c].to_numpy() for c in ("hour", "variable", "value"))
+    grid[rows, cols] = values
     return grid
 
 
