@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedkim.digests import short_digest
+from fedkim.gate_rules import check_actions
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -118,29 +119,11 @@ class GateParams(Strict):
     ecg_max_seconds: float = Field(120.0, gt=0)
     ecg_max_abs_mv: float = Field(10.0, gt=0, description="any sample beyond this is an amplifier/unit error")
     ecg_flat_std_mv: float = Field(0.005, ge=0, description="a lead whose std is below this is flat")
-    clinical_min_hours: int = Field(1, ge=1, description="each variable a stay records must be measured in at "
-                                                         "least this many hours of the window the model reads")
-    clinical_duplicates: Literal["mean", "last", "first", "max", "min"] = Field(
-        "mean", description="several values for one (sample, hour, variable): the one value the model reads")
-    actions: dict[str, Literal["block", "quarantine", "warn"]] = Field(
-        default_factory=dict, description="rule id -> block | quarantine | warn, over the defaults of "
-                                          "fedkim.data.validate.report.ACTIONS")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "clinical_max_missing" in data:
-            raise ValueError("clinical_max_missing was replaced by clinical_min_hours: missingness is judged per "
-                             "variable on the hours the model reads (docs/site-format.md)")
-        return data
-
-    @field_validator("actions")
-    @classmethod
-    def _actions(cls, v: dict[str, str]) -> dict[str, str]:
-        from fedkim.data.validate.report import check_actions  # the rule vocabulary lives with the gate
-
-        check_actions(v)
-        return v
+    clinical_min_hours: int = Field(1, ge=1, description="each variable a stay records: measured in at least this "
+                                                         "many of the hours the model reads")
+    clinical_duplicates: Literal["mean", "last", "first", "max", "min"] = "mean"  # one (stay, hour, variable)
+    actions: Annotated[dict[str, Literal["block", "quarantine", "warn"]], AfterValidator(check_actions)] = Field(
+        default_factory=dict, description="rule id -> action, over the defaults of fedkim.gate_rules.ACTIONS")
 
 
 class DataParams(Strict):
