@@ -108,12 +108,12 @@ def unit_factors(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarra
     scale, offset, known = np.ones(n), np.zeros(n), np.ones(n, dtype=bool)
     if "unit" not in frame.columns:
         return scale, offset, known
-    units = frame["unit"].map(lambda u: None if u is None or (isinstance(u, float) and np.isnan(u))
-                              else str(u).strip())
-    pairs = pd.Series(list(zip(frame["variable"], units)), index=frame.index)
-    for (variable, unit), rows in pairs.groupby(pairs, sort=False).indices.items():
+    units = np.array([None if pd.isna(u) else str(u).strip() for u in frame["unit"].tolist()], dtype=object)
+    variables = frame["variable"].to_numpy(dtype=object)
+    for variable, unit in set(zip(variables.tolist(), units.tolist())):
         if unit is None or variable not in UNITS:
             continue
+        rows = (variables == variable) & (units == unit)
         factor = UNITS[variable].get(unit)
         if factor is None:
             known[rows] = False

@@ -71,7 +71,7 @@ def _long_frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def _text(value: Any) -> str | None:
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
+    return None if value is None or (np.ndim(value) == 0 and pd.isna(value)) else str(value)
 
 
 def _ranges(table: str, limits: dict[str, tuple], message: str) -> list[Rule]:
