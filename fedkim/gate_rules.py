@@ -73,15 +73,16 @@ SAMPLE_RULES: dict[str, tuple[Action, ...]] = {
         "ecg.flat_lead", "clinical.hours", "clinical.physiological_range", "clinical.empty_sample",
         "clinical.missingness", "text.answer_matches", "clinical.static_range")},
 }
-# Rules about data the model ignores: warn by default.
-WARN_RULES: dict[str, tuple[Action, ...]] = {"clinical.static_variables": ("warn", "block")}
+# Rules about data the model ignores (names it does not know): their default first.
+IGNORABLE_RULES: dict[str, tuple[Action, ...]] = {"clinical.static_variables": ("warn", "block"),
+                                                  "clinical.variables": ("block", "warn")}
 # Every other rule blocks and allows nothing else.
-ACTIONS: dict[str, Action] = {rule: (SAMPLE_RULES.get(rule) or WARN_RULES.get(rule) or ("block",))[0]
+ACTIONS: dict[str, Action] = {rule: (SAMPLE_RULES.get(rule) or IGNORABLE_RULES.get(rule) or ("block",))[0]
                               for rule in RULES}
 
 
 def allowed_actions(rule: str) -> tuple[Action, ...]:
-    return SAMPLE_RULES.get(rule) or WARN_RULES.get(rule) or ("block",)
+    return SAMPLE_RULES.get(rule) or IGNORABLE_RULES.get(rule) or ("block",)
 
 
 def check_actions(actions: dict[str, str]) -> dict[str, str]:
