@@ -157,3 +157,19 @@ def test_a_quarantined_file_names_every_sample_that_uses_it(site):
     assert not report.success  # the val split is gone: its counts are 0
     assert {f.rule for f in report.blocking} == {"counts.per_class"}
     assert report.quarantined == decodes.samples
+
+
+@pytest.mark.slow
+def test_a_round_step_trains_without_the_quarantined_samples(params, tmp_path):
+    from fedkim.data.siteformat import read_index
+    from fedkim.federation.store import LocalStore
+    from fedkim.rounds import start_round, train_site_step
+
+    store = LocalStore(tmp_path / "store")
+    start_round(params, store, "1")
+    site = params.data.sites[0].id
+    index = read_index(params.data.root / site)
+    train = index[(index["split"] == "train") & (index["modality"] == "clinical")]
+    left_out = list(train["sample_id"][:3])
+    outcome = train_site_step(params, store, "1", site, quarantined=left_out)
+    assert outcome.status == "trained" and outcome.sample_counts["clinical"] == len(train) - 3
