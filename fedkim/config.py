@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedkim.digests import short_digest
+from fedkim.gate_rules import GateParams
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -102,27 +103,6 @@ class Difficulty(Strict):
                                                                   "powerline, baseline drift or burst noise")
     icu_drift: float = Field(0.5, gt=0.0, le=5.0, description="deterioration drift in between-patient SDs")
     label_noise: float = Field(0.03, ge=0.0, le=0.3)
-
-
-class GateParams(Strict):
-    """Thresholds of the Great Expectations gate a site's data must pass before it trains."""
-
-    min_samples_per_site: int = Field(20, ge=1)
-    min_samples_per_class: int = Field(5, ge=1, description="per task, label value and split")
-    image_min_side: int = Field(32, ge=8)
-    image_max_side: int = Field(4096, ge=8)
-    image_min_bits: int = Field(8, ge=1, le=16, description="bits per sample (DICOM BitsStored), at least")
-    image_max_bits: int = Field(16, ge=1, le=16, description="at most; the readers decode 8 to 16")
-    image_max_colour_spread: float = Field(0.05, ge=0, le=1, description="mean (max - min colour channel) above "
-                                                                        "which an image is a photo, not an X-ray")
-    ecg_min_hz: float = Field(100.0, gt=0)
-    ecg_max_hz: float = Field(2000.0, gt=0)
-    ecg_min_seconds: float = Field(5.0, gt=0)
-    ecg_max_seconds: float = Field(86400.0, gt=0, description="absurd lengths only: long records are windowed")
-    ecg_max_abs_mv: float = Field(10.0, gt=0, description="any sample beyond this is an amplifier/unit error")
-    ecg_flat_std_mv: float = Field(0.005, ge=0, description="a lead whose std is below this is flat")
-    clinical_max_missing: float = Field(0.85, gt=0, le=1, description="max share of empty (hour, variable) cells")
-    ecg_window_seconds: float | None = Field(None, gt=0, description="signal checks read (data.ecg_seconds); None: all")
 
 
 class DataParams(Strict):

@@ -24,7 +24,7 @@ import math
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -157,16 +157,18 @@ def validate_site_step(params: Params, site_id: str, *, write_docs: bool = True)
 
 def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id: str, *,
                     validation: ValidationSummary | None = None, progress: bool = False, seed: int = 0,
-                    trainer: Trainer | None = None) -> SiteOutcome:
+                    trainer: Trainer | None = None, quarantined: Collection[str] = ()) -> SiteOutcome:
     """Train at one site from the round's global model and upload its knowledge package (runs at the site).
-    `seed` shifts the training seed (a trial); `trainer` replaces `train_site` (the experiment's shared cache)."""
+    `seed` shifts the training seed (a trial); `trainer` replaces `train_site` (the experiment's shared cache)
+    and is given `exclude=` when the gate quarantined samples; `quarantined`: those samples' ids, left out."""
     prefix = package_prefix(round_id, site_id)
     if store.exists(f"{prefix}/manifest.json"):  # this site already reported for this round
         return SiteOutcome.from_manifest(read_manifest_from_store(store, prefix), "reused")
     global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
-    train = trainer or (lambda site_dir, state, seed_: train_site(site_dir, state, params.site, params.data,
-                                                                  seed=seed_, progress=progress))
-    local = train(params.data.root / site_id, global_state, round_seed(round_id, params.data.seed + seed))
+    train = trainer or (lambda site_dir, state, seed_, **kw: train_site(site_dir, state, params.site, params.data,
+                                                                        seed=seed_, progress=progress, **kw))
+    exclude = {"exclude": sorted(quarantined)} if quarantined else {}
+    local = train(params.data.root / site_id, global_state, round_seed(round_id, params.data.seed + seed), **exclude)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / site_id
         write_package(folder, local.state_dict, site_id=site_id, round_id=str(round_id),

@@ -12,9 +12,10 @@ from transformers import DeiTConfig, DeiTModel
 
 from fedkim.config import DataParams, SiteTrainingParams
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
-from fedkim.data.formats.clinical import VARIABLES
+from fedkim.data.formats.clinical import STATIC, VARIABLES
 
 MODALITIES = ("image", "ecg", "clinical")
+STATIC_INIT_SEED = 1729  # the static covariates' projection has its own generator (see ClinicalEncoder)
 
 
 class ConvStem(nn.Sequential):
@@ -96,7 +97,12 @@ class EcgEncoder(nn.Module):
 
 class ClinicalEncoder(nn.Module):
     """Hourly values + measurement mask + the hour's position -> transformer encoder (batch_first) -> one token
-    per hour. The sinusoidal position lets the encoder see trends (a 24 h or a 48 h window alike)."""
+    per hour. The sinusoidal position lets the encoder see trends (a 24 h or a 48 h window alike).
+
+    Static covariates (age, sex, weight, height with their mask), where the batch has them, become one more
+    token that the hours attend to. Its projection is initialised from its own generator, after the other
+    layers: a model, its outputs and the global random stream are the same as without it when a batch has no
+    covariates."""
 
     def __init__(self, p: SiteTrainingParams):
         super().__init__()
@@ -106,6 +112,9 @@ class ClinicalEncoder(nn.Module):
                                                 batch_first=True)
         self.out = nn.Sequential(nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, width))
         self.out_dim = width
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(STATIC_INIT_SEED)
+            self.static = nn.Linear(2 * len(STATIC), width)
 
     @staticmethod
     def position(hours: int, width: int, device) -> torch.Tensor:
@@ -119,7 +128,10 @@ class ClinicalEncoder(nn.Module):
         x = torch.cat([batch["clinical"], batch["clinical_mask"]], dim=-1)
         h = self.inp(x)
         h = h + self.position(h.shape[1], h.shape[2], h.device).to(h.dtype)
-        return self.out(self.layer(h))  # (B, hours, token_dim)
+        if "static" in batch:
+            static = self.static(torch.cat([batch["static"], batch["static_mask"]], dim=-1))
+            h = torch.cat([h, static[:, None].to(h.dtype)], dim=1)
+        return self.out(self.layer(h))  # (B, hours [+ 1 static], token_dim)
 
 
 class TaskHead(nn.Module):

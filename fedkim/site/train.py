@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 import torch
@@ -40,9 +41,10 @@ class LocalResult:
 
 def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.Tensor], p: SiteTrainingParams,
                data: DataParams, *, seed: int = 0, progress: bool = False,
-               only_tasks: list[str] | None = None) -> LocalResult:
+               only_tasks: list[str] | None = None, exclude: Collection[str] = ()) -> LocalResult:
     """Train at one site; given a list of site folders, train on their data pooled (the centralised oracle).
-    `only_tasks` restricts training to those tasks (a probe of one modality's encoder)."""
+    `only_tasks` restricts training to those tasks (a probe of one modality's encoder); `exclude` names the
+    samples the data gate quarantined, left out of training and validation."""
     if isinstance(site_dir, (list, tuple)):
         import pandas as pd
 
@@ -54,6 +56,8 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
         manifest = read_manifest(site_dir)
         site_id, fingerprint = manifest.site_id, manifest.fingerprint
         index = read_index(site_dir)
+    if exclude:
+        index = index[~index["sample_id"].isin(list(exclude))]
     started = time.perf_counter()
     tasks = [t for t in TRAIN_TASKS if (index["task"] == t).any() and (index[index.task == t].split == "train").any()
              and (only_tasks is None or t in only_tasks)]
@@ -75,7 +79,7 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
             params = [*model.encoders[modality].parameters(),
                       *(q for t in modality_tasks for q in model.heads[t].parameters())]
             optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
-            loaders = {t: task_loader(site_dir, t, "train", p, data, shuffle=True, seed=seed,
+            loaders = {t: task_loader(site_dir, t, "train", p, data, shuffle=True, seed=seed, exclude=exclude,
                                       cache_mb=p.decode_cache_mb / len(modality_tasks)) for t in modality_tasks}
             model.train()
             for epoch in range(p.epochs):
@@ -89,7 +93,7 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
                         epoch_losses.append(loss)
                         bar.advance(description=f"{modality} epoch {epoch + 1}/{p.epochs} "
                                                 f"loss {np.mean(epoch_losses):.3f}")
-    metrics = {t: evaluate_head(model, site_dir, t, p, data, device) for t in tasks}
+    metrics = {t: evaluate_head(model, site_dir, t, p, data, device, exclude=exclude) for t in tasks}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return LocalResult(site_id, state, sample_counts, task_counts, metrics,
                        time.perf_counter() - started, fingerprint, losses)
@@ -146,8 +150,9 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     return out
 
 
-def evaluate_head(model, site_dir, task, p, data, device, split: str = "val") -> dict[str, float]:
-    loader = task_loader(site_dir, task, split, p, data, shuffle=False, seed=0)
+def evaluate_head(model, site_dir, task, p, data, device, split: str = "val",
+                  exclude: Collection[str] = ()) -> dict[str, float]:
+    loader = task_loader(site_dir, task, split, p, data, shuffle=False, seed=0, exclude=exclude)
     if len(loader.dataset) == 0:
         return {}
     scores, labels = predict(model, loader, task, device)

@@ -77,14 +77,23 @@ def finding(report: ValidationReport, rule: str):
     return found[0]
 
 
-def fails_with(site: Path, rule: str, *, only: bool = True, rules: GateParams | None = None):
-    """Validate, assert the rule fired (and, by default, nothing else), return its finding."""
+def flags(site: Path, rule: str, *, only: bool = True, rules: GateParams | None = None):
+    """Validate, assert the rule fired (and, by default, nothing else), return its finding. A blocking rule
+    fails the site; a sample rule quarantines the samples it names and the site passes (the templates keep one
+    sample per class above the minimum)."""
     report = check(site, rules)
-    assert not report.success
     if only:
         assert rule_ids(report) == {rule}, report.summary()
+    found = finding(report, rule)
+    if found.action == "block":
+        assert not report.success
+    elif found.action == "warn":  # reported, the samples kept
+        assert report.success and not set(found.samples or []) & set(report.quarantined), report.summary()
+    else:
+        assert found.action == "quarantine" and report.success, report.summary()
+        assert found.samples and set(found.samples) <= set(report.quarantined)
     assert rule in report.summary()
-    return finding(report, rule)
+    return found
 
 
 def index_of(site: Path) -> pd.DataFrame:
@@ -164,7 +173,7 @@ def test_truncated_png(copy_site):
     rel = first(site, "image_path")
     truncate(site / rel)
     refinalize(site)
-    found = fails_with(site, "file.decodes")
+    found = flags(site, "file.decodes")
     assert found.file == rel and "truncated" in found.examples[0]
 
 
@@ -173,7 +182,7 @@ def test_truncated_dicom(copy_site):
     rel = first(site, "image_path")
     truncate(site / rel)
     refinalize(site)
-    assert fails_with(site, "file.decodes").file == rel
+    assert flags(site, "file.decodes").file == rel
 
 
 def test_missing_image(copy_site):
@@ -181,7 +190,7 @@ def test_missing_image(copy_site):
     rel = first(site, "image_path")
     (site / rel).unlink()
     refinalize(site)
-    found = fails_with(site, "file.exists")
+    found = flags(site, "file.exists")
     assert found.file == rel and found.column == "exists"
 
 
@@ -205,7 +214,7 @@ def test_image_facts(copy_site, defect, rule, column):
     else:
         Image.fromarray((pixels[:16, :16] * 255).astype(np.uint8)).save(site / rel)
     refinalize(site)
-    found = fails_with(site, rule)
+    found = flags(site, rule)
     assert found.file == rel and found.column == column and rel in found.examples[0]
 
 
@@ -214,7 +223,7 @@ def test_path_outside_the_site(copy_site):
     outside = site.parent / "elsewhere.png"
     shutil.copy(site / first(site, "image_path"), outside)
     edit_index(site, lambda f: f.assign(image_path=f["image_path"].where(f.index != 0, "../elsewhere.png")))
-    assert fails_with(site, "file.path").file == "../elsewhere.png"
+    assert flags(site, "file.path").file == "../elsewhere.png"
 
 
 # ----------------------------------------------------------------------------------------------------- ECG
@@ -237,7 +246,7 @@ def test_truncated_wfdb_dat(copy_site):
     rel = first(site, "ecg_path")
     truncate((site / rel).with_suffix(".dat"))
     refinalize(site)
-    assert fails_with(site, "file.decodes").file == rel
+    assert flags(site, "file.decodes").file == rel
 
 
 def test_missing_wfdb_dat(copy_site):
@@ -245,35 +254,35 @@ def test_missing_wfdb_dat(copy_site):
     rel = first(site, "ecg_path")
     (site / rel).with_suffix(".dat").unlink()
     refinalize(site)
-    found = fails_with(site, "file.exists")
+    found = flags(site, "file.exists")
     assert found.file == rel and ".dat" in found.examples[0]
 
 
 def test_ecg_with_11_leads(copy_site):
     site = copy_site("ecg")
     rel = rewrite_ecg(site, synthetic_ecg(np.random.default_rng(1), leads=11), gain=1000.0)
-    found = fails_with(site, "ecg.leads")
+    found = flags(site, "ecg.leads")
     assert found.file == rel and "leads=11" in found.examples[0]
 
 
 def test_ecg_wrong_sampling_rate(copy_site):
     site = copy_site("ecg")
     rel = rewrite_ecg(site, synthetic_ecg(np.random.default_rng(1), fs=50), 50)
-    found = fails_with(site, "ecg.sampling_rate")
+    found = flags(site, "ecg.sampling_rate")
     assert found.file == rel and found.column == "fs" and "fs=50" in found.examples[0]
 
 
 def test_ecg_too_short(copy_site):
     site = copy_site("ecg")
     rel = rewrite_ecg(site, synthetic_ecg(np.random.default_rng(1), seconds=2))
-    assert fails_with(site, "ecg.duration").file == rel
+    assert flags(site, "ecg.duration").file == rel
 
 
 def test_ecg_amplitude_in_microvolts(copy_site):
     site = copy_site("ecg")
     signal = synthetic_ecg(np.random.default_rng(1)) * 1000  # µV values labelled mV
     rel = rewrite_ecg(site, signal, gain=10.0)  # a coarse ADC so that int16 holds ±560
-    assert fails_with(site, "ecg.amplitude").file == rel
+    assert flags(site, "ecg.amplitude").file == rel
 
 
 def test_ecg_flat_lead(copy_site):
@@ -281,7 +290,7 @@ def test_ecg_flat_lead(copy_site):
     signal = synthetic_ecg(np.random.default_rng(1))
     signal[:, 4] = 0.0
     rel = rewrite_ecg(site, signal)
-    found = fails_with(site, "ecg.flat_lead")
+    found = flags(site, "ecg.flat_lead")
     assert found.file == rel and "flat_leads=1" in found.examples[0]
 
 
@@ -301,16 +310,23 @@ def test_vitals_outside_physiological_limits(copy_site):
         return frame
 
     rel = edit_clinical(site, heart_rate_400)
-    found = fails_with(site, "clinical.physiological_range")
+    found = flags(site, "clinical.physiological_range")
     assert found.file == rel and found.column == "heart_rate" and "value=400" in found.examples[0]
 
 
-def test_too_much_missingness(copy_site):
+def test_variable_outside_the_hours_the_model_reads(copy_site):
     site = copy_site("clinical")
-    sample = first(site, "sample_id")  # a train sample: keep only its heart rate (8 of 9 variables empty)
-    rel = edit_clinical(site, lambda f: f[(f["sample_id"] != sample) | (f["variable"] == "heart_rate")])
-    found = fails_with(site, "clinical.missingness")
-    assert found.file == rel and sample in found.examples[0]
+    sample = first(site, "sample_id")  # a train sample whose heart rate was recorded only after hour 24
+
+    def late_heart_rate(frame):
+        late = (frame["sample_id"] == sample) & (frame["variable"] == "heart_rate")
+        frame.loc[late, "hour"] = frame.loc[late, "hour"] + 24
+        return frame
+
+    rel = edit_clinical(site, late_heart_rate)
+    found = flags(site, "clinical.missingness")
+    assert found.file == rel and found.samples == [sample]
+    assert sample in found.examples[0] and "heart_rate in 0 h" in found.examples[0]
 
 
 def test_unknown_variable_and_negative_hour(copy_site):
@@ -343,7 +359,7 @@ def test_question_missing_from_jsonl(copy_site):
     gone = sorted(questions)[0]
     write_jsonl(site / "text" / "questions.jsonl", [q for k, q in questions.items() if k != gone])
     refinalize(site)
-    found = fails_with(site, "text.sample_present")
+    found = flags(site, "text.sample_present")
     assert found.file == "text/questions.jsonl" and gone in found.examples[0]
 
 
@@ -359,33 +375,33 @@ def set_cell(column: str, value, row: int = 0):
 def test_duplicate_sample_ids(copy_site):
     site = copy_site("image")
     edit_index(site, set_cell("sample_id", first(site, "sample_id"), row=1))
-    found = fails_with(site, "index.duplicate_ids")
+    found = flags(site, "index.duplicate_ids")
     assert found.file == INDEX_FILE and found.column == "sample_id" and found.count == 2
 
 
 def test_label_outside_0_1(copy_site):
     site = copy_site("image")
     edit_index(site, set_cell("label", 2))
-    found = fails_with(site, "index.label_set")
+    found = flags(site, "index.label_set")
     assert found.column == "label" and "label=2" in found.examples[0]
 
 
 def test_unknown_split(copy_site):
     site = copy_site("image")
     edit_index(site, set_cell("split", "trian"))
-    assert "'trian'" in fails_with(site, "index.split_values").examples[0]
+    assert "'trian'" in flags(site, "index.split_values").examples[0]
 
 
 def test_unknown_task(copy_site):
     site = copy_site("image")
     edit_index(site, set_cell("task", "lung_opacityy"))
-    assert fails_with(site, "index.task_known").column == "task"
+    assert flags(site, "index.task_known").column == "task"
 
 
 def test_wrong_column_type(copy_site):
     site = copy_site("image")
     edit_index(site, lambda f: f.assign(label=f["label"].map(lambda v: str(int(v)))), raw=True)
-    found = fails_with(site, "index.schema", only=False)
+    found = flags(site, "index.schema", only=False)
     assert found.column == "label" and found.file == INDEX_FILE
 
 
@@ -400,19 +416,19 @@ def test_missing_index_column(copy_site):
 def test_zero_shot_task_outside_test_split(copy_site):
     site = copy_site("image")
     edit_index(site, set_cell("task", "atelectasis"))  # also a class of one: counts.per_class
-    assert fails_with(site, "index.zero_shot_split", only=False).column == "split"
+    assert flags(site, "index.zero_shot_split", only=False).column == "split"
 
 
 def test_too_few_samples_per_class(copy_site):
     site = copy_site("image")
     edit_index(site, lambda f: f.drop(f[(f["split"] == "val") & (f["label"] == 1)].index[2:]))
-    found = fails_with(site, "counts.per_class")
+    found = flags(site, "counts.per_class")
     assert found.count == 1 and found.examples == ["lung_opacity/val/label 1: n=2"]
 
 
 def test_too_few_samples_per_site(copy_site):
     site = copy_site("image")
-    found = fails_with(site, "counts.per_site", rules=GateParams(min_samples_per_site=1000))
+    found = flags(site, "counts.per_site", rules=GateParams(min_samples_per_site=1000))
     assert found.file == INDEX_FILE
 
 
@@ -420,7 +436,7 @@ def test_too_few_samples_per_site(copy_site):
 def test_fingerprint_mismatch(copy_site):
     site = copy_site("image")
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(site / first(site, "image_path"))  # after finalize
-    found = fails_with(site, "manifest.fingerprint")
+    found = flags(site, "manifest.fingerprint")
     assert found.file == SITE_FILE
 
 
@@ -429,7 +445,7 @@ def test_manifest_counts_mismatch(copy_site):
     raw = yaml.safe_load((site / SITE_FILE).read_text())
     raw["counts"]["lung_opacity"]["train"] += 1
     (site / SITE_FILE).write_text(yaml.safe_dump(raw))
-    assert "lung_opacity/train" in fails_with(site, "manifest.counts").examples[0]
+    assert "lung_opacity/train" in flags(site, "manifest.counts").examples[0]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "missing", "invalid"])
@@ -555,25 +571,25 @@ def test_fuzz_random_index_frames(templates, tmp_path, columns, drop):
         assert not report.success
 
 
-def clinical_oracle(long: pd.DataFrame, samples: list[str], max_missing: float) -> bool:
-    """Independent statement of the clinical rules, via clinical.to_grid."""
+def clinical_oracle(long: pd.DataFrame, index: pd.DataFrame, min_per_class: int, window: int = 24) -> bool:
+    """Independent statement of the clinical rules, via clinical.to_grid: an unknown variable blocks; a row of
+    an indexed sample with a missing or negative hour or a value outside the limits quarantines the sample, and
+    so does a sample without measurements or with a recorded variable absent from the hours the model reads;
+    the site passes when every (split, label) keeps min_per_class samples."""
     if not long["variable"].isin(list(VARIABLES)).all():
         return False
-    if long["hour"].isna().any() or (long["hour"] < 0).any():
-        return False
-    for variable, (_, low, high) in VARIABLES.items():
-        values = long.loc[long["variable"] == variable, "value"].dropna()
-        if ((values < low) | (values > high)).any():
-            return False
-    for sample in samples:
-        rows = long[long["sample_id"] == sample]
-        hours = int(rows["hour"].max()) + 1 if len(rows) else 0
-        measured = rows.dropna(subset=["value"]).astype({"hour": "int64"})  # a NaN row measures nothing
-        grid = to_grid(measured, hours) if hours else np.empty((0, len(VARIABLES)))
-        missing = np.isnan(grid).mean() if grid.size else 1.0
-        if missing > max_missing:
-            return False
-    return True
+    ids, bad = set(index["sample_id"]), set()
+    for sample, hour, variable, value in long[["sample_id", "hour", "variable", "value"]].itertuples(index=False):
+        _, low, high = VARIABLES[variable]
+        if sample in ids and (np.isnan(hour) or hour < 0 or (not np.isnan(value) and not low <= value <= high)):
+            bad.add(sample)
+    for sample in ids:
+        rows = long[(long["sample_id"] == sample) & long["value"].notna() & (long["hour"] >= 0)]
+        grid = to_grid(rows, window)
+        if rows.empty or any(np.isnan(grid[:, list(VARIABLES).index(v)]).all() for v in set(rows["variable"])):
+            bad.add(sample)
+    kept = index[~index["sample_id"].isin(bad)]
+    return all((kept["label"] == label).sum() >= min_per_class for label in (0, 1))
 
 
 @st.composite
@@ -611,9 +627,8 @@ def test_fuzz_clinical_frames(templates, tmp_path, edits):
             long.at[row, "value"] = (low + high) / 2
     write_long(site / rel, long.astype({"hour": "Int16"}))
     refinalize(site)
-    samples = list(index_of(site)["sample_id"])
-    expected = clinical_oracle(read_long(site / rel).astype({"hour": "float64", "value": "float64"}), samples,
-                               LOOSE.clinical_max_missing)
+    expected = clinical_oracle(read_long(site / rel).astype({"hour": "float64", "value": "float64"}),
+                               index_of(site), LOOSE.min_samples_per_class)
     report = check(site, LOOSE)
     assert "gate.error" not in rule_ids(report), report.summary()
     assert report.success == expected, report.summary()
@@ -623,7 +638,7 @@ def test_fuzz_clinical_frames(templates, tmp_path, edits):
 def test_gate_summary_of_a_passing_site(copy_site):
     report = check(copy_site("image"))
     assert gate_summary(report) == {
-        "site_id": "site-t", "success": True, "findings": [],
+        "site_id": "site-t", "success": True, "findings": [], "quarantined": {"samples": 0, "per_rule": {}},
         "stats": {k: report.stats[k] for k in ("samples", "files_checked", "expectations", "seconds")},
     }
 
@@ -642,20 +657,26 @@ def test_gate_summary_and_reason_leave_the_examples_at_the_site(copy_site):
     assert [f["rule"] for f in summary["findings"]] == [
         "index.duplicate_ids", "index.split_values", "index.task_known", "file.decodes", "counts.per_class",
         "manifest.fingerprint"] == [f.rule for f in report.findings]
-    assert summary["findings"][3] == {"rule": "file.decodes", "file": image, "column": "decodes",
-                                      "message": "file does not decode", "count": 1}
+    assert summary["findings"][3] == {"rule": "file.decodes", "action": "quarantine", "file": image,
+                                      "column": "decodes", "message": "file does not decode", "count": 1}
+    assert summary["quarantined"] == {"samples": 1, "per_rule": {"file.decodes": 1}}
     assert summary["stats"] == {k: report.stats[k] for k in ("samples", "files_checked", "expectations",
                                                                "seconds")}
     text = json.dumps(summary)
     examples = [e for f in report.findings for e in f.examples]
     assert examples and not any(e in text for e in examples)  # sample ids and values stay at the site
+    unnamed = json.dumps([{k: v for k, v in f.items() if k != "file"} for f in summary["findings"]]
+                         + [summary["quarantined"]])  # file paths may carry an id, as before
+    assert report.quarantined and not any(sample in unnamed for sample in report.quarantined)
     assert "examples" not in text and "truncated" not in text
-    assert gate_reason(summary) == (
-        "data gate failed, 6 finding(s): "
+    assert gate_reason(summary) == (  # the blocking findings only
+        "data gate failed, 5 blocking finding(s): "
         "index.duplicate_ids (index.parquet): sample_id appears more than once; "
         f"index.split_values (index.parquet): split must be one of {list(SPLITS)}; "
         "index.task_known (index.parquet): task not in the catalogue; "
-        f"file.decodes ({image}): file does not decode; and 2 more")
+        # the quarantined sample's id is also the duplicated one: both rows are left out
+        "counts.per_class (index.parquet): fewer than 5 samples for a (task, split, label) (after 2 quarantined)"
+        "; and 1 more")
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -675,10 +696,10 @@ def test_cli_clean_site(cli, copy_site):
 def test_cli_corrupted_site(cli, copy_site):
     site = copy_site("ecg")
     rel = first(site, "ecg_path")
-    truncate((site / rel).with_suffix(".dat"))
-    refinalize(site)
+    truncate((site / rel).with_suffix(".dat"))  # quarantines its sample; the stale fingerprint blocks
     result = cli(site)
     assert result.exit_code == 1, result.output
+    assert "manifest.fingerprint" in result.output
     assert "FAIL" in result.output and "file.decodes" in result.output and rel in result.output
     assert (site / REPORTS_DIR / "validation.json").is_file()
 

@@ -5,7 +5,7 @@
 
 Every (task, split, label) gets `n_per_class` samples, so the default (5) passes the default gate
 (min_samples_per_class 5, min_samples_per_site 20). `refinalize` rewrites site.yaml after a test edited
-the data on purpose.
+the data on purpose; `write_clinical_rows` writes ICU rows as a hospital exports them (a unit column, duplicates).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from fedkim.data.catalogue import TASKS
 from fedkim.data.formats.clinical import VARIABLES, write_long
@@ -128,3 +130,13 @@ def synthetic_vitals(sample_id: str, rng, hours: int = HOURS) -> pd.DataFrame:
 def _question(row) -> dict:
     return {"sample_id": row.sample_id, "question": f"Question about {row.sample_id}?",
             "options": list(TASKS[row.task].answers), "answer": row.answer}
+
+
+CLINICAL_TYPES = {"sample_id": pa.string(), "hour": pa.int16(), "variable": pa.string(), "value": pa.float32(),
+                  "unit": pa.string()}
+
+
+def write_clinical_rows(path: Path, frame: pd.DataFrame) -> None:
+    """ICU long rows with whatever columns the frame has (e.g. a unit column), in the format's types."""
+    schema = pa.schema([(c, CLINICAL_TYPES[c]) for c in frame.columns])
+    pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), path)

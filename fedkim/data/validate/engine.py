@@ -16,7 +16,7 @@ import pandas as pd
 from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
                                                          ProgressBarsConfig)
 
-from fedkim.data.validate.report import REPORT_FILE, Finding, ValidationReport
+from fedkim.data.validate.report import REPORT_FILE, Finding, ValidationReport, action_of
 
 # GX logs at INFO and sets one module's logger to INFO itself; a gate run should be quiet
 for _name in ("great_expectations", "great_expectations.data_context.types.base"):
@@ -26,7 +26,8 @@ GX = gx.expectations
 MAX_EXAMPLES = 5
 # A first pass only says pass/fail (about twice as fast); failed expectations run again for their examples.
 FIRST_PASS = {"result_format": "BOOLEAN_ONLY"}
-DETAILS = {"result_format": "SUMMARY", "partial_unexpected_count": MAX_EXAMPLES}
+# COMPLETE: every unexpected row, so that a quarantine names every sample it leaves out
+DETAILS = {"result_format": "COMPLETE", "partial_unexpected_count": MAX_EXAMPLES}
 DOCS_DIR = "gx"
 
 
@@ -66,6 +67,7 @@ class Table:
     labels: list[str]
     file: str | None = None  # the file every finding names (index.parquet, site.yaml) ...
     file_column: str | None = None  # ... or the frame column that holds each row's file
+    samples: list[list[str]] | None = None  # the sample ids each row stands for (a file: all that use it)
 
 
 # ------------------------------------------------------------------------------------------------ the runner
@@ -95,14 +97,14 @@ class _Gate:
         self.source = self.context.data_sources.add_pandas("site")
         self.expectations = 0
 
-    def run(self, table: Table) -> list[Finding]:
+    def run(self, table: Table, actions: dict[str, str] | None = None) -> list[Finding]:
         rules = [r for r in table.rules if r.runnable(set(table.frame.columns))]
         self.expectations += len(rules)
         failed = [rules[n] for n, _ in self._validate(table.name, table.frame, rules, FIRST_PASS)]
         if not failed:
             return []
         details = self._validate(f"{table.name}_failures", table.frame, failed, DETAILS)
-        return [_finding(table, failed[n], result) for n, result in details]
+        return [_finding(table, failed[n], result, action_of(failed[n].id, actions)) for n, result in details]
 
     def _validate(self, name: str, frame: pd.DataFrame, rules: list[Rule], result_format: dict) -> list:
         """One suite over one frame: (rule position, result) of each failed expectation, in rule order."""
@@ -123,22 +125,29 @@ class _Gate:
         return str(self.docs_dir / "index.html")
 
 
-def _finding(table: Table, rule: Rule, result: Any) -> Finding:
+def _finding(table: Table, rule: Rule, result: Any, action: str = "block") -> Finding:
+    """A quarantine must know what it leaves out: a sample-level finding that cannot name its samples (a check
+    that could not run, a table without sample ids) blocks."""
     column = rule.shown or next(iter(rule.checked()), None)
     error = _exception_message(result.exception_info)
     if error:
         return Finding(rule=rule.id, file=table.file, column=column, count=len(table.frame),
-                       message=f"{rule.message}: could not be checked ({error})")
+                       message=f"{rule.message}: could not be checked ({error})",
+                       action="block" if action == "quarantine" else action)
     res = result.result or {}
     rows = list(res.get("partial_unexpected_index_list") or [])
     if not rows and "observed_value" in res:  # a table-level expectation (row count)
-        return Finding(rule=rule.id, file=table.file, column=column,
+        return Finding(rule=rule.id, file=table.file, column=column, action=action,
                        message=f"{rule.message} (observed {res['observed_value']})")
+    every = list(res.get("unexpected_index_list") or rows)
+    samples = sorted({s for i in every for s in table.samples[i]}) if table.samples is not None else []
+    if action == "quarantine" and not samples:  # rows of no indexed sample are never read
+        action = "block" if table.samples is None else "warn"
     file = table.file
     if file is None and table.file_column and rows:
         file = str(table.frame.at[rows[0], table.file_column])
-    return Finding(rule=rule.id, file=file, column=column, message=rule.message,
-                   count=max(int(res.get("unexpected_count") or len(rows)), 1),
+    return Finding(rule=rule.id, file=file, column=column, message=rule.message, action=action,
+                   count=max(int(res.get("unexpected_count") or len(rows)), 1), samples=samples,
                    examples=[_example(table, rule, i) for i in rows[:MAX_EXAMPLES]])
 
 
@@ -176,12 +185,14 @@ def _gx_frame(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _write_reports(report: ValidationReport, gate: _Gate, reports: Path) -> None:
-    """GX data docs and validation.json; a failure to write them is noted in stats, never raised."""
+    """GX data docs (when the gate keeps them) and validation.json; a failure to write them is noted in stats,
+    never raised."""
     try:
-        reports.mkdir(exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report.docs_path = gate.build_docs()
+        reports.mkdir(parents=True, exist_ok=True)
+        if gate.docs_dir is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                report.docs_path = gate.build_docs()
     except Exception as exc:
         report.stats["docs_error"] = f"{exc.__class__.__name__}: {exc}"
     try:

@@ -1,5 +1,5 @@
-"""The per-file tables: one row per referenced image, ECG record, clinical Parquet file or question file,
-with facts read here by fedkim.data.formats, and the tables of the clinical rows and of the text samples."""
+"""The per-file tables: one row per referenced image, ECG record or question file (clinical: validate.clinical),
+with facts read here by fedkim.data.formats, and the table of the text samples."""
 
 from __future__ import annotations
 
@@ -13,13 +13,12 @@ from great_expectations.expectations.row_conditions import Column
 
 from fedkim.config import GateParams
 from fedkim.data.formats import FormatError
-from fedkim.data.formats import clinical as clinical_fmt
 from fedkim.data.formats import ecg as ecg_fmt
 from fedkim.data.formats import image as image_fmt
 from fedkim.data.formats import text as text_fmt
 from fedkim.data.siteformat import SiteFormatError, resolve
-from fedkim.data.validate.engine import GX, Rule, Table, _fmt, _gx_frame, _rule
-from fedkim.data.validate.tables import INT_TYPES, NUMERIC_TYPES, _needing, _paths, _relative
+from fedkim.data.validate.engine import GX, Rule, Table, _gx_frame, _rule
+from fedkim.data.validate.tables import _needing, _paths, _relative
 
 # ---------------------------------------------------------------------------------------- per-file facts
 def _locate(site: Path, rel: str) -> tuple[dict, Path | None]:
@@ -167,86 +166,6 @@ def _ecg_table(site: Path, paths: list[str], rules: GateParams) -> Table:
     rows = [_ecg_row(site, rel, rules) for rel in paths]
     facts = ["leads", "fs", "seconds", "units_known", "units_detail", "max_abs_mv", "flat_leads"]
     return _facts_table("ecg", rows, facts, checks)
-
-
-# ------------------------------------------------------------------------------------------------- clinical
-def _clinical_tables(site: Path, index: pd.DataFrame, rules: GateParams) -> list[Table]:
-    rows, frames = [], {}
-    for rel in _paths(index, "clinical_path"):
-        row, path = _locate(site, rel)
-        if path is not None and _exists(row, [path], site):
-            try:
-                frames[rel] = clinical_fmt.read_long(path)
-                row.update(decodes=True, hour_type=str(frames[rel]["hour"].dtype),
-                           value_type=str(frames[rel]["value"].dtype))
-            except Exception as exc:
-                _failed(row, exc, site)
-        rows.append(row)
-    checks = [
-        _rule("clinical.schema", GX.ExpectColumnValuesToBeInSet, "hour must be an integer column",
-              column="hour_type", value_set=[*INT_TYPES, "float64"]),  # float64: int16 with nulls
-        _rule("clinical.schema", GX.ExpectColumnValuesToBeInSet, "value must be a numeric column",
-              column="value_type", value_set=NUMERIC_TYPES),
-    ]
-    tables = [_facts_table("clinical_files", rows, ["hour_type", "value_type"], checks)]
-    if frames:
-        long = _long_frame(frames)
-        tables += [_values_table(long), _missingness_table(long, _needing(index, "clinical"), rules)]
-    return tables
-
-
-def _long_frame(frames: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """All files' long rows with comparable types: numbers coerced (unparseable -> NaN), names as text."""
-    return pd.concat([pd.DataFrame({
-        "file": rel,
-        "sample_id": frame["sample_id"].map(_text).astype(object),
-        "hour": pd.to_numeric(frame["hour"], errors="coerce").astype("float64"),
-        "variable": frame["variable"].map(_text).astype(object),
-        "value": pd.to_numeric(frame["value"], errors="coerce").astype("float64"),
-    }) for rel, frame in frames.items()], ignore_index=True)
-
-
-def _text(value: Any) -> str | None:
-    return None if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-
-
-def _values_table(long: pd.DataFrame) -> Table:
-    checks = [
-        _rule("clinical.variables", GX.ExpectColumnValuesToBeInSet, "unknown variable",
-              column="variable", value_set=list(clinical_fmt.VARIABLES)),
-        _rule("clinical.hours", GX.ExpectColumnValuesToNotBeNull, "hour missing", column="hour"),
-        _rule("clinical.hours", GX.ExpectColumnValuesToBeBetween, "negative hour", column="hour",
-              min_value=0),
-    ]
-    checks += [_rule("clinical.physiological_range", GX.ExpectColumnValuesToBeBetween,
-                     f"{variable} outside physiological limits [{low:g}, {high:g}] {unit}", shown=variable,
-                     column="value", min_value=float(low), max_value=float(high),
-                     row_condition=Column("variable") == variable, uses=("variable",))
-               for variable, (unit, low, high) in clinical_fmt.VARIABLES.items()]
-    labels = [f"{f}: {s} hour {_fmt(h)}" for f, s, h in zip(long["file"], long["sample_id"], long["hour"])]
-    return Table("clinical_values", long, checks, labels, file_column="file")
-
-
-def _missingness_table(long: pd.DataFrame, needing: pd.DataFrame, rules: GateParams) -> Table:
-    """Share of empty cells in each sample's (hours x variables) grid, hours = its max hour + 1; a sample
-    without rows is fully missing. Same cells as clinical.to_grid, counted for all samples at once."""
-    keys = ["file", "sample_id"]
-    samples = pd.DataFrame({"file": list(needing["clinical_path"]), "sample_id": list(needing["sample_id"])})
-    samples = samples[samples["file"].isin(set(long["file"]))].drop_duplicates(ignore_index=True)
-    timed = long[long["hour"].notna()]
-    hours = (timed.groupby(keys)["hour"].max() + 1).clip(lower=0).rename("hours")
-    measured = timed[timed["variable"].isin(list(clinical_fmt.VARIABLES)) & timed["value"].notna()
-                     & (timed["hour"] >= 0)]
-    cells = measured.drop_duplicates([*keys, "hour", "variable"]).groupby(keys).size().rename("cells")
-    samples = samples.join(hours, on=keys).join(cells, on=keys)
-    samples["hours"] = samples["hours"].fillna(0).astype("int64")
-    grid = (samples["hours"] * len(clinical_fmt.VARIABLES)).astype("float64")
-    samples["missing_share"] = (1.0 - samples["cells"].fillna(0) / grid.where(grid > 0)).fillna(1.0)
-    check = _rule("clinical.missingness", GX.ExpectColumnValuesToBeBetween,
-                  f"more than {rules.clinical_max_missing:.0%} of (hour, variable) cells empty",
-                  column="missing_share", max_value=rules.clinical_max_missing)
-    labels = [f"{f}: {s}" for f, s in zip(samples["file"], samples["sample_id"])]
-    return Table("clinical_samples", _gx_frame(samples), [check], labels, file_column="file")
 
 
 # ----------------------------------------------------------------------------------------------------- text

@@ -1,4 +1,5 @@
-"""validate_site: load site.yaml and index.parquet, build and run each step's tables, write the report."""
+"""validate_site: load site.yaml and index.parquet, build and run each step's tables, quarantine the samples that
+sample-level rules name, judge the counts on what remains, write the report."""
 
 from __future__ import annotations
 
@@ -10,15 +11,20 @@ from typing import Callable
 import pandas as pd
 import pyarrow.parquet as pq
 
-from fedkim.config import GateParams
+from fedkim.config import DataParams, GateParams
 from fedkim.data.siteformat import (INDEX_FILE, REPORTS_DIR, SITE_FILE, SiteFormatError, SiteManifest,
                                      read_manifest)
 from fedkim.data.validate.engine import DOCS_DIR, Table, _Gate, _gx_frame, _write_reports
-from fedkim.data.validate.files import _clinical_tables, _ecg_table, _image_table, _text_tables
+from fedkim.data.validate.clinical import _clinical_tables, _static_tables
+from fedkim.data.validate.files import _ecg_table, _image_table, _text_tables
 from fedkim.data.validate.report import Finding, ValidationReport
 from fedkim.data.validate.tables import _counts_table, _index_table, _manifest_tables, _paths, _relative
 
 PER_FILE_TABLES = ("image", "ecg", "clinical_files", "text_files")
+# per-file table -> the index column whose rows use each file (the samples a finding on the file names)
+FILE_SAMPLES = {"image": "image_path", "ecg": "ecg_path", "clinical_files": "clinical_path",
+                "text_files": "text_path"}
+DEFAULT_ICU_HOURS = DataParams.model_fields["icu_hours"].default
 
 
 # --------------------------------------------------------------------------------------------- site loading
@@ -44,9 +50,10 @@ def _load_index(site: Path) -> tuple[pd.DataFrame | None, list[Finding]]:
 
 
 # ------------------------------------------------------------------------------------------------- the gate
-def _steps(site: Path, manifest: SiteManifest | None, index: pd.DataFrame | None,
-           rules: GateParams) -> list[tuple[str, Callable[[], list[Table]]]]:
-    """(name, build the tables) for what the loaded files allow; built lazily, one at a time."""
+def _steps(site: Path, manifest: SiteManifest | None, index: pd.DataFrame | None, rules: GateParams,
+           icu_hours: int) -> list[tuple[str, Callable[[], list[Table]]]]:
+    """(name, build the tables) of the index and its files; built lazily, one at a time. The counts come
+    later, on what the quarantine leaves, and then site.yaml."""
     steps: list[tuple[str, Callable[[], list[Table]]]] = []
     if index is not None:
         columns = set(index.columns)
@@ -56,18 +63,19 @@ def _steps(site: Path, manifest: SiteManifest | None, index: pd.DataFrame | None
         if "ecg_path" in columns:
             steps.append(("ecg", lambda: [_ecg_table(site, _paths(index, "ecg_path"), rules)]))
         if "clinical_path" in columns:
-            steps.append(("clinical", lambda: _clinical_tables(site, index, rules)))
+            steps.append(("clinical", lambda: _clinical_tables(site, index, rules, icu_hours)))
+            steps.append(("static", lambda: _static_tables(site, index)))
         if "text_path" in columns:
             steps.append(("text", lambda: _text_tables(site, index)))
-        steps.append(("counts", lambda: _counts_table(index, rules)))
-    if manifest is not None:
-        steps.append(("manifest", lambda: _manifest_tables(site, manifest, index)))
     return steps
 
 
-def validate_site(site_dir: str | Path, rules: GateParams | None = None, *,
-                  write_docs: bool = True) -> ValidationReport:
-    """Run the gate on one site directory. Bad data becomes findings; this never raises for it."""
+def validate_site(site_dir: str | Path, rules: GateParams | None = None, *, write_docs: bool = True,
+                  reports_dir: str | Path | None = None, icu_hours: int | None = None) -> ValidationReport:
+    """Run the gate on one site directory. Bad data becomes findings; this never raises for it.
+
+    reports_dir: where validation.json and the GX data docs go (default <site>/reports/; a provided hospital
+    directory is read-only to us). icu_hours: data.icu_hours, the window the model reads of each ICU stay."""
     started = time.perf_counter()
     site = Path(site_dir)
     rules = rules or GateParams()
@@ -77,27 +85,60 @@ def validate_site(site_dir: str | Path, rules: GateParams | None = None, *,
     manifest, findings = _load_manifest(site)
     index, index_findings = _load_index(site)
     findings += index_findings
-    reports = site / REPORTS_DIR
+    reports = Path(reports_dir) if reports_dir is not None else site / REPORTS_DIR
     docs = write_docs and not reports.is_symlink() and (reports.is_dir() or not reports.exists())
     gate = _Gate(reports / DOCS_DIR if docs else None)
     tables: list[Table] = []
-    for name, build in _steps(site, manifest, index, rules):
+
+    def run(name: str, build: Callable[[], list[Table]]) -> None:
         try:  # a bug in one step fails the site with gate.error; the other steps still run
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # GX and pandas deprecation chatter
                 for table in build():
                     if len(table.frame) or table.name == "index":
+                        _attach_samples(table, index)
                         tables.append(table)
-                        findings += gate.run(table)
+                        findings.extend(gate.run(table, rules.actions))
         except Exception as exc:
             findings.append(Finding(rule="gate.error",
                                     message=f"{name} checks: {exc.__class__.__name__}: {exc}"))
+
+    for name, build in _steps(site, manifest, index, rules, icu_hours or DEFAULT_ICU_HOURS):
+        run(name, build)
+    quarantine = _quarantine(findings)
+    if index is not None:
+        run("counts", lambda: _counts_table(index, rules, quarantined=set(quarantine)))
+    if manifest is not None:
+        run("manifest", lambda: _manifest_tables(site, manifest, index))
     report = ValidationReport(site_dir=str(site), site_id=getattr(manifest, "site_id", None),
-                              success=not findings, findings=findings,
-                              stats=_stats(index, tables, gate, started))
+                              success=not any(f.action == "block" for f in findings), findings=findings,
+                              quarantine=quarantine, stats=_stats(index, tables, gate, started))
     if docs:
         _write_reports(report, gate, reports)
     return report
+
+
+def _attach_samples(table: Table, index: pd.DataFrame | None) -> None:
+    """Per-file tables: each file stands for the samples whose row references it."""
+    column = FILE_SAMPLES.get(table.name)
+    if column is None or index is None or not {"sample_id", column} <= set(index.columns):
+        return
+    users: dict[str, list[str]] = {}
+    for sample, rel in zip(index["sample_id"], index[column]):
+        if isinstance(sample, str) and isinstance(rel, str):
+            users.setdefault(rel, []).append(sample)
+    table.samples = [users.get(rel, []) for rel in table.frame["file"]]
+
+
+def _quarantine(findings: list[Finding]) -> dict[str, list[str]]:
+    quarantine: dict[str, list[str]] = {}
+    for f in findings:
+        if f.action == "quarantine":
+            for sample in f.samples:
+                rules = quarantine.setdefault(sample, [])
+                if f.rule not in rules:
+                    rules.append(f.rule)
+    return dict(sorted(quarantine.items()))
 
 
 def _stats(index: pd.DataFrame | None, tables: list[Table], gate: _Gate, started: float) -> dict:

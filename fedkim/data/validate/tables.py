@@ -4,6 +4,7 @@ tables share."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 import pandas as pd
 from great_expectations.expectations.row_conditions import Column
@@ -65,9 +66,6 @@ def _index_table(index: pd.DataFrame, rules: GateParams) -> Table:
               column="split", value_set=list(SPLITS)),
         _rule("index.task_known", GX.ExpectColumnValuesToBeInSet, "task not in the catalogue",
               column="task", value_set=list(TASKS)),
-        _rule("counts.per_site", GX.ExpectTableRowCountToBeBetween,
-              f"fewer than {rules.min_samples_per_site} samples in the site",
-              min_value=rules.min_samples_per_site),
     ]
     labels = [_row_label(index, i) for i in range(len(index))]
     return Table("index", index, checks + _task_rules(tasks), labels, file=INDEX_FILE)
@@ -125,20 +123,29 @@ def _row_label(index: pd.DataFrame, row: int) -> str:
 
 
 # --------------------------------------------------------------------------------------- counts and manifest
-def _counts_table(index: pd.DataFrame, rules: GateParams) -> list[Table]:
+def _counts_table(index: pd.DataFrame, rules: GateParams, quarantined: Collection[str] = ()) -> list[Table]:
+    """The minimum counts, judged on the samples the quarantine leaves (a group it empties counts 0)."""
+    kept = ~index["sample_id"].isin(list(quarantined)) if "sample_id" in index.columns and quarantined \
+        else pd.Series(True, index=index.index)
+    after = f" (after {int((~kept).sum())} quarantined)" if not kept.all() else ""
+    site = _gx_frame(pd.DataFrame({"n": [int(kept.sum())]}))
+    tables = [Table("counts_site", site, [_rule(
+        "counts.per_site", GX.ExpectColumnValuesToBeBetween,
+        f"fewer than {rules.min_samples_per_site} samples in the site{after}", shown="sample_id", column="n",
+        min_value=rules.min_samples_per_site)], ["site"], file=INDEX_FILE)]
     if not {"task", "split", "label"} <= set(index.columns):
-        return []
+        return tables
     rows = index[index["task"].isin(BINARY_TASKS) & index["split"].isin(list(SPLITS))]
-    labels = pd.to_numeric(rows["label"], errors="coerce")
+    labels = pd.to_numeric(rows["label"], errors="coerce").where(kept.loc[rows.index])
     records = [{"task": task, "split": split, "label": label,
                 "n": int((labels.loc[group.index] == label).sum())}
                for (task, split), group in rows.groupby(["task", "split"], sort=True) for label in (0, 1)]
     frame = _gx_frame(pd.DataFrame(records, columns=["task", "split", "label", "n"]))
     check = _rule("counts.per_class", GX.ExpectColumnValuesToBeBetween,
-                  f"fewer than {rules.min_samples_per_class} samples for a (task, split, label)",
+                  f"fewer than {rules.min_samples_per_class} samples for a (task, split, label){after}",
                   shown="label", column="n", min_value=rules.min_samples_per_class)
     names = [f"{t}/{s}/label {lab}" for t, s, lab in zip(frame["task"], frame["split"], frame["label"])]
-    return [Table("counts", frame, [check], names, file=INDEX_FILE)]
+    return tables + [Table("counts", frame, [check], names, file=INDEX_FILE)]
 
 
 def _manifest_tables(site: Path, manifest: SiteManifest, index: pd.DataFrame | None) -> list[Table]:
