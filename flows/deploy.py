@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 # Prefect before fedkim: importing mlflow, GX or transformers first replaces Prefect's log format.
+from prefect import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.exceptions import ObjectNotFound
 from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron
 
@@ -88,9 +91,17 @@ def _from_checkout(deployment: RunnerDeployment, entrypoint: str) -> RunnerDeplo
 
 
 def deploy(params: Params) -> list[str]:
-    """Create or update every deployment; returns their names (flow/deployment)."""
+    """Create or update every deployment, and any missing work pool (a process pool; an existing pool keeps what
+    its owner configured); returns the deployments' names (flow/deployment)."""
+    built = build_deployments(params)
+    with get_client(sync_client=True) as client:
+        for pool in dict.fromkeys(pool for _, pool in built):
+            try:
+                client.read_work_pool(pool)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     names = []
-    for deployment, pool in build_deployments(params):
+    for deployment, pool in built:
         deployment.apply(work_pool_name=pool)
         names.append(f"{deployment.flow_name}/{deployment.name}")
     return names
