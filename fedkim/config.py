@@ -18,7 +18,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from fedkim.digests import short_digest
-from fedkim.members import SERVER_SPLITS, MemberSpec, ServerSplits, apply_site_dir_env, check_member_ids
+from fedkim.members import (SERVER_SPLITS, MemberSpec, ServerSplits, apply_site_dir_env, check_member_ids,
+                            check_profiles, find_member)
 from fedkim.members import site_pool as site_pool  # re-exported: the pools' naming rule, used as fedkim.config's
 from fedkim.params_base import ConfigError, Modality, Strict
 
@@ -52,8 +53,7 @@ class EcgAcquisition(Strict):
 
 
 class SiteProfile(Strict):
-    """The synthetic generator's profile of one generated member (data.sites.<id>): its conditions, acquisition
-    and size. A provided (real) site has none."""
+    """The generator's profile of a generated member (data.sites.<id>): conditions, acquisition and size."""
 
     size_factor: float = Field(1.0, gt=0.0, le=10.0, description="multiplies data.sizes.site_train")
     image_format: ImageFormat = "png"
@@ -72,8 +72,7 @@ class SiteProfile(Strict):
 
 
 class SiteSpec(SiteProfile):
-    """What the generator writes for one generated member: the member's id, description and modalities with its
-    profile (Params.generated_sites())."""
+    """A generated member as the generator sees it: its id, description, modalities and profile."""
 
     id: str
     description: str = ""
@@ -128,9 +127,8 @@ class DataParams(Strict):
     sizes: Sizes = Sizes()
     difficulty: Difficulty = Difficulty()
     gate: GateParams = GateParams()
-    sites: dict[str, SiteProfile] = Field(
-        default_factory=dict, description="the generator's profile per generated member id (federation.members); "
-                                          "a generated member without one gets the defaults")
+    sites: dict[str, SiteProfile] = Field(default_factory=dict, description="generator profile per generated "
+                                                                         "member id; missing: the defaults")
 
 
 # ------------------------------------------------------------- sections the later stages fill (typed already)
@@ -310,28 +308,13 @@ class Params(Strict):
     store: StoreParams = StoreParams()
     report: ReportParams = ReportParams()
 
-    @model_validator(mode="after")
-    def _profiles_of_generated_members(self) -> "Params":
-        generated = {m.id for m in self.federation.members if m.data == "generated"}
-        for site_id in self.data.sites:
-            if site_id not in generated:
-                what = "a provided member" if site_id in self.member_ids() else "not a member"
-                raise ValueError(f"data.sites.{site_id}: a generator profile, but {site_id!r} is {what}; profiles "
-                                 f"are for the generated members of federation.members ({sorted(generated)})")
-        splits = [n for n in SERVER_SPLITS if getattr(self.federation.splits, n).data == "generated"]
-        if splits and not generated:
-            raise ValueError(f"federation.splits.{splits[0]}: generated, but no member is generated (the server's "
-                             "generated splits draw from the generated members' acquisition): provide it")
-        return self
+    _generator_profiles = model_validator(mode="after")(check_profiles)
 
     def member_ids(self) -> list[str]:
         return [m.id for m in self.federation.members]
 
     def member(self, site_id: str) -> MemberSpec:
-        for m in self.federation.members:
-            if m.id == site_id:
-                return m
-        raise ConfigError(f"site {site_id!r} is not in federation.members; members: {self.member_ids()}")
+        return find_member(self, site_id)
 
     def generated_sites(self) -> list[SiteSpec]:
         """The generated members with their generator profiles (defaults where data.sites has none)."""

@@ -87,6 +87,28 @@ def check_member_ids(members: list[MemberSpec]) -> list[MemberSpec]:
     return members
 
 
+def check_profiles(params: Params) -> Params:
+    """data.sites holds profiles of generated members only; generated server splits need a generated member."""
+    generated = {m.id for m in params.federation.members if m.data == "generated"}
+    for site_id in params.data.sites:
+        if site_id not in generated:
+            what = "a provided member" if site_id in params.member_ids() else "not a member"
+            raise ValueError(f"data.sites.{site_id}: a generator profile, but {site_id!r} is {what}; profiles "
+                             f"are for the generated members of federation.members ({sorted(generated)})")
+    splits = [n for n in SERVER_SPLITS if getattr(params.federation.splits, n).data == "generated"]
+    if splits and not generated:
+        raise ValueError(f"federation.splits.{splits[0]}: generated, but no member is generated (the server's "
+                         "generated splits draw from the generated members' acquisition): provide it")
+    return params
+
+
+def find_member(params: Params, site_id: str) -> MemberSpec:
+    for member in params.federation.members:
+        if member.id == site_id:
+            return member
+    raise ConfigError(f"site {site_id!r} is not in federation.members; members: {params.member_ids()}")
+
+
 # ------------------------------------------------------------------------------------- where the data lives
 def site_dir(params: Params, site_id: str) -> Path:
     """A member's site directory: <data.root>/<id> when generated, its `path` when provided."""
