@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from fedkim.config import Params, default_params_path
 from fedkim.data.validate import gate_reason, gate_summary
 from fedkim.federation.store import ArtifactStore, open_store, package_prefix
+from fedkim.members import site_dir
 from fedkim.orchestration import load_settings, retry_delays
 from fedkim.rounds import (SiteOutcome, get_json, package_validation, put_json, train_site_step,
                            validate_site_step, validation_key)
@@ -73,5 +74,6 @@ def site_flow(site_id: str, round_id: str, params_path: str | None = None,
     validation = validate(params, store, round_id, site_id)
     if not validation["success"]:
         raise DataGateError(f"{site_id}: {gate_reason(validation)} (summary in the store at "
-                            f"{validation_key(round_id, site_id)}; full report at the site in reports/)")
+                            f"{validation_key(round_id, site_id)}; the examples: `fedkim data validate "
+                            f"{site_dir(params, site_id)} --no-docs` at the site)")
     return train(params, store, round_id, site_id, validation, progress=progress).as_dict()
