@@ -201,8 +201,9 @@ def package_validation(summary: dict) -> ValidationSummary:
 
 
 def gated_site(params: Params, site_id: str) -> tuple[dict, SiteOutcome | None]:
-    """The gate summary of a member, and its `excluded` outcome (with the reason) when it failed the gate."""
-    summary = gate_summary(validate_site_step(params, site_id))
+    """The gate summary of a member, and its `excluded` outcome (with the reason) when it failed the gate. No data
+    docs: the summary is what a plain-Python round or an experiment keeps."""
+    summary = gate_summary(validate_site_step(params, site_id, write_docs=False))
     if summary["success"]:
         return summary, None
     return summary, SiteOutcome(site_id, "excluded", gate_reason(summary), validation=summary)
