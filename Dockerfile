@@ -17,7 +17,7 @@ COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # The flows and stage scripts travel with the image: a hospital's site worker (`prefect worker start --pool
 # site-<id>`) and the central worker run them from /app, the deployments' working directory.
-COPY --chown=fedkim:fedkim params.yaml prefect.yaml dvc.yaml ./
+COPY --chown=fedkim:fedkim params.yaml dvc.yaml ./
 COPY --chown=fedkim:fedkim flows ./flows
 COPY --chown=fedkim:fedkim pipelines ./pipelines
 ENV PATH=/opt/venv/bin:$PATH HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DO_NOT_TRACK=true \

@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from fedkim.config import load_params
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS
 from fedkim.data.loaders import SiteDataset
+from fedkim.members import site_dir, split_dir
 
 ECG_HZ = 250
 
@@ -65,20 +66,22 @@ def score(train, test) -> dict:
             "n_train": int(len(ytr))}
 
 
-def probe(root: Path, site_ids: list[str]) -> dict:
+def probe(dirs: dict[str, Path]) -> dict:
+    """dirs: each member's directory and the server's `public` and `test` splits, by name."""
     result = {}
+    site_ids = [s for s in dirs if s not in ("public", "test")]
     for task in TRAIN_TASKS:
-        test = matrix(root / "test", task, ["test"])
+        test = matrix(dirs["test"], task, ["test"])
         per_site, pooled_x, pooled_y = {}, [], []
         for site in site_ids:
-            x, y = matrix(root / site, task, ["train", "val"])
+            x, y = matrix(dirs[site], task, ["train", "val"])
             if len(y) == 0:
                 continue
             per_site[site] = score((x, y), test)
             pooled_x.append(x)
             pooled_y.append(y)
         pooled = score((np.concatenate(pooled_x), np.concatenate(pooled_y)), test)
-        public = score(matrix(root / "public", task, ["public"]), test)
+        public = score(matrix(dirs["public"], task, ["public"]), test)
         best = max(per_site.values(), key=lambda s: s["auroc"])
         result[task] = {"modality": TASKS[task].modality, "per_site": per_site, "best_single_site": best,
                         "pooled": pooled, "public_only": public,
@@ -86,7 +89,7 @@ def probe(root: Path, site_ids: list[str]) -> dict:
     return result
 
 
-def zero_shot_learnability(root: Path) -> dict:
+def zero_shot_learnability(test_dir: Path) -> dict:
     """5-fold cross-validated AUROC of the same probe inside the test split: the zero-shot labels are learnable."""
     from sklearn.model_selection import cross_val_score
 
@@ -94,7 +97,7 @@ def zero_shot_learnability(root: Path) -> dict:
     for task in ZERO_SHOT_TASKS:
         if TASKS[task].kind != "binary":
             continue
-        x, y = matrix(root / "test", task, ["test"])
+        x, y = matrix(test_dir, task, ["test"])
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
         out[task] = round(float(cross_val_score(model, x, y, cv=5, scoring="roc_auc").mean()), 3)
     return out
@@ -102,13 +105,14 @@ def zero_shot_learnability(root: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--root", type=Path, default=None)
+    parser.add_argument("--root", type=Path, default=None, help="data.root of the generated members and splits")
     args = parser.parse_args()
-    params = load_params()
-    root = args.root or params.data.root
+    params = load_params(overrides={"data.root": str(args.root.resolve())} if args.root else None)
+    dirs = {s: site_dir(params, s) for s in params.member_ids()}
+    dirs |= {s: split_dir(params, s) for s in ("public", "test")}
     started = time.perf_counter()
-    out = probe(root, [s.id for s in params.data.sites])
-    out["zero_shot_cv_auroc"] = zero_shot_learnability(root)
+    out = probe(dirs)
+    out["zero_shot_cv_auroc"] = zero_shot_learnability(dirs["test"])
     out["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out, indent=1))
 

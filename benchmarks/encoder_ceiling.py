@@ -20,6 +20,7 @@ from fedkim.config import load_params, parse_overrides
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
 from fedkim.federation.aggregate import aggregate
 from fedkim.federation.package import read_package
+from fedkim.members import split_dir
 from fedkim.site.model import global_model
 from fedkim.site.train import evaluate_head
 
@@ -33,7 +34,7 @@ def head_aurocs(params, state: dict[str, torch.Tensor], modalities: set[str] | N
     for task in TRAIN_TASKS:
         if modalities is not None and TASKS[task].modality not in modalities:
             continue
-        metrics = evaluate_head(model, params.data.root / "test", task, params.site, params.data,
+        metrics = evaluate_head(model, split_dir(params, "test"), task, params.site, params.data,
                                 torch.device("cpu"), split="test")
         out[task] = round(metrics["auroc"], 3)
     return out

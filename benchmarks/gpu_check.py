@@ -93,8 +93,9 @@ def injection_parity(params) -> dict:
     """The same injection on CUDA (bf16 autocast) and on the CPU (fp32): same initial state, same batches."""
     from fedkim.central.inject import inject
     from fedkim.central.variants import VARIANTS, build_central
+    from fedkim.members import split_dir
 
-    public = params.data.root / "public"
+    public = split_dir(params, "public")
     out = {}
     for device in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]:
         p = params.inject.model_copy(update={"device": device})
@@ -190,7 +191,7 @@ def main() -> None:
     params = load_params(overrides=overrides)
     if not {"round", "parity"} <= set(args.skip):  # only these two read the federation
         started = time.perf_counter()
-        generated = generate_federation(params.data)
+        generated = generate_federation(params)
         report["data"] = {"root": params.data.root.name, "reused": generated.cached,  # no machine paths in reports
                           "seconds": round(time.perf_counter() - started, 1)}
     save()

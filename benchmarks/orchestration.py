@@ -68,6 +68,7 @@ def main() -> None:
     from fedkim.central.foundation import load_foundation
     from fedkim.config import default_params_path, load_params
     from fedkim.federation.store import LocalStore
+    from fedkim.members import split_dir
     from fedkim.rounds import get_json, round_key, run_round
 
     torch.set_num_threads(args.threads)
@@ -82,8 +83,9 @@ def main() -> None:
                     "tracking.uri": f"sqlite:///{folder / 'mlflow.db'}", "report.root": str(folder / "reports")}
 
         plain_params = load_params(params_path, overrides("plain"))
-        if not (plain_params.data.root / "public").is_dir():
-            raise SystemExit(f"{plain_params.data.root}: no federation there; run `fedkim data generate` first")
+        if not split_dir(plain_params, "public").is_dir():
+            raise SystemExit(f"{split_dir(plain_params, 'public')}: no public split there; run `fedkim data "
+                             "generate` first")
         load_foundation(plain_params.inject.foundation_model)  # the one-off GGUF dequantisation is not the subject
 
         started, cpu = time.perf_counter(), time.process_time()

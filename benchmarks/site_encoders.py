@@ -17,6 +17,7 @@ import torch
 
 from fedkim.config import load_params, parse_overrides
 from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.members import site_dir, split_dir
 from fedkim.site.model import global_model
 from fedkim.data.batches import pick_device
 from fedkim.site.train import evaluate_head, train_site
@@ -25,11 +26,11 @@ from fedkim.site.train import evaluate_head, train_site
 def probe(params, modality: str, seed: int) -> dict:
     p, data = params.site, params.data
     tasks = [t for t in TRAIN_TASKS if TASKS[t].modality == modality]
-    sites = [s.id for s in data.sites if modality in s.modalities]
-    test_dir = data.root / "test"
+    sites = [m.id for m in params.federation.members if modality in m.modalities]
+    test_dir = split_dir(params, "test")
     start = global_model(p, data, seed=seed).state_dict()
     out = {}
-    for who, dirs in [*((s, data.root / s) for s in sites), ("pooled", [data.root / s for s in sites])]:
+    for who, dirs in [*((s, site_dir(params, s)) for s in sites), ("pooled", [site_dir(params, s) for s in sites])]:
         result = train_site(dirs, start, p, data, seed=seed, only_tasks=tasks)
         model = global_model(p, data, seed=seed)
         model.load_state_dict(result.state_dict, strict=False)

@@ -1,5 +1,6 @@
 """`fedkim ...`: thin command-line wrappers over the library. Exit codes: 0 ok, 1 the data failed a check,
-2 bad usage or bad params (a message names the file, key or rule; never a bare traceback)."""
+2 bad usage, bad params or an unusable data directory (one line names the file, key, directory or rule; never a
+bare traceback: every command's ConfigError, GenerationError and SiteFormatError end here, see UsageErrors)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,30 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-from fedkim.config import ConfigError, load_params
+from fedkim.config import load_params
+from fedkim.errors import USAGE_EXIT, usage_error
+
+
+class UsageErrors(TyperGroup):
+    """Every command's usage errors (fedkim.errors: bad params, an unusable or foreign data directory) as one
+    line on stderr and exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            message = usage_error(exc)
+            if message is None:
+                raise
+            err_console.print("[red]error:[/red] ", end="")
+            err_console.print(message, markup=False, highlight=False)
+            raise typer.Exit(USAGE_EXIT) from None
+
 
 app = typer.Typer(help="Federated knowledge injection into medical foundation models.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+                  pretty_exceptions_enable=False, cls=UsageErrors)
 data_app = typer.Typer(help="Site data: generate the offline federation, validate a site.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -32,15 +52,12 @@ ParamsOption = typer.Option(None, "--params", "-p", help="params.yaml to read (d
 
 
 def _params(path: Optional[Path], overrides: Optional[dict] = None):
+    """The params, checked (every training task has a member that holds its modality); ConfigError: exit 2."""
     from fedkim.data.catalogue import check_sites
 
-    try:
-        params = load_params(path, overrides)
-        check_sites(params.data.sites)
-        return params
-    except ConfigError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    params = load_params(path, overrides)
+    check_sites(params.federation.members)
+    return params
 
 
 @data_app.command("generate")
@@ -50,18 +67,18 @@ def data_generate(
     seed: Optional[int] = typer.Option(None, help="override data.seed"),
     force: bool = typer.Option(False, "--force", help="regenerate even if the cache matches"),
 ) -> None:
-    """Generate the default offline federation (4 hospitals + public + test), cached by a hash of its params."""
-    from fedkim.data.synth.federation import GenerationError, generate_federation
+    """Generate the federation's generated members and server splits (provided directories are only checked),
+    cached by a hash of their params."""
+    from fedkim.data.synth.federation import generate_federation
 
     overrides = {"data.seed": seed} if seed is not None else {}
     if out is not None:
         overrides["data.root"] = str(out.resolve())
     cfg = _params(params, overrides)
-    try:
-        result = generate_federation(cfg.data, force=force, progress=True)
-    except GenerationError as exc:
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    result = generate_federation(cfg, force=force, progress=True)
+    if not result.sites:
+        console.print("nothing to generate: every member and server split is provided", highlight=False)
+        return
     state = "reused cached" if result.cached else f"generated in {result.seconds:.1f} s"
     console.print(f"federation {result.params_hash} {state}: {result.root}")
     for site in result.sites:
@@ -110,6 +127,7 @@ def experiment(
     from fedkim.data.synth.federation import generate_federation
     from fedkim.central.variants import VARIANTS
     from fedkim.experiment import run_experiment
+    from fedkim.rounds import QuorumError, SplitGateError
 
     try:
         overrides = parse_overrides(settings)
@@ -124,8 +142,13 @@ def experiment(
     if unknown:
         err_console.print(f"[red]error:[/red] unknown variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
         raise typer.Exit(2)
-    generate_federation(cfg.data)  # cached: a no-op when the federation already matches params
-    comparison = run_experiment(cfg, out, names, progress=True, seeds=seeds, first_seed=first_seed)
+    generate_federation(cfg)  # cached: a no-op when the generated part already matches params
+    try:
+            comparison = run_experiment(cfg, out, names, progress=True, seeds=seeds, first_seed=first_seed)
+    except (QuorumError, SplitGateError) as exc:  # the data failed a check
+        err_console.print("[red]error:[/red] ", end="")
+        err_console.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(1) from None
     console.print((out / "comparison.md").read_text(), markup=False)
     console.print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
 
@@ -192,6 +215,22 @@ def show_params(params: Optional[Path] = ParamsOption) -> None:
     """Validate params.yaml and print the resolved values."""
     cfg = _params(params)
     print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+@app.command("deploy")
+def deploy(params: Optional[Path] = ParamsOption) -> None:
+    """Create or update the Prefect deployments: fedkim/round (central pool, inactive daily schedule) and
+    fedkim-site/<id> for each member of federation.members on its work pool. PREFECT_API_URL names the server."""
+    import subprocess
+    import sys
+
+    from fedkim.config import REPO_ROOT, default_params_path
+
+    path = (params or default_params_path()).resolve()
+    _params(path)  # bad params: exit 2 naming the key, before Prefect is imported
+    # flows/deploy.py builds them (Prefect lives in flows/, never in the library), run from the checkout
+    done = subprocess.run([sys.executable, "-m", "flows.deploy", "--params", str(path)], cwd=REPO_ROOT)
+    raise typer.Exit(done.returncode)
 
 
 # ------------------------------------------------------------------------------------------- fedkim registry

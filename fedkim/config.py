@@ -3,7 +3,8 @@
 Every section forbids unknown keys, so a typo fails at start-up with a message that names the key and the keys
 that are allowed there. Relative paths are resolved against the directory that holds params.yaml (the repo root).
 
-Environment overrides: FEDKIM_PARAMS (path of the params file), FEDKIM_DATA_ROOT (data.root),
+Environment overrides: FEDKIM_PARAMS (path of the params file), FEDKIM_DATA_ROOT (data.root: where the generated
+members and splits live), FEDKIM_SITE_DIR_<ID> (a provided member's path, e.g. FEDKIM_SITE_DIR_SITE_A),
 FEDKIM_STORE_KIND (store.kind: `fedkim stack up` switches its workers to its S3 server this way).
 """
 
@@ -14,29 +15,24 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedkim.digests import short_digest
 from fedkim.gate_rules import GateParams
+from fedkim.members import (SERVER_SPLITS, MemberSpec, ServerSplits, apply_site_dir_env, check_member_ids,
+                            check_profiles, find_member)
+from fedkim.members import site_pool as site_pool  # re-exported: the pools' naming rule, used as fedkim.config's
+from fedkim.params_base import ConfigError, Modality, Strict
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
 
-Modality = Literal["image", "ecg", "clinical"]
 ImageFormat = Literal["png", "dicom"]
 OpacityZone = Literal["upper", "middle", "lower"]
 EcgAbnormality = Literal["af", "wide_qrs", "t_inversion"]
 DeteriorationKind = Literal["shock", "respiratory", "renal"]
 # A round id is part of store keys (rounds/<id>/...) and MLflow tags and names: e.g. 7 or 2026-05-01.
 ROUND_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-
-
-class ConfigError(ValueError):
-    """A params file that cannot be used; the message names the file, the key and what is allowed."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------------------------- data section
@@ -57,10 +53,9 @@ class EcgAcquisition(Strict):
     lead_gain: float = Field(1.0, gt=0.2, lt=5.0, description="amplifier gain error, multiplies every lead")
 
 
-class SiteSpec(Strict):
-    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,30}$")
-    description: str = ""
-    modalities: list[Modality] = Field(min_length=1)
+class SiteProfile(Strict):
+    """The generator's profile of a generated member (data.sites.<id>): conditions, acquisition and size."""
+
     size_factor: float = Field(1.0, gt=0.0, le=10.0, description="multiplies data.sizes.site_train")
     image_format: ImageFormat = "png"
     image: ImageAcquisition = ImageAcquisition()
@@ -76,12 +71,13 @@ class SiteSpec(Strict):
         default_factory=lambda: ["shock", "respiratory", "renal"], min_length=1
     )
 
-    @field_validator("modalities")
-    @classmethod
-    def _unique(cls, v: list[str]) -> list[str]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"duplicate modality in {v}")
-        return v
+
+class SiteSpec(SiteProfile):
+    """A generated member as the generator sees it: its id, description, modalities and profile."""
+
+    id: str
+    description: str = ""
+    modalities: list[Modality] = Field(min_length=1)
 
 
 class Sizes(Strict):
@@ -115,7 +111,8 @@ class DataParams(Strict):
     sizes: Sizes = Sizes()
     difficulty: Difficulty = Difficulty()
     gate: GateParams = Field(GateParams(), validate_default=True)
-    sites: list[SiteSpec] = Field(min_length=1)
+    sites: dict[str, SiteProfile] = Field(default_factory=dict, description="generator profile per generated "
+                                                                         "member id; missing: the defaults")
 
     @field_validator("gate")
     @classmethod
@@ -125,18 +122,6 @@ class DataParams(Strict):
         if gate.ecg_window_seconds is None and seconds is not None:
             return gate.model_copy(update={"ecg_window_seconds": float(seconds)})
         return gate
-
-    @field_validator("sites")
-    @classmethod
-    def _unique_ids(cls, v: list[SiteSpec]) -> list[SiteSpec]:
-        ids = [s.id for s in v]
-        dup = {i for i in ids if ids.count(i) > 1}
-        if dup:
-            raise ValueError(f"duplicate site id(s) {sorted(dup)}")
-        reserved = {"public", "test"} & set(ids)
-        if reserved:
-            raise ValueError(f"site id(s) {sorted(reserved)} are reserved for the server's splits")
-        return v
 
 
 # ------------------------------------------------------------- sections the later stages fill (typed already)
@@ -199,16 +184,16 @@ class FederationParams(Strict):
     round_id: str = Field("1", pattern=ROUND_ID_PATTERN,
                           description="the round `dvc repro` runs: names its store keys and seeds its training")
 
+    members: list[MemberSpec] = Field(default_factory=list, description="the hospitals of the federation")
+    splits: ServerSplits = Field(ServerSplits(), description="the server's public and test splits")
+
     @field_validator("round_id", mode="before")
     @classmethod
     def _round_id_text(cls, v: Any) -> Any:
         # YAML reads `round_id: 3` as an int; a round id is a name (`2026-05-01` works too).
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
-
-def site_pool(site_id: str) -> str:
-    """The work pool of a site in federated mode: `site-<id>`, or the id itself when it starts with `site-`."""
-    return site_id if site_id.startswith("site-") else f"site-{site_id}"
+    _members = field_validator("members")(check_member_ids)
 
 
 class ReportParams(Strict):
@@ -309,12 +294,26 @@ class StoreParams(Strict):
 class Params(Strict):
     data: DataParams
     site: SiteTrainingParams = SiteTrainingParams()
-    federation: FederationParams = FederationParams()
+    federation: FederationParams
     inject: InjectParams = InjectParams()
     eval: EvalParams = EvalParams()
     tracking: TrackingParams = TrackingParams()
     store: StoreParams = StoreParams()
     report: ReportParams = ReportParams()
+
+    _generator_profiles = model_validator(mode="after")(check_profiles)
+
+    def member_ids(self) -> list[str]:
+        return [m.id for m in self.federation.members]
+
+    def member(self, site_id: str) -> MemberSpec:
+        return find_member(self, site_id)
+
+    def generated_sites(self) -> list[SiteSpec]:
+        """The generated members with their generator profiles (defaults where data.sites has none)."""
+        return [SiteSpec(id=m.id, description=m.description, modalities=m.modalities,
+                         **self.data.sites.get(m.id, SiteProfile()).model_dump())
+                for m in self.federation.members if m.data == "generated"]
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -339,6 +338,7 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
         raw.setdefault("data", {})["root"] = os.environ["FEDKIM_DATA_ROOT"]
     if os.environ.get("FEDKIM_STORE_KIND"):
         raw.setdefault("store", {})["kind"] = os.environ["FEDKIM_STORE_KIND"]
+    apply_site_dir_env(raw)
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
@@ -376,11 +376,19 @@ def _resolve_paths(params: Params, base: Path) -> Params:
 
     data = params.data.model_copy(update={"root": absolute(params.data.root)})
     store = params.store.model_copy(update={"root": absolute(params.store.root)})
-    federation = params.federation.model_copy(update={"work_dir": absolute(params.federation.work_dir)})
+    members = [_absolute_source(m, absolute) for m in params.federation.members]
+    splits = params.federation.splits
+    splits = splits.model_copy(update={n: _absolute_source(getattr(splits, n), absolute) for n in SERVER_SPLITS})
+    federation = params.federation.model_copy(update={"work_dir": absolute(params.federation.work_dir),
+                                                      "members": members, "splits": splits})
     comparison = params.report.comparison
     report = params.report.model_copy(update={"root": absolute(params.report.root),
                                               "comparison": None if comparison is None else absolute(comparison)})
     return params.model_copy(update={"data": data, "store": store, "federation": federation, "report": report})
+
+
+def _absolute_source(source, absolute):
+    return source if source.path is None else source.model_copy(update={"path": absolute(source.path)})
 
 
 def params_hash(section: BaseModel) -> str:
@@ -396,6 +404,8 @@ def format_validation_error(path: Path, exc: ValidationError) -> str:
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(Params, err["loc"][:-1])
             lines.append(f"  - {loc}: unknown key; allowed here: {', '.join(allowed)}")
+        elif err["type"] == "value_error" and not err["loc"]:  # a rule across sections names its own keys
+            lines.append(f"  - {err['msg'].removeprefix('Value error, ')}")
         elif err["type"] == "literal_error":
             lines.append(f"  - {loc}: {err['input']!r} is not allowed; {err['msg'].lower()}")
         else:

@@ -13,6 +13,7 @@ import resource
 import shutil
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import Params
 from fedkim.data.catalogue import TASKS
 from fedkim.federation.store import LocalStore
-from fedkim.rounds import (Trainer, aggregate_step, finish_round, get_state, inject_step, round_key,
-                           start_round, train_site_step)
+from fedkim.members import site_dir, split_dir
+from fedkim.rounds import (Trainer, aggregate_step, finish_round, gated_site, get_state, inject_step,
+                           package_validation, round_key, start_round, train_site_step, validate_split_step)
 from fedkim.site.model import global_model
 from fedkim.site.train import LocalResult, train_site
 
@@ -37,6 +39,7 @@ class RoundRecord:
     sites: dict[str, dict] = field(default_factory=dict)  # site -> sample counts, metrics, seconds
     rejected: dict[str, list[str]] = field(default_factory=dict)
     injection: dict = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)  # site -> why the data gate left it out
 
 
 @dataclass
@@ -63,29 +66,38 @@ class SiteCache:
     def __init__(self):
         self._store: dict[tuple[str, str], LocalResult] = {}
 
-    def train(self, site_dir, global_state, params: Params, seed: int) -> LocalResult:
-        key = (str(site_dir), _state_key(global_state) + str(seed))
+    def train(self, site_dir, global_state, params: Params, seed: int, exclude: Collection[str] = ()) -> LocalResult:
+        key = (str(site_dir), _state_key(global_state) + str(seed) + ",".join(sorted(exclude)))
         if key not in self._store:
-            self._store[key] = train_site(site_dir, global_state, params.site, params.data, seed=seed)
+            self._store[key] = train_site(site_dir, global_state, params.site, params.data, seed=seed,
+                                          exclude=exclude)
         return self._store[key]
 
     def trainer(self, params: Params) -> Trainer:
-        """This cache as a round step's trainer."""
-        return lambda site_dir, global_state, seed: self.train(site_dir, global_state, params, seed)
+        """This cache as a round step's trainer (`exclude`: the samples the site's gate quarantined)."""
+        return lambda site_dir, global_state, seed, exclude=(): self.train(site_dir, global_state, params, seed,
+                                                                            exclude)
 
 
 def federated_round(params: Params, store: LocalStore, round_id: str, cache: SiteCache | None = None,
                     seed: int = 0) -> RoundRecord:
-    """Every site trains from the global state and uploads its package; the server screens and aggregates: the
-    round steps the Prefect flow and the DVC stages run, here one after another in one process."""
+    """Every member that passes the data gate trains from the global state and uploads its package; the server
+    screens and aggregates: the round steps the Prefect flow and the DVC stages run, here one after another in one
+    process. A member that fails the gate is left out with its reason (the quorum decides)."""
     start_round(params, store, round_id, seed=seed)
     trainer = cache.trainer(params) if cache else None
-    outcomes = [train_site_step(params, store, round_id, spec.id, seed=seed, trainer=trainer)
-                for spec in params.data.sites]
+    outcomes, excluded = [], {}
+    for site_id in params.member_ids():
+        summary, left_out = gated_site(params, site_id)
+        if left_out is not None:
+            excluded[site_id] = left_out.reason
+            continue
+        outcomes.append(train_site_step(params, store, round_id, site_id, seed=seed, trainer=trainer,
+                                        validation=package_validation(summary)))
     aggregated = aggregate_step(params, store, round_id, [o.site_id for o in outcomes])
     sites = {o.site_id: {"sample_counts": o.sample_counts, "metrics": o.metrics, "seconds": o.seconds}
              for o in outcomes}
-    return RoundRecord(round_id, sites, aggregated.rejected)
+    return RoundRecord(round_id, sites, aggregated.rejected, excluded=excluded)
 
 
 def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache | None = None,
@@ -110,10 +122,11 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
             record = federated_round(params, store, round_id, cache, seed)
             model.load_encoders(get_state(store, round_key(round_id, "aggregate", "encoders.safetensors")))
         elif variant.pooled:
-            sites = [params.data.root / s.id for s in params.data.sites]
+            sites = [site_dir(params, s) for s in params.member_ids() if gated_site(params, s)[1] is None]
             pooled = train_site(sites, global_state, params.site, params.data, seed=params.data.seed + seed + r)
             global_state = {**global_state, **pooled.state_dict}
             model.load_encoders(global_state)
+        validate_split_step(params, "public")
         model, injection = inject_step(params, store, round_id, work_dir, model=model, progress=progress)
         losses = injection["losses"]
         record.injection = {"steps": len(losses), "seconds": injection["seconds"],
@@ -121,7 +134,9 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
         global_state = {**global_state, **model.encoder_state()}  # encoders go back to the sites
         finish_round(store, round_id)  # the next round starts from this one's encoders
         rounds.append(record)
-    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data, progress=progress)
+    validate_split_step(params, "test")
+    metrics = evaluate(model, split_dir(params, "test"), params.eval, params.site, params.data,
+                       public_dir=split_dir(params, "public"), progress=progress)
     metrics["gate"] = gate_table(model)  # per (task, modality): which experts the gate mixes
     metrics["gate_distance"] = gate_distance(metrics["gate"])
     plot_gate_heatmap(metrics["gate"], work_dir / "gate_heatmap.png")
@@ -178,6 +193,7 @@ def rescore_experiment(params: Params, out: Path, tasks: tuple[str, ...] | None 
     unknown = [v for v in old["variants"] if v not in VARIANTS]
     if unknown:
         raise ValueError(f"{path}: unknown variant(s) {unknown}")
+    validate_split_step(params, "test")
     trials: dict[str, list[RunResult]] = {}
     trial_seeds = list(range(old.get("first_seed", 0), old.get("first_seed", 0) + old["seeds"]))
     for name, row in old["variants"].items():
@@ -190,7 +206,8 @@ def rescore_experiment(params: Params, out: Path, tasks: tuple[str, ...] | None 
             metrics = json.loads((folder / "metrics.json").read_text())
             model = build_central(params, VARIANTS[name], seed=seed)
             model.load_trainable_state(torch.load(checkpoint, map_location="cpu", weights_only=False)["state"])
-            fresh = evaluate(model, params.data.root / "test", params.eval, params.site, params.data, tasks=tasks)
+            fresh = evaluate(model, split_dir(params, "test"), params.eval, params.site, params.data,
+                             public_dir=split_dir(params, "public"), tasks=tasks)
             metrics["tasks"].update(fresh["tasks"])
             metrics |= summarise(metrics["tasks"])
             write_metrics(metrics, folder / "metrics.json")

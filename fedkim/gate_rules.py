@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, Field
+
+from fedkim.params_base import Strict
 
 Action = Literal["block", "quarantine", "warn"]
 
@@ -109,10 +111,8 @@ def action_of(rule: str, actions: dict[str, str] | None = None) -> Action:
     return (actions or {}).get(rule, ACTIONS.get(rule, "block"))
 
 
-class GateParams(BaseModel):
+class GateParams(Strict):
     """Thresholds of the Great Expectations gate a site's data must pass before it trains (params: data.gate)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     min_samples_per_site: int = Field(20, ge=1)
     min_samples_per_class: int = Field(5, ge=1, description="per task, label value and split")

@@ -58,7 +58,7 @@ def failure_text(exc: BaseException) -> str:
 def round_record(params: Params, store: ArtifactStore, round_id: str, mode: str, flow_run_id: str) -> dict:
     """The round's record as it starts (rounds/<r>/round.json); the flow adds to it as the round goes on."""
     return {"round_id": round_id, "mode": mode, "status": "started", "params_hash": settings_digest(params),
-            "prefect_flow_run_id": flow_run_id, "sites_invited": [s.id for s in params.data.sites],
+            "prefect_flow_run_id": flow_run_id, "sites_invited": params.member_ids(),
             "foundation_model": params.inject.foundation_model, "store": store.uri(round_key(round_id))}
 
 

@@ -19,13 +19,14 @@ never trains, uploads or aggregates twice.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import tempfile
 import time
 import zlib
 from collections.abc import Callable, Collection
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,10 +38,13 @@ from fedkim.central.model import CentralModel
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import Params
 from fedkim.data.catalogue import check_sites
+from fedkim.data.siteformat import SITE_FILE, compute_fingerprint
+from fedkim.data.validate import gate_reason, gate_summary
 from fedkim.federation.aggregate import aggregate
 from fedkim.federation.checks import screen_packages
 from fedkim.federation.package import ValidationSummary, read_manifest, write_package
 from fedkim.federation.store import ArtifactStore, package_prefix
+from fedkim.members import site_dir, split_dir
 from fedkim.site.model import global_model
 from fedkim.site.train import LocalResult, train_site
 
@@ -50,6 +54,10 @@ Trainer = Callable[[Path, dict, int], LocalResult]  # (site folder, global state
 
 class QuorumError(RuntimeError):
     """Fewer sites than `federation.quorum` delivered an acceptable package."""
+
+
+class SplitGateError(RuntimeError):
+    """A server split (public or test) failed the data gate: the round cannot inject or evaluate on it."""
 
 
 def round_key(round_id: str, *parts: str) -> str:
@@ -134,7 +142,7 @@ def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: in
     key = round_key(round_id, "global", "encoders.safetensors")
     if store.exists(key):
         return key
-    check_sites(params.data.sites)
+    check_sites(params.federation.members)
     state = global_model(params.site, params.data, seed=params.data.seed + seed).state_dict()
     previous = latest_round(store)
     if previous is not None and previous != str(round_id):
@@ -148,33 +156,89 @@ def latest_round(store: ArtifactStore) -> str | None:
     return get_json(store, LATEST_KEY)["round_id"] if store.exists(LATEST_KEY) else None
 
 
-def validate_site_step(params: Params, site_id: str, *, write_docs: bool = True):
-    """The GX gate on one site's data (runs at the site). Returns the ValidationReport; never raises for bad data."""
+_GATE_REPORTS: dict[tuple, tuple] = {}  # (directory, content, gate params) -> (ValidationReport, docs written)
+
+
+def _gate(directory: Path, params: Params, *, write_docs: bool, reports_dir: Path | None = None):
+    """The GX gate on one directory, its report reused within this process while the directory's content (files
+    and site.yaml) and the gate params are unchanged: an experiment's many rounds pay for GX once per site, and a
+    site's training finds what its gate quarantined. Hashing the content still reads every file, so a changed
+    directory is always gated again."""
     from fedkim.data.validate import validate_site
 
-    return validate_site(params.data.root / site_id, params.data.gate, write_docs=write_docs)
+    try:
+        manifest = hashlib.sha256((directory / SITE_FILE).read_bytes()).hexdigest()
+        key = (str(directory.resolve()), compute_fingerprint(directory), manifest, params.data.gate.model_dump_json(),
+               params.data.icu_hours)
+    except OSError:  # no directory or no site.yaml: the gate reports it
+        key = None
+    cached = _GATE_REPORTS.get(key) if key is not None else None
+    if cached is None or (write_docs and not cached[1]):
+        report = validate_site(directory, params.data.gate, write_docs=write_docs, reports_dir=reports_dir,
+                               icu_hours=params.data.icu_hours)
+        if key is None:
+            return report
+        _GATE_REPORTS[key] = (report, write_docs)
+    return _GATE_REPORTS[key][0]
+
+
+def validate_site_step(params: Params, site_id: str, *, write_docs: bool = True):
+    """The GX gate on one member's data (runs at the site). Returns the ValidationReport; never raises for bad
+    data. A provided (real) site directory is only read: its report files go to federation.work_dir/gate/<id>."""
+    provided = params.member(site_id).data == "provided"
+    reports = params.federation.work_dir / "gate" / site_id if provided else None
+    return _gate(site_dir(params, site_id), params, write_docs=write_docs, reports_dir=reports)
+
+
+def validate_split_step(params: Params, split: str) -> dict:
+    """The gate on a server split (`public` before injection, `test` before evaluation): its summary, or
+    SplitGateError naming the split and the failed rules. Report files are not written into the split."""
+    summary = gate_summary(_gate(split_dir(params, split), params, write_docs=False))
+    if not summary["success"]:
+        raise SplitGateError(f"server split {split!r} ({split_dir(params, split)}): {gate_reason(summary)}")
+    return summary
+
+
+def package_validation(summary: dict) -> ValidationSummary:
+    """What a knowledge package says of its site's gate, from the gate's summary (fedkim.data.validate)."""
+    return ValidationSummary(success=summary["success"], findings=len(summary["findings"]))
+
+
+def gated_site(params: Params, site_id: str) -> tuple[dict, SiteOutcome | None]:
+    """The gate summary of a member, and its `excluded` outcome (with the reason) when it failed the gate. No data
+    docs: the summary is what a plain-Python round or an experiment keeps."""
+    summary = gate_summary(validate_site_step(params, site_id, write_docs=False))
+    if summary["success"]:
+        return summary, None
+    return summary, SiteOutcome(site_id, "excluded", gate_reason(summary), validation=summary)
 
 
 def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id: str, *,
-                    validation: ValidationSummary | None = None, progress: bool = False, seed: int = 0,
-                    trainer: Trainer | None = None, quarantined: Collection[str] = ()) -> SiteOutcome:
+                    validation: ValidationSummary, progress: bool = False, seed: int = 0,
+                    trainer: Trainer | None = None, quarantined: Collection[str] | None = None) -> SiteOutcome:
     """Train at one site from the round's global model and upload its knowledge package (runs at the site).
-    `seed` shifts the training seed (a trial); `trainer` replaces `train_site` (the experiment's shared cache)
-    and is given `exclude=` when the gate quarantined samples; `quarantined`: those samples' ids, left out."""
+    `validation`: what the data gate found for this site (package_validation), carried by the package.
+    `quarantined`: the samples the gate left out (default: what the site's gate report says, reused from this
+    process when the gate ran here). `seed` shifts the training seed (a trial); `trainer` replaces `train_site`
+    (the experiment's shared cache) and is given `exclude=` when the gate quarantined samples."""
+    if not isinstance(validation, ValidationSummary):
+        raise ValueError(f"{site_id}: train_site_step needs the data gate's summary of the site (got {validation!r})")
     prefix = package_prefix(round_id, site_id)
     if store.exists(f"{prefix}/manifest.json"):  # this site already reported for this round
         return SiteOutcome.from_manifest(read_manifest_from_store(store, prefix), "reused")
     global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
-    train = trainer or (lambda site_dir, state, seed_, **kw: train_site(site_dir, state, params.site, params.data,
-                                                                        seed=seed_, progress=progress, **kw))
+    train = trainer or (lambda site_dir_, state, seed_, **kw: train_site(site_dir_, state, params.site, params.data,
+                                                                         seed=seed_, progress=progress, **kw))
+    if quarantined is None:
+        quarantined = validate_site_step(params, site_id, write_docs=False).quarantined
     exclude = {"exclude": sorted(quarantined)} if quarantined else {}
-    local = train(params.data.root / site_id, global_state, round_seed(round_id, params.data.seed + seed), **exclude)
+    local = train(site_dir(params, site_id), global_state, round_seed(round_id, params.data.seed + seed), **exclude)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / site_id
         write_package(folder, local.state_dict, site_id=site_id, round_id=str(round_id),
                       sample_counts=local.sample_counts, task_counts=local.task_counts,
                       data_fingerprint=local.data_fingerprint, local_metrics=finite_metrics(local.metrics),
-                      validation_summary=validation or ValidationSummary(success=True, findings=0))
+                      validation_summary=validation)
         # The manifest goes last: its presence is what marks the package as complete.
         files = sorted(folder.iterdir(), key=lambda f: f.name == "manifest.json")
         for f in files:
@@ -241,7 +305,7 @@ def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: P
     if store.exists(done) and model is None:
         return load_central(params, store, round_id, injected=True), get_json(store, done)
     model = model if model is not None else load_central(params, store, round_id, injected=False)
-    result = inject(model, params.data.root / "public", params.inject, params.site, params.data,
+    result = inject(model, split_dir(params, "public"), params.inject, params.site, params.data,
                     round_id=str(round_id), checkpoint_dir=Path(work_dir) / "checkpoints", progress=progress)
     model.to("cpu")
     summary = {"round_id": str(round_id), "losses": result.losses, "lrs": result.lrs, "tasks": result.tasks,
@@ -257,7 +321,8 @@ def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: Ce
     key = round_key(round_id, "evaluation", "metrics.json")
     if store.exists(key):
         return get_json(store, key)
-    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data, progress=progress)
+    metrics = evaluate(model, split_dir(params, "test"), params.eval, params.site, params.data,
+                       public_dir=split_dir(params, "public"), progress=progress)
     metrics["gate"] = gate_table(model)
     put_json(store, key, metrics)
     return metrics
@@ -271,24 +336,32 @@ def finish_round(store: ArtifactStore, round_id: str) -> None:
 
 def run_round(params: Params, store: ArtifactStore, round_id: str, work_dir: Path, *,
               progress: bool = False) -> dict:
-    """The whole round in plain Python, sites one after another (the orchestration-free baseline)."""
+    """The whole round in plain Python, sites one after another (the orchestration-free baseline): each member's
+    data gate, then its training (a member that fails the gate is left out with its reason; the quorum decides);
+    the public split's gate before injection, the test split's before evaluation (SplitGateError stops the round)."""
     started = time.perf_counter()
     timer = PhaseTimer()
     with timer("start"):
         start_round(params, store, round_id)
     sites = []
-    for s in params.data.sites:
-        with timer(f"site:{s.id}"):
-            sites.append(train_site_step(params, store, round_id, s.id, progress=progress))
+    for site_id in params.member_ids():
+        with timer(f"site:{site_id}"):
+            summary, excluded = gated_site(params, site_id)
+            sites.append(excluded or replace(train_site_step(params, store, round_id, site_id, progress=progress,
+                                                             validation=package_validation(summary)),
+                                             validation=summary))
     with timer("aggregate"):
-        agg = aggregate_step(params, store, round_id, [s.site_id for s in sites])
+        agg = aggregate_step(params, store, round_id, [s.site_id for s in sites if s.status != "excluded"])
     with timer("inject"):
+        splits = {"public": validate_split_step(params, "public")}
         model, injection = inject_step(params, store, round_id, work_dir, progress=progress)
     with timer("evaluate"):
+        splits["test"] = validate_split_step(params, "test")
         metrics = evaluate_step(params, store, round_id, model, progress=progress)
     with timer("finish"):
         finish_round(store, round_id)
     return {"round_id": str(round_id), "sites": [s.as_dict() for s in sites], "aggregate": asdict(agg),
+            "data_gate": {**{s.site_id: s.validation for s in sites}, **splits},
             "injection": {k: v for k, v in injection.items() if k not in ("losses", "lrs", "tasks")},
             "metrics": metrics, "seconds": round(time.perf_counter() - started, 1), "timings": timer.seconds}
 

@@ -3,8 +3,7 @@
     round.py    flow `fedkim` (deployment `fedkim/round`): one federated round; `python -m flows.round`
     site.py     flow `fedkim-site` (deployments `fedkim-site/<site-id>`): a site's gate, training and upload
     dispatch.py how the round reaches its sites: tasks in its own process, or the sites' deployments
-
-Deployments, work pools and the round's schedule: prefect.yaml at the repo root."""
+    deploy.py   `fedkim deploy`: the deployments, work pools and the round's schedule, from params.yaml's members"""
 
 import logging
 

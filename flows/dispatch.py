@@ -33,10 +33,10 @@ def run_sites_here(params: Params, store: ArtifactStore, round_id: str, progress
     With 0 (all) or more than 1, trainings run concurrently in the task pool, at most that many at once; the limit
     is applied here, before submission, so that waiting never counts against a task's timeout."""
     validate, train = site_tasks(params)
-    limit = params.federation.parallel_sites or len(params.data.sites)
+    limit = params.federation.parallel_sites or len(params.federation.members)
     attempts = params.federation.retries + 1
     outcomes: dict[str, SiteOutcome] = {}
-    gates = {validate.submit(params, store, round_id, s.id): s.id for s in params.data.sites}
+    gates = {validate.submit(params, store, round_id, s.id): s.id for s in params.federation.members}
 
     def gate_passed(future, site: str) -> dict | None:
         """The gate summary when the site may train; otherwise its outcome is recorded and None returned."""
@@ -62,7 +62,7 @@ def run_sites_here(params: Params, store: ArtifactStore, round_id: str, progress
             site = gates[future]
             if (summary := gate_passed(future, site)) is not None:
                 trained(site, summary, lambda: train(params, store, round_id, site, summary, progress=progress))
-        return {s.id: outcomes[s.id] for s in params.data.sites}
+        return {s.id: outcomes[s.id] for s in params.federation.members}
 
     ready: list[tuple[str, dict]] = []  # passed the gate, waiting for a training slot
     running: dict = {}
@@ -80,7 +80,7 @@ def run_sites_here(params: Params, store: ArtifactStore, round_id: str, progress
                 continue
             site, summary = running.pop(future)
             trained(site, summary, future.result)
-    return {s.id: outcomes[s.id] for s in params.data.sites}
+    return {s.id: outcomes[s.id] for s in params.federation.members}
 
 
 @task(name="site-deployment", task_run_name="site-{site_id}", cache_policy=NO_CACHE)
@@ -98,8 +98,8 @@ def remote_site_task(store: ArtifactStore, round_id: str, site_id: str, paramete
         run = run_deployment(name, parameters={"site_id": site_id, "round_id": round_id, **parameters},
                              timeout=0, idempotency_key=key, tags=[f"round:{round_id}"])
     except ObjectNotFound:
-        return SiteOutcome(site_id, "failed", f"deployment {name} not found: run `prefect deploy --all` "
-                                              f"(prefect.yaml)")
+        return SiteOutcome(site_id, "failed", f"deployment {name} not found: run `fedkim deploy` "
+                                              f"(one deployment per member of params.yaml)")
     began = time.monotonic()
     with get_client(sync_client=True) as client:
         while not (state := client.read_flow_run(run.id).state) or not state.is_final():
@@ -133,7 +133,7 @@ def run_sites_remote(params: Params, store: ArtifactStore, round_id: str, params
     parameters = {"params_path": params_path, "overrides": overrides or {}, "progress": progress}
     flow_run = runtime.flow_run.id or "local"
     futures = {remote_site_task.submit(store, round_id, s.id, parameters, params.federation.site_start_s,
-                                       site_wait_s(params), f"{flow_run}/{s.id}"): s.id for s in params.data.sites}
+                                       site_wait_s(params), f"{flow_run}/{s.id}"): s.id for s in params.federation.members}
     outcomes = {}
     for future in as_completed(list(futures)):
         site = futures[future]
@@ -141,4 +141,4 @@ def run_sites_remote(params: Params, store: ArtifactStore, round_id: str, params
             outcomes[site] = future.result()
         except Exception as exc:
             outcomes[site] = SiteOutcome(site, "failed", f"site dispatch failed: {failure_text(exc)}")
-    return {s.id: outcomes[s.id] for s in params.data.sites}
+    return {s.id: outcomes[s.id] for s in params.federation.members}

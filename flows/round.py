@@ -29,8 +29,8 @@ from fedkim.federation.store import open_store
 from fedkim.orchestration import (REPORTED, check_round_id, completed_summary, load_settings, mlflow_ui_command,
                                   quorum_failure, reporting, round_record, summary_lines, with_sites)
 from fedkim.report import write_round_report
-from fedkim.rounds import (PhaseTimer, QuorumError, aggregate_step, evaluate_step, finish_round, inject_step,
-                           put_json, round_key, start_round)
+from fedkim.rounds import (PhaseTimer, QuorumError, SiteOutcome, SplitGateError, aggregate_step, evaluate_step,
+                           finish_round, inject_step, put_json, round_key, start_round, validate_split_step)
 from flows.dispatch import run_sites_here, run_sites_remote
 
 
@@ -45,6 +45,8 @@ start_task = task(start_round, name="start-round", cache_policy=NO_CACHE)
 aggregate_task = task(aggregate_step, name="aggregate", cache_policy=NO_CACHE)
 inject_task = task(inject_step, name="inject", cache_policy=NO_CACHE)
 evaluate_task = task(evaluate_step, name="evaluate", cache_policy=NO_CACHE)
+split_gate_task = task(validate_split_step, name="validate-split", task_run_name="validate-{split}",
+                       cache_policy=NO_CACHE)
 register_task = task(tracking.register_round, name="register", cache_policy=NO_CACHE)
 
 
@@ -99,6 +101,14 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
             put_json(store, manifest_key, record | {"status": "failed", "error": message}, overwrite=True)
             raise QuorumError(message) from None
 
+        try:  # the server's own splits pass the gate before injection and evaluation use them
+            with timer("gate"):
+                splits = {name: split_gate_task(params, name) for name in ("public", "test")}
+        except SplitGateError as exc:
+            put_json(store, manifest_key, record | {"status": "failed", "error": str(exc)}, overwrite=True)
+            raise
+        tracking.log_sites(parent, [SiteOutcome(name, "gated", validation=s) for name, s in splits.items()])
+        record |= {"splits": splits}
         work_dir = params.federation.work_dir / round_id
         logged = tracking.log_round(
             parent, params, round_id, sites={s: sites[s].data_fingerprint for s in aggregate.accepted},
@@ -138,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = fedkim_flow(round_id=args.round_id, params_path=args.params,
                               overrides=overrides, mode=args.mode, progress=not args.no_progress)
-    except QuorumError as exc:
+    except (QuorumError, SplitGateError) as exc:
         print(f"\nround failed: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print("\n".join(summary_lines(summary)))
     return 0
 

@@ -13,11 +13,11 @@ from prefect.cache_policies import NO_CACHE
 
 from fedkim.config import Params, default_params_path
 from fedkim.data.validate import gate_reason, gate_summary
-from fedkim.federation.package import ValidationSummary
 from fedkim.federation.store import ArtifactStore, open_store, package_prefix
+from fedkim.members import site_dir
 from fedkim.orchestration import load_settings, retry_delays
-from fedkim.rounds import (SiteOutcome, get_json, put_json, train_site_step, validate_site_step,
-                           validation_key)
+from fedkim.rounds import (SiteOutcome, get_json, package_validation, put_json, train_site_step,
+                           validate_site_step, validation_key)
 
 
 class DataGateError(RuntimeError):
@@ -47,8 +47,7 @@ def train_task(params: Params, store: ArtifactStore, round_id: str, site_id: str
                progress: bool = False) -> SiteOutcome:
     """Local training from the round's global model, then the package upload (idempotent per round)."""
     outcome = train_site_step(params, store, round_id, site_id, progress=progress,
-                              validation=ValidationSummary(success=validation["success"],
-                                                           findings=len(validation["findings"])))
+                              validation=package_validation(validation))
     get_run_logger().info("%s: %s, %s samples, %.1f s", site_id, outcome.status,
                           sum(outcome.sample_counts.values()), outcome.seconds)
     return outcome
@@ -68,12 +67,13 @@ def site_flow(site_id: str, round_id: str, params_path: str | None = None,
     """One site's round at the hospital: gate, then training + upload. Fails (after uploading the gate summary)
     when the data fails the gate, so the site's own pool shows the run red."""
     params, base = load_settings(params_path, overrides)
-    if site_id not in {s.id for s in params.data.sites}:
-        raise ValueError(f"site {site_id!r} is not in data.sites of {params_path or default_params_path()}")
+    if site_id not in params.member_ids():
+        raise ValueError(f"site {site_id!r} is not in federation.members of {params_path or default_params_path()}")
     store = open_store(params.store, base_dir=base)
     validate, train = site_tasks(params)
     validation = validate(params, store, round_id, site_id)
     if not validation["success"]:
         raise DataGateError(f"{site_id}: {gate_reason(validation)} (summary in the store at "
-                            f"{validation_key(round_id, site_id)}; full report at the site in reports/)")
+                            f"{validation_key(round_id, site_id)}; the examples: `fedkim data validate "
+                            f"{site_dir(params, site_id)} --no-docs` at the site)")
     return train(params, store, round_id, site_id, validation, progress=progress).as_dict()

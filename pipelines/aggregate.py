@@ -6,6 +6,7 @@ aggregate.json with the accepted and rejected sites). Fails when fewer than fede
 
 import sys
 
+from fedkim.errors import run_stage
 from fedkim.rounds import QuorumError, aggregate_step
 from pipelines.common import parser, setup
 
@@ -13,7 +14,7 @@ from pipelines.common import parser, setup
 def main(argv: list[str] | None = None) -> int:
     params, store, round_id = setup(parser(__doc__).parse_args(argv))
     try:
-        outcome = aggregate_step(params, store, round_id, [s.id for s in params.data.sites])
+        outcome = aggregate_step(params, store, round_id, params.member_ids())
     except QuorumError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -22,4 +23,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

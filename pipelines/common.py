@@ -27,7 +27,7 @@ def parser(description: str | None, *, store: bool = True, site: bool = False) -
         p.add_argument("--store", required=True, type=Path,
                        help="root folder of the round's LocalStore (relative: to the folder of params.yaml)")
     if site:
-        p.add_argument("--site", required=True, help="site id, one of params.yaml data.sites[].id")
+        p.add_argument("--site", required=True, help="site id, one of params.yaml federation.members[].id")
     return p
 
 
@@ -39,9 +39,9 @@ def setup(args: argparse.Namespace) -> tuple[Params, LocalStore | None, str]:
     params_file = params_path()
     params = load_params(params_file)
     if getattr(args, "site", None) is not None:
-        known = [s.id for s in params.data.sites]
+        known = params.member_ids()
         if args.site not in known:
-            raise SystemExit(f"--site {args.site!r} is not in params.yaml data.sites; known sites: {known}")
+            raise SystemExit(f"--site {args.site!r} is not in params.yaml federation.members; known sites: {known}")
     store = None
     if getattr(args, "store", None) is not None:
         root = args.store if args.store.is_absolute() else params_file.resolve().parent / args.store

@@ -7,11 +7,13 @@ gate weights per task and expert).
 """
 
 import csv
+import sys
 from pathlib import Path
 
 from fedkim.central.evaluate import plot_gate_heatmap
 from fedkim.data.catalogue import TASKS
-from fedkim.rounds import evaluate_step, load_central
+from fedkim.errors import run_stage
+from fedkim.rounds import evaluate_step, load_central, validate_split_step
 from pipelines.common import parser, setup, write_json
 
 COLUMNS = ("f1", "auroc", "accuracy", "primary")
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--gate", required=True, type=Path, help="gate heatmap (PNG) for `dvc plots`")
     args = cli.parse_args(argv)
     params, store, round_id = setup(args)
+    validate_split_step(params, "test")  # SplitGateError: the stage fails naming the split and the rules
     metrics = evaluate_step(params, store, round_id, load_central(params, store, round_id, injected=True))
 
     write_json(args.metrics, {"round_id": round_id, **{k: v for k, v in metrics.items() if k != "gate"}})
@@ -44,4 +47,4 @@ def _number(value) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

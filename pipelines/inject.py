@@ -6,10 +6,12 @@ lr) for `dvc plots`. Checkpoints go to a temporary folder: a DVC rerun never res
 """
 
 import csv
+import sys
 import tempfile
 from pathlib import Path
 
-from fedkim.rounds import inject_step
+from fedkim.errors import run_stage
+from fedkim.rounds import inject_step, validate_split_step
 from pipelines.common import parser, setup
 
 
@@ -18,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     cli.add_argument("--loss-curve", required=True, type=Path, help="CSV of the injection loss per step")
     args = cli.parse_args(argv)
     params, store, round_id = setup(args)
+    validate_split_step(params, "public")  # SplitGateError: the stage fails naming the split and the rules
     with tempfile.TemporaryDirectory(prefix="fedkim-inject-") as work:
         _, summary = inject_step(params, store, round_id, Path(work))
     args.loss_curve.parent.mkdir(parents=True, exist_ok=True)
@@ -31,4 +34,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

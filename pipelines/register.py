@@ -12,15 +12,16 @@ re-running the stage on the same outputs finds the same run and version again; a
 gets its own.
 """
 
+import sys
 from pathlib import Path
 
 from fedkim import tracking
 from fedkim.config import Params
 from fedkim.digests import settings_digest, short_digest
+from fedkim.errors import run_stage
 from fedkim.federation.store import package_prefix
 from fedkim.rounds import SiteOutcome, get_json, load_central, read_manifest_from_store, round_key
 from pipelines.common import params_path, parser, setup, write_json
-
 
 PRODUCED = ("aggregate/encoders.safetensors", "central/trainable.safetensors", "central/encoders.safetensors")
 
@@ -83,4 +84,4 @@ def log_and_register(params: Params, store, round_id: str, tracked_id: str, dige
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_stage(main))

@@ -6,6 +6,7 @@ store that holds a chained round's marker (rounds/LATEST.json, written by the Pr
 
 import sys
 
+from fedkim.errors import run_stage
 from fedkim.rounds import LATEST_KEY, start_round
 from pipelines.common import parser, setup
 
@@ -23,4 +24,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

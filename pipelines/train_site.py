@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from fedkim.federation.package import ValidationSummary
-from fedkim.rounds import train_site_step
+from fedkim.errors import run_stage
+from fedkim.rounds import package_validation, train_site_step
 from pipelines.common import parser, setup
 
 
@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     if not report["success"]:
         print(f"{args.validation}: site {args.site} did not pass the data gate; not training", file=sys.stderr)
         return 1
-    validation = ValidationSummary(success=True, findings=len(report.get("findings", [])))
-    outcome = train_site_step(params, store, round_id, args.site, validation=validation)
+    outcome = train_site_step(params, store, round_id, args.site, validation=package_validation(report),
+                              quarantined=sorted(report.get("quarantine", {})))
     print(f"round {round_id}, {args.site}: {outcome.status} in {outcome.seconds} s, samples {outcome.sample_counts}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from fedkim.errors import run_stage
 from fedkim.rounds import validate_site_step
 from pipelines.common import params_path, parser, setup, write_json
 
@@ -29,4 +30,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -32,7 +32,7 @@ def small_federation(small_params_file):
     from fedkim.data.synth.federation import generate_federation
 
     params = load_params(small_params_file)
-    return generate_federation(params.data)
+    return generate_federation(params)
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,9 @@ runner = CliRunner()
 
 def test_generate_then_cached(tmp_path):
     params = tmp_path / "params.yaml"
-    raw = small_params_dict(tmp_path / "fed", **{"data.sites": [
-        {"id": "site-x", "modalities": ["image", "ecg", "clinical"], "size_factor": 0.4}]})
+    raw = small_params_dict(tmp_path / "fed", **{
+        "federation.members": [{"id": "site-x", "modalities": ["image", "ecg", "clinical"]}],
+        "data.sites": {"site-x": {"size_factor": 0.4}}})
     params.write_text(yaml.safe_dump(raw))
     first = runner.invoke(app, ["data", "generate", "--params", str(params)])
     assert first.exit_code == 0, first.output
@@ -37,13 +38,50 @@ def test_bad_params_exit_2_naming_the_key(tmp_path):
 
 
 def test_generate_refuses_foreign_folder_with_exit_2(tmp_path):
-    (tmp_path / "export").mkdir()
-    (tmp_path / "export" / "keep.txt").write_text("x")
+    (tmp_path / "export" / "site-b").mkdir(parents=True)
+    (tmp_path / "export" / "site-b" / "keep.txt").write_text("x")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(small_params_dict(tmp_path / "export")))
     result = runner.invoke(app, ["data", "generate", "--params", str(params)])
     assert result.exit_code == 2 and "refusing to overwrite" in result.output
-    assert (tmp_path / "export" / "keep.txt").read_text() == "x"
+    assert (tmp_path / "export" / "site-b" / "keep.txt").read_text() == "x"
+
+
+def test_experiment_on_a_foreign_site_folder_or_bad_members_exits_2_with_one_line(tmp_path):
+    """What used to end in a GenerationError traceback: the message names the directory or the key."""
+    (tmp_path / "fed" / "site-a").mkdir(parents=True)  # a hospital's folder where a generated member would go
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(small_params_dict(tmp_path / "fed")))
+    foreign = runner.invoke(app, ["experiment", "--params", str(params), "--out", str(tmp_path / "x")])
+    assert foreign.exit_code == 2, foreign.output
+    assert f"{tmp_path / 'fed' / 'site-a'}: exists but was not generated" in foreign.output.replace("\n", "")
+    assert "Traceback" not in foreign.output and not (tmp_path / "x").exists()
+
+    raw = small_params_dict(tmp_path / "fed")
+    raw["data"]["sites"]["site-z"] = {"prevalence": 0.3}
+    params.write_text(yaml.safe_dump(raw))
+    for command in (["experiment", "--out", str(tmp_path / "x")], ["data", "generate"], ["deploy"]):
+        result = runner.invoke(app, [*command, "--params", str(params)])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        assert "data.sites.site-z: a generator profile, but 'site-z' is not a member" in result.output
+
+
+def test_a_pipeline_stage_exits_2_with_one_line_naming_the_key(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    raw = small_params_dict(tmp_path / "fed")
+    raw["federation"]["members"][0]["data"] = "provided"  # without a path
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "pipelines.generate"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "FEDKIM_PARAMS": str(params)}, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1
+    assert "federation.members.0" in done.stderr and "needs `path`" in done.stderr
 
 
 def test_params_command_prints_resolved_json(small_params_file):

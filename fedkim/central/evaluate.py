@@ -64,12 +64,13 @@ def select_tasks(which: str) -> tuple[str, ...]:
 
 @torch.no_grad()
 def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: SiteTrainingParams, data: DataParams,
-             *, tasks: tuple[str, ...] | None = None, progress: bool = False) -> dict:
+             *, public_dir: str | Path, tasks: tuple[str, ...] | None = None, progress: bool = False) -> dict:
+    """The model on `test_dir`'s test split; `public_dir` (the server's public split) calibrates it label-free."""
     started = time.perf_counter()
     model.eval()
     device = model.projectors[next(iter(model.projectors))].weight.device if len(model.projectors) else "cpu"
     out: dict = {"tasks": {}}
-    public = Path(data.root) / "public"
+    public = Path(public_dir)
     chosen = tasks or select_tasks(p.tasks)
     with Progress("evaluation", len(chosen), logger=log, bar=progress, every=0) as bar:  # a line per task
         for task in chosen:

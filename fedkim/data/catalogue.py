@@ -151,11 +151,11 @@ def tasks_for_modality(modality: str) -> list[Task]:
 
 def check_sites(sites) -> None:
     """Every training task needs a site that holds its modality: raise ConfigError naming the ones none holds.
-    `sites`: the site specs of params (data.sites), each with its modalities."""
+    `sites`: the members of the federation (federation.members), each with its modalities."""
     from fedkim.config import ConfigError
 
     held = {m for s in sites for m in s.modalities}
     missing = sorted({TASKS[t].modality for t in TRAIN_TASKS} - held)
     if missing:
-        raise ConfigError(f"data.sites: no site holds modality {missing}; every training task needs one site "
+        raise ConfigError(f"federation.members: no member holds modality {missing}; every training task needs one "
                           f"({', '.join(t for t in TRAIN_TASKS if TASKS[t].modality in missing)})")

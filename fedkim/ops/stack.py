@@ -3,9 +3,9 @@
     Prefect server   prefect server start      UI + API; its database in $PREFECT_HOME
     MLflow server    mlflow server             the project's SQLite backend + artifact folder
     S3 server        rclone serve s3           a folder per bucket under .fedkim/stack/s3/
-    work pools       prefect work-pool create  process pools `central` and `site-<id>` per site of params.yaml
+    work pools       prefect work-pool create  process pools `central` and each member's (default site-<id>)
     workers          prefect worker start      one per pool, with the environment its flow runs need
-    deployments      prefect deploy            fedkim/round + fedkim-site/<site> from the repo's prefect.yaml
+    deployments      fedkim deploy             fedkim/round + fedkim-site/<id> per member (flows/deploy.py)
 
 The project is the folder of params.yaml. Its `.fedkim/stack/` holds state.json (pids, start times, ports, log
 paths, the S3 key pair; 0600), credentials.json (the key pair, generated once), logs/ and s3/. Process
@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
 
-from fedkim.config import REPO_ROOT, Params, default_params_path, load_params, site_pool
+from fedkim.config import REPO_ROOT, Params, default_params_path, load_params
 from fedkim.ops.processes import (HOST, StackError, alive, find_executable, http_request, launch, port_in_use,
     run_to_end, stop_processes, tcp_open, wait_ready, write_private)
 
@@ -113,7 +113,7 @@ def worker_env(state: dict, pool: str, base: dict[str, str] | None = None) -> di
     s3 = state["s3"]
     env.update({
         "PREFECT_API_URL": state["prefect_api_url"],
-        "FEDKIM_HOME": state["repo"],  # prefect.yaml's pull step: the checkout the flow runs start in
+        "FEDKIM_HOME": state["repo"],  # the deployments' pull step: the checkout the flow runs start in
         "FEDKIM_PARAMS": state["params"],
         "FEDKIM_STORE_KIND": "s3", "FEDKIM_S3_ENDPOINT_URL": s3["endpoint"],
         "AWS_ACCESS_KEY_ID": s3["access_key_id"], "AWS_SECRET_ACCESS_KEY": s3["secret_access_key"],
@@ -136,17 +136,8 @@ def _mlflow_paths(params: Params, project: Path) -> tuple[Path, Path]:
 
 
 def _deployments(params: Params) -> list[str]:
-    """The prefect.yaml deployments this project needs: the round and one per site of params.yaml."""
-    spec_path = REPO_ROOT / "prefect.yaml"
-    if not spec_path.is_file():
-        raise StackError(f"{spec_path} not found: the stack deploys from a fedkim checkout")
-    names = {d.get("name") for d in yaml.safe_load(spec_path.read_text()).get("deployments") or []}
-    wanted = ["round", *(s.id for s in params.data.sites)]
-    missing = [n for n in wanted if n not in names]
-    if missing:
-        raise StackError(f"{spec_path} has no deployment named {', '.join(missing)}: add one per site of "
-                         f"data.sites (entrypoint flows/site.py:site_flow, work pool site-<id>)")
-    return wanted
+    """The deployments `fedkim deploy` (flows/deploy.py) makes: the round and one per member."""
+    return ["fedkim/round", *(f"fedkim-site/{m}" for m in params.member_ids())]
 
 
 # --------------------------------------------------------------------------------------------------- up
@@ -184,7 +175,8 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
              "mlflow_url": mlflow_url, "mlflow_db": str(db), "mlflow_artifacts": str(artifacts),
              "s3": {"endpoint": s3_url, "bucket": params.store.bucket, "prefix": params.store.prefix,
                     "region": params.store.region, "data": str(folder / "s3"), **creds},
-             "pools": [CENTRAL_POOL, *(site_pool(s.id) for s in params.data.sites)], "services": {}}
+             "pools": list(dict.fromkeys([CENTRAL_POOL, *(m.pool for m in params.federation.members)])),
+             "services": {}}
     services, logs = state["services"], folder / "logs"
     transient: list[dict] = []  # pool creation and deployment: stopped as well when `up` fails half-way
     t0 = time.monotonic()
@@ -229,9 +221,8 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
         say(f"work pools {', '.join(state['pools'])}"
             + (f" (created {', '.join(missing)})" if missing else ""))
 
-        # Deployment and workers at once: workers only poll, and `prefect deploy` imports the flows (slow).
-        deploy = launch("deploy", [prefect, "--no-prompt", "deploy", *(a for n in deployments for a in
-                                                                        ("--name", n))],
+        # Deployment and workers at once: workers only poll, and deploying imports the flows (slow).
+        deploy = launch("deploy", [sys.executable, "-m", "flows.deploy", "--params", str(params_path)],
                         {**api_env, "FEDKIM_HOME": str(REPO_ROOT)}, logs, REPO_ROOT)
         transient.append(deploy)
         for pool in state["pools"]:
@@ -244,9 +235,8 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
         wait_ready(f"MLflow server on port {ports.mlflow}",
                    lambda: http_request(f"{mlflow_url}/health")[0] == 200, services["mlflow"], timeout_s)
         say("MLflow and S3 servers healthy")
-        run_to_end(f"`prefect deploy` (prefect.yaml of {REPO_ROOT})", deploy, timeout_s)
-        say("deployments " + ", ".join("fedkim/round" if n == "round" else f"fedkim-site/{n}"
-                                       for n in deployments))
+        run_to_end(f"`fedkim deploy` (flows/deploy.py of {REPO_ROOT})", deploy, timeout_s)
+        say("deployments " + ", ".join(deployments))
         for pool in state["pools"]:
             wait_ready(f"worker of pool {pool}", lambda p=pool: _worker_online(api_url, p),
                        services[f"worker-{pool}"], timeout_s)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.entities import RunTag
 
 from fedkim.config import Params
+from fedkim.members import SERVER_SPLITS
 from fedkim.tracking.connection import ROUND, client
 from fedkim.tracking.promotion import PromotionResult, promote
 from fedkim.tracking.registry import champion_figures, find_version, register
@@ -37,12 +38,13 @@ def _untimed(phase: str) -> AbstractContextManager:
 
 
 def log_sites(parent, outcomes: Iterable[SiteOutcome]) -> None:
-    """A nested run per site (local metrics, sample counts, its data gate's summary); sites logged before under
-    this parent are left as they are."""
+    """A nested run per site (local metrics, sample counts, its data gate's summary), or per server split whose
+    gate ran (kind split: public, test); those logged before under this parent are left as they are."""
     for outcome in outcomes:
         log_site(parent, outcome.site_id, metrics=outcome.metrics, sample_counts=outcome.sample_counts,
                  validation=outcome.validation or {"success": "unknown"},
-                 fingerprint=outcome.data_fingerprint or None)
+                 fingerprint=outcome.data_fingerprint or None,
+                 kind="split" if outcome.site_id in SERVER_SPLITS else "site")
 
 
 def tag_sites(parent, outcomes: Iterable[SiteOutcome]) -> None:

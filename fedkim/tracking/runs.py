@@ -149,18 +149,19 @@ def _now_ms() -> int:
 
 
 def log_site(parent, site_id: str, *, metrics: dict, validation: dict | Any, sample_counts: dict[str, int],
-             fingerprint: str | None = None) -> str:
+             fingerprint: str | None = None, kind: str = "site") -> str:
     """A finished nested run for one site's contribution: local validation metrics (local.<task>.<metric>),
     sample counts (samples.<modality>), the data gate's summary (tag + validation.json). Returns its run id; a site
-    already logged under this parent is returned as is (re-run rounds do not log twice)."""
-    existing = find_child_run(parent, "site", site_id)
+    already logged under this parent is returned as is (re-run rounds do not log twice). kind "split": a server
+    split's gate (public, test), logged the same way."""
+    existing = find_child_run(parent, kind, site_id)
     if existing is not None:
         return existing.info.run_id
     summary = validation.model_dump(mode="json") if hasattr(validation, "model_dump") else dict(validation)
     tags = {SITE: site_id, "fedkim.validation.success": str(summary.get("success", "unknown")).lower()}
     if fingerprint:
         tags["fedkim.data_fingerprint"] = fingerprint
-    run_id, _ = _child(parent, "site", f"site-{site_id}", tags)
+    run_id, _ = _child(parent, kind, f"{kind}-{site_id}", tags)
     mlflow_client = client()
     try:
         values = numeric_items(metrics, "local") | numeric_items(summary, "validation")

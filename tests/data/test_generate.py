@@ -50,7 +50,7 @@ def test_layout_and_manifests(small_federation):
 
 def test_zero_shot_tasks_only_in_test_and_sites_hold_only_their_modalities(small_federation):
     root = small_federation.root
-    params = {s.id: s for s in load_params(root.parent / "params.yaml").data.sites}
+    params = {s.id: s for s in load_params(root.parent / "params.yaml").generated_sites()}
     for site_id, spec in params.items():
         index = read_index(root / site_id)
         assert set(index["task"]) <= set(TRAIN_TASKS)
@@ -89,37 +89,37 @@ def test_site_heterogeneity_is_real(small_federation):
 
 
 def test_reproducible_under_a_seed_and_cached(tmp_path, small_federation):
-    again = generate_federation(params_at(tmp_path, tmp_path / "again").data)
+    again = generate_federation(params_at(tmp_path, tmp_path / "again"))
     assert {m.site_id: m.fingerprint for m in again.sites} == {m.site_id: m.fingerprint for m in small_federation.sites}
     # Byte for byte, top-level files included: DVC hashes the whole folder, so a regenerated one must not
     # differ (sites' reports/ folders are the validation gate's, written later by other tests).
     files = lambda root: {p.relative_to(root): p.read_bytes() for p in root.rglob("*")  # noqa: E731
                           if p.is_file() and "reports" not in p.relative_to(root).parts}
     assert files(again.root) == files(small_federation.root)
-    cached = generate_federation(params_at(tmp_path, tmp_path / "again").data)
+    cached = generate_federation(params_at(tmp_path, tmp_path / "again"))
     assert cached.cached and cached.params_hash == again.params_hash
-    other = generate_federation(params_at(tmp_path, tmp_path / "other", **{"data.seed": 7}).data)
+    other = generate_federation(params_at(tmp_path, tmp_path / "other", **{"data.seed": 7}))
     assert other.params_hash != again.params_hash
     assert all(a.fingerprint != b.fingerprint for a, b in zip(other.sites, again.sites))
 
 
 def test_changed_params_replace_a_generated_federation_atomically(tmp_path):
     root = tmp_path / "fed"
-    first = generate_federation(params_at(tmp_path, root, **{"data.sites": _two_sites()}).data)
-    second = generate_federation(params_at(tmp_path, root, **{"data.sites": _two_sites(), "data.seed": 9}).data)
+    first = generate_federation(params_at(tmp_path, root, **_two_sites()))
+    second = generate_federation(params_at(tmp_path, root, **_two_sites(), **{"data.seed": 9}))
     assert first.params_hash != second.params_hash and not second.cached
     assert yaml.safe_load((root / "federation.yaml").read_text())["params_hash"] == second.params_hash
-    assert not (tmp_path / "fed.partial").exists() and not (tmp_path / "fed.old").exists()
+    assert sorted(p.name for p in root.iterdir()) == ["federation.yaml", "public", "site-x", "site-y", "test"]
 
 
 def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path):
     root = tmp_path / "hospital-export"
-    root.mkdir()
-    precious = root / "patients.csv"
+    (root / "site-a").mkdir(parents=True)
+    precious = root / "site-a" / "patients.csv"
     precious.write_text("do not lose me")
-    with pytest.raises(GenerationError, match="not a generated federation"):
-        generate_federation(params_at(tmp_path, root).data)
-    assert precious.read_text() == "do not lose me"
+    with pytest.raises(GenerationError, match=r"site-a: exists but was not generated here \(not recorded in "):
+        generate_federation(params_at(tmp_path, root))
+    assert precious.read_text() == "do not lose me" and sorted(p.name for p in root.iterdir()) == ["site-a"]
 
 
 def test_clinical_files_are_long_format_with_one_window_per_task(small_federation):
@@ -133,11 +133,10 @@ def test_clinical_files_are_long_format_with_one_window_per_task(small_federatio
         assert np.isfinite(frame["value"]).all()
 
 
-def _two_sites():
-    return [
-        {"id": "site-x", "modalities": ["image", "ecg", "clinical"], "size_factor": 0.4},
-        {"id": "site-y", "modalities": ["ecg", "clinical"], "size_factor": 0.4},
-    ]
+def _two_sites() -> dict:
+    return {"federation.members": [{"id": "site-x", "modalities": ["image", "ecg", "clinical"]},
+                                   {"id": "site-y", "modalities": ["ecg", "clinical"]}],
+            "data.sites": {"site-x": {"size_factor": 0.4}, "site-y": {"size_factor": 0.4}}}
 
 
 def test_every_generated_directory_passes_the_gate(small_federation):
@@ -155,12 +154,12 @@ def test_labelled_ecgs_carry_routine_artifacts_at_the_configured_share(small_fed
     """Recorded ECGs are not all clean (PTB-XL annotates drift, static and burst noise): a share of the labelled
     tasks' records carry one artifact, so encoders and the label-free calibration see them before ecg_noise_qa."""
     root = small_federation.root
-    params = load_params(root.parent / "params.yaml").data
-    records = [(root / site.id / rel, site.ecg.powerline_hz) for site in params.sites if "ecg" in site.modalities
-               for rel in read_index(root / site.id)["ecg_path"].dropna()]
+    params = load_params(root.parent / "params.yaml")
+    records = [(root / site.id / rel, site.ecg.powerline_hz) for site in params.generated_sites()
+               if "ecg" in site.modalities for rel in read_index(root / site.id)["ecg_path"].dropna()]
 
     with_mains = sum(has_mains(path, mains) for path, mains in records)
-    expected = params.difficulty.ecg_artifacts / 3 * len(records)  # powerline is one of three artifacts
+    expected = params.data.difficulty.ecg_artifacts / 3 * len(records)  # powerline is one of three artifacts
     assert 0.3 * expected < with_mains < 2 * expected + 3, (with_mains, expected, len(records))
 
 
@@ -171,8 +170,8 @@ def test_ecg_noise_questions_verify_or_query_the_noise_the_record_carries(tmp_pa
     from fedkim.data.synth.ecg import build_bank
     from fedkim.data.synth.federation import _make_ecg
 
-    data = params_at(tmp_path, tmp_path / "unused").data
-    site = data.sites[0]
+    params = params_at(tmp_path, tmp_path / "unused")
+    data, site = params.data, params.generated_sites()[0]
     bank = build_bank(data.seed, 2, data.difficulty.ecg_effect, data.difficulty.ecg_variability)
     rng, questions, paths = np.random.default_rng(0), [], {}
     for i in range(120):

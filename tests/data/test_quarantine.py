@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedkim.config import ConfigError, DataParams, GateParams, SiteSpec, SiteTrainingParams
+from fedkim.config import ConfigError, DataParams, GateParams, SiteTrainingParams
 from fedkim.data.batches import task_dataset
 from fedkim.data.formats.clinical import read_long, write_long
 from fedkim.data.siteformat import REPORTS_DIR
@@ -23,7 +23,7 @@ from tests.helpers.sites import build_site, refinalize
 N = 6  # per (task, split, label): the default minimum is 5
 TINY_SITE = SiteTrainingParams(epochs=1, batch_size=8, token_dim=16, clinical_heads=2, head_hidden=8,
                                device="cpu", decode_cache_mb=0)
-DATA = DataParams(sites=[SiteSpec(id="site-t", modalities=["clinical"])])
+DATA = DataParams()
 
 
 @pytest.fixture(scope="module")
@@ -163,13 +163,16 @@ def test_a_quarantined_file_names_every_sample_that_uses_it(site):
 def test_a_round_step_trains_without_the_quarantined_samples(params, tmp_path):
     from fedkim.data.siteformat import read_index
     from fedkim.federation.store import LocalStore
-    from fedkim.rounds import start_round, train_site_step
+    from fedkim.members import site_dir
+    from fedkim.rounds import gated_site, package_validation, start_round, train_site_step
 
     store = LocalStore(tmp_path / "store")
     start_round(params, store, "1")
-    site = params.data.sites[0].id
-    index = read_index(params.data.root / site)
+    site = params.member_ids()[0]
+    index = read_index(site_dir(params, site))
     train = index[(index["split"] == "train") & (index["modality"] == "clinical")]
     left_out = list(train["sample_id"][:3])
-    outcome = train_site_step(params, store, "1", site, quarantined=left_out)
+    summary, excluded = gated_site(params, site)
+    assert excluded is None
+    outcome = train_site_step(params, store, "1", site, validation=package_validation(summary), quarantined=left_out)
     assert outcome.status == "trained" and outcome.sample_counts["clinical"] == len(train) - 3

@@ -1,12 +1,28 @@
 """A round as idempotent steps around a real local store: tiny FM, the small federation."""
 
+import shutil
+
 import pytest
 import torch
+import yaml
 
 from fedkim.digests import sha256_file
-from fedkim.federation.store import LocalStore, package_key
-from fedkim.rounds import (QuorumError, aggregate_step, get_state, latest_round, round_key, run_round,
-                           start_round, train_site_step)
+from fedkim.federation.store import LocalStore, package_key, package_prefix
+from fedkim.rounds import (
+    QuorumError,
+    SplitGateError,
+    aggregate_step,
+    gated_site,
+    get_state,
+    latest_round,
+    package_validation,
+    read_manifest_from_store,
+    round_key,
+    run_round,
+    start_round,
+    train_site_step,
+)
+from tests.helpers import TINY, keep_members, small_params_dict, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -19,9 +35,9 @@ def test_a_round_reruns_without_duplicating_anything_and_the_next_starts_from_it
     store = LocalStore(tmp_path / "store")
     first = run_round(params, store, "1", tmp_path / "work")
     assert {s["status"] for s in first["sites"]} == {"trained"}
-    assert set(first["aggregate"]["accepted"]) == {s.id for s in params.data.sites}
+    assert set(first["aggregate"]["accepted"]) == set(params.member_ids())
     assert first["metrics"]["tasks"] and latest_round(store) == "1"
-    assert set(first["timings"]) == {"start", *(f"site:{s.id}" for s in params.data.sites), "aggregate", "inject",
+    assert set(first["timings"]) == {"start", *(f"site:{s}" for s in params.member_ids()), "aggregate", "inject",
                                      "evaluate", "finish"}
     before = snapshot(store)
 
@@ -44,9 +60,9 @@ def test_a_round_reruns_without_duplicating_anything_and_the_next_starts_from_it
 def test_a_tampered_package_is_rejected_with_its_reason_and_the_quorum_decides(params, tmp_path):
     store = LocalStore(tmp_path / "store")
     start_round(params, store, "7")
-    sites = [s.id for s in params.data.sites[:2]]
+    sites = params.member_ids()[:2]
     for site in sites:
-        train_site_step(params, store, "7", site)
+        train_site_step(params, store, "7", site, validation=package_validation(gated_site(params, site)[0]))
     # Corrupt one site's tensors after upload: the package's own sha256 no longer matches its manifest.
     tensors = store.root / package_key("7", sites[0], "encoders.safetensors")
     tensors.write_bytes(tensors.read_bytes()[:-8] + b"\0" * 8)
@@ -72,9 +88,9 @@ def test_a_model_rebuilt_from_the_store_answers_exactly_like_the_injected_one(pa
 
     store = LocalStore(tmp_path / "store")
     start_round(params, store, "3")
-    for site in params.data.sites[:2]:
-        train_site_step(params, store, "3", site.id)
-    aggregate_step(params, store, "3", [s.id for s in params.data.sites[:2]])
+    for site in params.member_ids()[:2]:
+        train_site_step(params, store, "3", site, validation=package_validation(gated_site(params, site)[0]))
+    aggregate_step(params, store, "3", params.member_ids()[:2])
     injected, _ = inject_step(params, store, "3", tmp_path / "work")
     torch.manual_seed(12345)  # a different global RNG state, as in another process
     torch.rand(1000)
@@ -83,3 +99,53 @@ def test_a_model_rebuilt_from_the_store_answers_exactly_like_the_injected_one(pa
         batch = batch_of(params, task)
         expected = injected.option_logprobs(batch, task, [["No", "Yes"]] * 4)
         assert torch.allclose(rebuilt.option_logprobs(batch, task, [["No", "Yes"]] * 4), expected, atol=1e-5)
+
+
+def test_a_site_needs_its_gate_summary_to_train(params, tmp_path):
+    with pytest.raises(TypeError):
+        train_site_step(params, LocalStore(tmp_path / "store"), "1", "site-a")  # the gate's summary is required
+    with pytest.raises(ValueError, match="site-a: train_site_step needs the data gate's summary"):
+        train_site_step(params, LocalStore(tmp_path / "store"), "1", "site-a", validation=None)
+
+
+def test_a_round_gates_provided_members_and_the_server_splits(small_federation, tmp_path):
+    """site-a joins as a provided directory (a copy outside data.root), site-b's provided directory fails the gate
+    and is left out with its reason, site-c is generated; the quorum of 2 is met. A public split that fails the
+    gate stops the round naming `public`; pointed at a good one, the same round completes."""
+    root = small_federation.root
+    shutil.copytree(root / "site-a", tmp_path / "hospitals" / "site-a")
+    shutil.copytree(root / "site-b", tmp_path / "hospitals" / "site-b")
+    (tmp_path / "hospitals" / "site-b" / "index.parquet").unlink()
+    shutil.copytree(root / "public", tmp_path / "server" / "public")
+    next((tmp_path / "server" / "public" / "images").rglob("*.png")).write_bytes(b"not a PNG")
+    hospitals = snapshot_files(tmp_path / "hospitals")
+
+    raw = keep_members(small_params_dict(root, **TINY), ["site-a", "site-b", "site-c"])
+    for member in raw["federation"]["members"][:2]:
+        member |= {"data": "provided", "path": f"hospitals/{member['id']}"}
+        del raw["data"]["sites"][member["id"]]
+    raw["federation"]["splits"] = {"public": {"data": "provided", "path": "server/public"}}
+    params = write_params(tmp_path, raw)
+    store = LocalStore(tmp_path / "store")
+
+    with pytest.raises(SplitGateError, match=r"server split 'public' .*data gate failed.*file\.decodes"):
+        run_round(params, store, "1", tmp_path / "work")
+    raw["federation"]["splits"] = {}  # the generated public split of data.root
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    summary = run_round(write_params(tmp_path, raw), store, "1", tmp_path / "work")
+
+    sites = {s["site_id"]: s for s in summary["sites"]}
+    assert sites["site-a"]["status"] == "reused" and sites["site-c"]["status"] == "reused"  # trained before
+    assert sites["site-b"]["status"] == "excluded" and "index.readable" in sites["site-b"]["reason"]
+    assert summary["aggregate"]["accepted"] == ["site-a", "site-c"]
+    gate = summary["data_gate"]
+    assert gate["site-a"]["success"] and gate["site-a"]["stats"]["expectations"] > 0
+    assert gate["public"]["success"] and gate["test"]["success"] and not gate["site-b"]["success"]
+    manifest = read_manifest_from_store(store, package_prefix("1", "site-a"))
+    assert manifest.validation_summary.success and manifest.validation_summary.findings == 0
+    assert snapshot_files(tmp_path / "hospitals") == hospitals  # the gate wrote nothing into provided directories
+
+
+def snapshot_files(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}

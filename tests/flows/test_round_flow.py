@@ -16,14 +16,13 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterTags, TaskRunFilter,
                                             TaskRunFilterName)
-from prefect.settings import PREFECT_HOME, temporary_settings
-from prefect.testing.utilities import prefect_test_harness
 
-from fedkim.config import REPO_ROOT, load_params
+from fedkim.config import load_params
 from fedkim.federation.store import LocalStore, package_key, package_prefix
 from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_round
 from flows.round import fedkim_flow
 from tests.helpers import TINY, small_params_dict
+from tests.helpers.servers import prefect_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -35,9 +34,8 @@ FAST = {**TINY, "federation.retries": 1, "federation.retry_delay_s": 0, "federat
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
-    with temporary_settings({PREFECT_HOME: tmp_path_factory.mktemp("prefect-home")}):
-        with prefect_test_harness(server_startup_timeout=180):
-            yield
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +114,8 @@ def test_a_simulation_round_registers_a_version_and_writes_its_report(clean_roun
     stored = get_json(store, round_key("1", "round.json"))
     assert stored["status"] == "completed"
     # Wall seconds per phase (the orchestration benchmark's breakdown): every phase ran, none outlasts the round.
-    phases = {"setup", "tracking", "start", "sites", "aggregate", "inject", "evaluate", "register", "report"}
+    phases = {"setup", "tracking", "start", "sites", "aggregate", "gate", "inject", "evaluate", "register",
+              "report"}
     assert set(stored["timings"]) == phases and all(0 <= t <= stored["seconds"] for t in stored["timings"].values())
 
     model = summary["model"]
@@ -125,6 +124,9 @@ def test_a_simulation_round_registers_a_version_and_writes_its_report(clean_roun
 
     parent = runs(folder, "1", "round")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    # The server's splits passed the gate before injection and evaluation; logged as the sites' gates are.
+    assert stored["splits"]["public"]["success"] and stored["splits"]["test"]["success"]
+    assert {r.data.tags["fedkim.site_id"] for r in runs(folder, "1", "split")} == {"public", "test"}
     assert parent[0].data.tags["fedkim.registered_version"] == "1"
     assert len(runs(folder, "1", "site")) == 4 and len(runs(folder, "1", "injection")) == 1
 
@@ -309,24 +311,3 @@ def test_federated_round_runs_each_site_as_its_own_deployment(prefect_api, broke
     store = LocalStore(tmp_path / "store")
     assert all(store.exists(package_key("4", s, "manifest.json")) for s in ("site-a", "site-c"))
     assert summary["model"]["version"] == 1
-
-
-# ------------------------------------------------------------------------------------------- prefect.yaml
-def test_prefect_yaml_deploys_the_round_and_one_site_deployment_per_site():
-    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
-    sites = [s["id"] for s in yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["data"]["sites"]]
-    deployments = {d["name"]: d for d in spec["deployments"]}
-    round_ = deployments.pop("round")
-    assert round_["entrypoint"] == "flows/round.py:fedkim_flow" and round_["work_pool"]["name"] == "central"
-    assert round_["schedules"][0]["active"] is False and round_["concurrency_limit"]["limit"] == 1
-    assert {d["entrypoint"] for d in deployments.values()} == {"flows/site.py:site_flow"}
-    from flows.round import fedkim_flow as round_flow
-    from fedkim.config import site_pool
-    from flows.site import site_flow
-
-    assert {n: (d["work_pool"]["name"], d["parameters"]["site_id"]) for n, d in deployments.items()} == {
-        s: (site_pool(s), s) for s in sites}
-    assert site_pool("charite") == "site-charite"
-
-    assert (round_flow.name, site_flow.name) == ("fedkim", "fedkim-site")  # fedkim/round, fedkim-site/<site>
-    assert "{{ $FEDKIM_HOME }}" in str(spec["pull"])  # no machine path: each worker says where its checkout is

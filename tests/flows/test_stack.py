@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from fedkim.ops import processes, stack
 from fedkim.cli import app
-from tests.helpers import TINY, small_params_dict
+from tests.helpers import TINY, keep_members, small_params_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -42,13 +42,13 @@ def free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def write_project(folder: Path, federation: Path, sites: list[dict] | None = None) -> Path:
+def write_project(folder: Path, federation: Path) -> Path:
     """params.yaml in `folder`: its relative paths (MLflow db, reports, scratch) all land in `folder`."""
     raw = small_params_dict(federation, **TINY, **{
         # The small federation has fewer than the default 5 samples per (task, split, label).
         "data.gate.min_samples_per_class": 1, "federation.retries": 0, "federation.site_start_s": 120,
         "federation.site_timeout_s": 300})
-    raw["data"]["sites"] = sites or [s for s in raw["data"]["sites"] if s["id"] in SITES]
+    keep_members(raw, SITES)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.yaml").write_text(yaml.safe_dump(raw))
     return folder / "params.yaml"
@@ -201,13 +201,6 @@ def test_a_service_that_dies_while_starting_is_named_with_its_log(tmp_path):
     message = str(failure.value)
     assert message.startswith("MLflow server on port 5999 exited before it was ready")
     assert str(tmp_path / "logs" / "mlflow.log") in message and "no such backend store" in message
-
-
-def test_a_site_without_a_deployment_in_prefect_yaml_is_named(tmp_path):
-    sites = [{"id": "charite", "modalities": ["image", "ecg", "clinical"]}]
-    params = write_project(tmp_path / "project", tmp_path / "no-federation", sites=sites)
-    with pytest.raises(stack.StackError, match="no deployment named charite"):
-        stack.up(params, ports=stack.Ports(*free_ports(3)))
 
 
 def test_down_and_status_with_nothing_running(params_file):

@@ -1,6 +1,7 @@
 """Factories shared by the tests: the small federation's params, the tiny foundation model's settings.
 
     small_params_dict(root, **overrides)   params.yaml as a dict, over a small federation at `root`
+    keep_members(raw, ids)                  only these members (and their generator profiles) in a params dict
     write_params(folder, raw)               write params.yaml into folder and load it
     TINY                                    overrides for the tiny FM and short training
 
@@ -23,6 +24,9 @@ SMALL = {
     "data.image_size": 64,
     "data.ecg_seconds": 6,
     "data.workers": 1,
+    # Its validation splits hold 2-4 samples per (task, split, label): below the default gate's 5. Rounds and
+    # experiments gate every member and split, so the small federation's gate minimum follows its size.
+    "data.gate.min_samples_per_class": 1,
 }
 
 # The tiny foundation model (no weights to ship) and one short epoch: what model, round and tracking tests run.
@@ -39,6 +43,13 @@ def small_params_dict(root: Path, **extra) -> dict:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = copy.deepcopy(value)
+    return raw
+
+
+def keep_members(raw: dict, ids) -> dict:
+    """`raw` (a params dict) with only the members `ids` in federation.members and their profiles in data.sites."""
+    raw["federation"]["members"] = [m for m in raw["federation"]["members"] if m["id"] in ids]
+    raw["data"]["sites"] = {k: v for k, v in raw["data"]["sites"].items() if k in ids}
     return raw
 
 

@@ -18,3 +18,15 @@ def moto_server() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+@contextmanager
+def prefect_server(home) -> Iterator[str]:
+    """A real Prefect server on 127.0.0.1 (Prefect's test harness) with its state under `home`; yields its API
+    URL, which this process's Prefect client uses while the block runs."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings({PREFECT_HOME: home}):
+        with prefect_test_harness(server_startup_timeout=180):
+            yield PREFECT_API_URL.value()

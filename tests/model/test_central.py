@@ -300,10 +300,11 @@ def test_task_scope_balance_enters_the_injection_loss(params):
 
 @pytest.mark.slow
 def test_two_sites_two_rounds_end_to_end(params, tmp_path):
-    sites = [s.model_dump() for s in params.data.sites if s.id in ("site-a", "site-b")]
+    keep = ("site-a", "site-b")
     two = params.model_copy(update={
-        "data": params.data.model_copy(update={"sites": [type(params.data.sites[0])(**s) for s in sites]}),
-        "federation": params.federation.model_copy(update={"rounds": 2}),
+        "data": params.data.model_copy(update={"sites": {k: v for k, v in params.data.sites.items() if k in keep}}),
+        "federation": params.federation.model_copy(update={
+            "rounds": 2, "members": [m for m in params.federation.members if m.id in keep]}),
     })
     result = run_variant(two, "fedkim", tmp_path)
     assert [r.round_id for r in result.rounds] == ["1", "2"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, TINY, small_params_dict
+from tests.helpers import REPO, TINY, keep_members, small_params_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # The small federation's validation splits hold 2-4 samples per class: below the default gate's 5.
@@ -85,7 +85,7 @@ def repo(tmp_path_factory, env):
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     assert (repo / ".dvc" / "config").is_file(), "the repo has no .dvc/: run `dvc init` in it"
     raw = small_params_dict("data/federation", **TINY, **GATE)  # relative paths resolve inside the copy
-    raw["data"]["sites"] = [s for s in raw["data"]["sites"] if s["id"] in SITES]
+    keep_members(raw, SITES)
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     git("init", "-q", "-b", "main", cwd=repo, env=env)
     git("add", "-A", cwd=repo, env=env)
@@ -224,7 +224,7 @@ def test_a_site_missing_from_params_is_a_clear_error(tmp_path, monkeypatch):
     from pipelines import validate
 
     monkeypatch.setenv("FEDKIM_PARAMS", str(REPO / "params.yaml"))
-    with pytest.raises(SystemExit, match=r"--site 'site-z' is not in params.yaml data.sites; known sites: \["):
+    with pytest.raises(SystemExit, match=r"--site 'site-z' is not in params.yaml federation.members; known sites: \["):
         validate.main(["--site", "site-z", "--out", str(tmp_path / "report.json")])
     assert not (tmp_path / "report.json").exists()
 

@@ -1,19 +1,23 @@
-"""`fedkim data generate`: the default offline federation, written in the site data format.
+"""`fedkim data generate`: the generated part of the federation, written in the site data format.
 
-    <root>/federation.yaml           params hash, seed, the directories below (no timings)
-    <root>/site-a ... site-d/        hospitals: only their modalities and conditions, their acquisition
-    <root>/public/                   the server's public split (training tasks, every condition)
-    <root>/test/                     all 12 tasks; zero-shot tasks appear nowhere else
+    <root>/federation.yaml           params hash, seed, the directories it generated (no timings)
+    <root>/site-a ... site-d/        generated members: only their modalities and conditions, their acquisition
+    <root>/public/                   the server's public split (training tasks, every condition), when generated
+    <root>/test/                     all 12 tasks; zero-shot tasks appear nowhere else (when generated)
 
-Seeded and cached by a hash of the data params: a second call with the same params reuses what is there. The
-new federation is written beside the old one and swapped in only when complete, so an interrupted run never
-leaves a half-written federation, and a folder that is not a generated federation is never overwritten.
+Only the generated members (federation.members with `data: generated`) and generated server splits are written;
+a provided directory is never written into, moved or deleted, whether it lies beside data.root or inside it.
+Seeded and cached by a hash of the data params and the generated members: a second call with the same params
+reuses what is there. Each directory is written to a staging folder and swapped in only when all are complete,
+so an interrupted run never leaves a half-written directory. federation.yaml records the directories it
+generated: only those are ever replaced or removed; anything else in data.root is left alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import time
 import zlib
@@ -25,7 +29,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from fedkim.config import DataParams, SiteSpec, params_hash
+from fedkim.config import DataParams, Params, SiteSpec, params_hash
+from fedkim.members import SERVER_SPLITS, provided_dirs
 from fedkim.data.catalogue import NOISE_VERIFY_QUESTION, TASKS, TRAIN_TASKS, check_sites, tasks_for_modality
 from fedkim.data.formats.clinical import write_long
 from fedkim.data.formats.ecg import write_wfdb
@@ -39,6 +44,7 @@ from fedkim.progress import Progress
 log = logging.getLogger(__name__)
 
 FEDERATION_FILE = "federation.yaml"
+STAGING = ".generating"  # inside data.root: new directories are written here, then swapped in one by one
 BANK_PER_CLASS = 12
 IMAGE_TASKS = ("lung_opacity", "covid", "enlarged_cardiomediastinum", "pleural_effusion", "atelectasis")
 
@@ -83,30 +89,46 @@ def _code_digest() -> str:
     return digest.hexdigest()
 
 
-def data_hash(data: DataParams) -> str:
-    """Cache key: the data params (paths, worker count and gate thresholds excluded) and the generator code."""
-    params = params_hash(data.model_copy(update={"workers": 1, "gate": None}))
-    return hashlib.sha256((params + _code_digest()).encode()).hexdigest()[:16]
+def data_hash(params: Params) -> str:
+    """Cache key: the data params (paths, worker count and gate thresholds excluded), the generated members with
+    their profiles, the generated splits and the generator code."""
+    data = params.data.model_copy(update={"workers": 1, "gate": None, "sites": {}})
+    key = {"data": params_hash(data), "sites": [s.model_dump(mode="json") for s in params.generated_sites()],
+           "splits": _generated_splits(params)}
+    return hashlib.sha256((yaml.safe_dump(key) + _code_digest()).encode()).hexdigest()[:16]
 
 
-def generate_federation(data: DataParams, *, force: bool = False, progress: bool = False) -> GenerationResult:
-    check_sites(data.sites)
+def _generated_splits(params: Params) -> list[str]:
+    return [n for n in SERVER_SPLITS if getattr(params.federation.splits, n).data == "generated"]
+
+
+def generate_federation(params: Params, *, force: bool = False, progress: bool = False) -> GenerationResult:
+    """Write the generated members and splits to data.root (a no-op when everything is provided)."""
+    data = params.data
     root = Path(data.root)
-    digest = data_hash(data)
-    existing = _read_federation_file(root)
-    if existing is not None and existing.get("params_hash") == digest and not force:
-        sites = [SiteManifest.model_validate(yaml.safe_load((root / d / "site.yaml").read_text()))
-                 for d in existing["directories"]]
+    jobs = _plan(data, params.generated_sites(), _generated_splits(params))
+    if not jobs:
+        return GenerationResult(root, "", True, 0.0, [])
+    check_sites(params.federation.members)
+    names = [j.dir_name for j in jobs]
+    _check_provided(params, root, names)
+    digest = data_hash(params)
+    existing = _read_federation_file(root) or {}
+    recorded = [d for d in existing.get("directories") or [] if isinstance(d, str)]
+    if (existing.get("params_hash") == digest and not force and recorded == names
+            and all((root / n / "site.yaml").is_file() for n in names)):
+        sites = [SiteManifest.model_validate(yaml.safe_load((root / d / "site.yaml").read_text())) for d in names]
         return GenerationResult(root, digest, True, 0.0, sites)
-    if root.exists() and any(root.iterdir()) and existing is None:
-        raise GenerationError(f"{root}: exists and is not a generated federation (no {FEDERATION_FILE}); "
-                              "refusing to overwrite it — choose another data.root or --out")
+    for name in names:
+        if (root / name).exists() and name not in recorded:
+            raise GenerationError(f"{root / name}: exists but was not generated here (not recorded in "
+                                  f"{root / FEDERATION_FILE}); refusing to overwrite it — move it away, or choose "
+                                  "another data.root or --out")
 
     started = time.perf_counter()
-    staging = root.with_name(root.name + ".partial")
+    staging = root / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    jobs = _plan(data)
     workers = max(1, data.workers)
     bank = build_bank(data.seed, BANK_PER_CLASS, data.difficulty.ecg_effect, data.difficulty.ecg_variability,
                       workers=workers)
@@ -125,13 +147,27 @@ def generate_federation(data: DataParams, *, force: bool = False, progress: bool
     seconds = time.perf_counter() - started
     federation = {  # no timing: a regenerated federation is byte-identical, so DVC's hash of it is stable
         "params_hash": digest, "seed": data.seed,
-        "directories": [j.dir_name for j in jobs],
+        "directories": names,
         "roles": {j.dir_name: j.role for j in jobs},
         "fingerprints": {m.site_id: m.fingerprint for m in manifests},
     }
-    (staging / FEDERATION_FILE).write_text(yaml.safe_dump(federation, sort_keys=False))
-    _swap_in(staging, root)
+    _swap_in(params, root, staging, names, recorded)
+    _write_federation_file(root, federation)
+    shutil.rmtree(staging, ignore_errors=True)
     return GenerationResult(root, digest, False, seconds, manifests)
+
+
+def _check_provided(params: Params, root: Path, names: list[str]) -> None:
+    """A provided directory must neither lie inside a generated one nor hold one: generation would write into it."""
+    for key, path in provided_dirs(params).items():
+        path = path.resolve()
+        for generated in [root.resolve() / n for n in names]:
+            if path == generated or generated in path.parents:
+                raise GenerationError(f"{key}: {path} lies inside the generated directory {generated}; a provided "
+                                      "directory must be outside the directories fedkim generates")
+            if path in generated.parents:
+                raise GenerationError(f"{key}: {path} holds the generated directory {generated}; a provided "
+                                      "directory must be outside the directories fedkim generates (data.root)")
 
 
 def _read_federation_file(root: Path) -> dict | None:
@@ -139,37 +175,56 @@ def _read_federation_file(root: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         return {}
+    return loaded if isinstance(loaded, dict) else {}
 
 
-def _swap_in(staging: Path, root: Path) -> None:
-    old = root.with_name(root.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if root.exists():
-        root.rename(old)
-    staging.rename(root)
-    shutil.rmtree(old, ignore_errors=True)
+def _write_federation_file(root: Path, federation: dict) -> None:
+    tmp = root / (FEDERATION_FILE + ".tmp")
+    tmp.write_text(yaml.safe_dump(federation, sort_keys=False))
+    os.replace(tmp, root / FEDERATION_FILE)
+
+
+def _swap_in(params: Params, root: Path, staging: Path, names: list[str], recorded: list[str]) -> None:
+    """Move each new directory into place, replacing only directories this generator recorded. The record is
+    widened first (no hash: incomplete), so a run interrupted mid-swap leaves only recorded directories behind."""
+    stale = [d for d in recorded if d not in names]
+    _write_federation_file(root, {"params_hash": None, "directories": names + stale})
+    for name in names:
+        old = root / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if (root / name).exists():
+            (root / name).rename(old)
+        (staging / name).rename(root / name)
+        shutil.rmtree(old, ignore_errors=True)
+    provided = [p.resolve() for p in provided_dirs(params).values()]
+    for name in stale:  # generated before, no longer part of the federation; a provided one is only forgotten
+        folder = (root / name).resolve()
+        if not any(p == folder or folder in p.parents or p in folder.parents for p in provided):
+            shutil.rmtree(root / name, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------- plan
-def _plan(data: DataParams) -> list[_Job]:
+def _plan(data: DataParams, sites: list[SiteSpec], splits: list[str]) -> list[_Job]:
     jobs = []
-    for site in data.sites:
+    for site in sites:
         n = max(4, round(data.sizes.site_train * site.size_factor))
         tasks = {t.name: n for m in site.modalities for t in tasks_for_modality(m)}
         jobs.append(_Job(site.id, "hospital", site.description, [site], tasks, site.prevalence, True))
-    # The server's splits see every site's acquisition but every condition, at full strength.
+    # The server's splits see every generated site's acquisition but every condition, at full strength.
     everything = [site.model_copy(update={
         "opacity_zones": ["upper", "middle", "lower"], "ecg_abnormalities": ["af", "wide_qrs", "t_inversion"],
-        "deterioration": ["shock", "respiratory", "renal"], "signal_scale": 1.0}) for site in data.sites]
-    public_tasks = {name: data.sizes.public for name in TRAIN_TASKS}
-    jobs.append(_Job("public", "public", "server public split: training tasks, every condition",
-                     everything, public_tasks, 0.5, False))
-    test_tasks = {name: data.sizes.test for name in TASKS}
-    jobs.append(_Job("test", "test", "held-out test split: all 12 tasks, zero-shot tasks only here",
-                     everything, test_tasks, 0.5, False))
+        "deterioration": ["shock", "respiratory", "renal"], "signal_scale": 1.0}) for site in sites]
+    if "public" in splits:
+        public_tasks = {name: data.sizes.public for name in TRAIN_TASKS}
+        jobs.append(_Job("public", "public", "server public split: training tasks, every condition",
+                         everything, public_tasks, 0.5, False))
+    if "test" in splits:
+        test_tasks = {name: data.sizes.test for name in TASKS}
+        jobs.append(_Job("test", "test", "held-out test split: all 12 tasks, zero-shot tasks only here",
+                         everything, test_tasks, 0.5, False))
     return jobs
 
 
