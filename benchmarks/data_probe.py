@@ -23,7 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fedkim.config import load_params
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS
+from fedkim.data.catalogue import Catalogue, catalogue_of
 from fedkim.data.loaders import SiteDataset
 
 ECG_HZ = 250
@@ -65,9 +65,9 @@ def score(train, test) -> dict:
             "n_train": int(len(ytr))}
 
 
-def probe(root: Path, site_ids: list[str]) -> dict:
+def probe(root: Path, site_ids: list[str], catalogue: Catalogue) -> dict:
     result = {}
-    for task in TRAIN_TASKS:
+    for task in catalogue.train:
         test = matrix(root / "test", task, ["test"])
         per_site, pooled_x, pooled_y = {}, [], []
         for site in site_ids:
@@ -80,19 +80,19 @@ def probe(root: Path, site_ids: list[str]) -> dict:
         pooled = score((np.concatenate(pooled_x), np.concatenate(pooled_y)), test)
         public = score(matrix(root / "public", task, ["public"]), test)
         best = max(per_site.values(), key=lambda s: s["auroc"])
-        result[task] = {"modality": TASKS[task].modality, "per_site": per_site, "best_single_site": best,
+        result[task] = {"modality": catalogue[task].modality, "per_site": per_site, "best_single_site": best,
                         "pooled": pooled, "public_only": public,
                         "federation_gain_auroc": round(pooled["auroc"] - best["auroc"], 3)}
     return result
 
 
-def zero_shot_learnability(root: Path) -> dict:
+def zero_shot_learnability(root: Path, catalogue: Catalogue) -> dict:
     """5-fold cross-validated AUROC of the same probe inside the test split: the zero-shot labels are learnable."""
     from sklearn.model_selection import cross_val_score
 
     out = {}
-    for task in ZERO_SHOT_TASKS:
-        if TASKS[task].kind != "binary":
+    for task in catalogue.zero_shot:
+        if catalogue[task].kind != "binary":
             continue
         x, y = matrix(root / "test", task, ["test"])
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
@@ -107,8 +107,9 @@ def main() -> None:
     params = load_params()
     root = args.root or params.data.root
     started = time.perf_counter()
-    out = probe(root, [s.id for s in params.data.sites])
-    out["zero_shot_cv_auroc"] = zero_shot_learnability(root)
+    catalogue = catalogue_of(params.data)
+    out = probe(root, [s.id for s in params.data.sites], catalogue)
+    out["zero_shot_cv_auroc"] = zero_shot_learnability(root, catalogue)
     out["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out, indent=1))
 

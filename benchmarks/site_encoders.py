@@ -16,7 +16,7 @@ import time
 import torch
 
 from fedkim.config import load_params, parse_overrides
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import catalogue_of
 from fedkim.site.model import global_model
 from fedkim.data.batches import pick_device
 from fedkim.site.train import evaluate_head, train_site
@@ -24,7 +24,7 @@ from fedkim.site.train import evaluate_head, train_site
 
 def probe(params, modality: str, seed: int) -> dict:
     p, data = params.site, params.data
-    tasks = [t for t in TRAIN_TASKS if TASKS[t].modality == modality]
+    tasks = [t.name for t in catalogue_of(data).for_modality(modality)]
     sites = [s.id for s in data.sites if modality in s.modalities]
     test_dir = data.root / "test"
     start = global_model(p, data, seed=seed).state_dict()

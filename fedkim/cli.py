@@ -24,11 +24,11 @@ ParamsOption = typer.Option(None, "--params", "-p", help="params.yaml to read (d
 
 
 def _params(path: Optional[Path], overrides: Optional[dict] = None):
-    from fedkim.data.catalogue import check_sites
+    from fedkim.data.catalogue import catalogue_of
 
     try:
         params = load_params(path, overrides)
-        check_sites(params.data.sites)
+        catalogue_of(params.data).check_sites(params.data.sites)
         return params
     except ConfigError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False)
@@ -75,7 +75,9 @@ def data_validate(
     if not site_dir.is_dir():
         err_console.print(f"[red]error:[/red] {site_dir}: not a directory", highlight=False)
         raise typer.Exit(2)
-    report = validate_site(site_dir, cfg.data.gate, write_docs=docs)
+    from fedkim.data.catalogue import catalogue_of
+
+    report = validate_site(site_dir, cfg.data.gate, write_docs=docs, catalogue=catalogue_of(cfg.data))
     if as_json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
@@ -133,7 +135,7 @@ def rescore(
     """Re-evaluate an experiment's trained models (their last checkpoints) with the current evaluation settings,
     without retraining; rewrites its metrics.json files and comparison."""
     from fedkim.config import ConfigError, parse_overrides
-    from fedkim.data.catalogue import TASKS
+    from fedkim.data.catalogue import catalogue_of
     from fedkim.experiment import rescore_experiment
 
     try:
@@ -143,9 +145,10 @@ def rescore(
         raise typer.Exit(2) from None
     cfg = _params(params, overrides)
     names = tuple(t.strip() for t in tasks.split(",")) if tasks else None
-    unknown = [t for t in names or () if t not in TASKS]
+    known = catalogue_of(cfg.data).tasks
+    unknown = [t for t in names or () if t not in known]
     if unknown:
-        err_console.print(f"[red]error:[/red] unknown task(s) {unknown}; allowed: {', '.join(TASKS)}")
+        err_console.print(f"[red]error:[/red] unknown task(s) {unknown}; allowed: {', '.join(known)}")
         raise typer.Exit(2)
     try:
         comparison = rescore_experiment(cfg, out, names)

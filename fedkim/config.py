@@ -132,6 +132,8 @@ class DataParams(Strict):
     difficulty: Difficulty = Difficulty()
     gate: GateParams = GateParams()
     sites: list[SiteSpec] = Field(min_length=1)
+    catalogue: Path | None = Field(None, description="task catalogue YAML (fedkim.data.catalogue); null: the "
+                                                     "shipped fedkim/data/tasks.yaml")
 
     @field_validator("sites")
     @classmethod
@@ -381,7 +383,9 @@ def _resolve_paths(params: Params, base: Path) -> Params:
     def absolute(p: Path) -> Path:
         return p if p.is_absolute() else (base / p)
 
-    data = params.data.model_copy(update={"root": absolute(params.data.root)})
+    catalogue = params.data.catalogue
+    data = params.data.model_copy(update={"root": absolute(params.data.root),
+                                          "catalogue": None if catalogue is None else absolute(catalogue)})
     store = params.store.model_copy(update={"root": absolute(params.store.root)})
     federation = params.federation.model_copy(update={"work_dir": absolute(params.federation.work_dir)})
     comparison = params.report.comparison

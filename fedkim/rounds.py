@@ -36,7 +36,7 @@ from fedkim.central.inject import inject
 from fedkim.central.model import CentralModel
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import Params
-from fedkim.data.catalogue import check_sites
+from fedkim.data.catalogue import catalogue_of
 from fedkim.federation.aggregate import aggregate
 from fedkim.federation.checks import screen_packages
 from fedkim.federation.package import ValidationSummary, read_manifest, write_package
@@ -134,7 +134,7 @@ def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: in
     key = round_key(round_id, "global", "encoders.safetensors")
     if store.exists(key):
         return key
-    check_sites(params.data.sites)
+    catalogue_of(params.data).check_sites(params.data.sites)
     state = global_model(params.site, params.data, seed=params.data.seed + seed).state_dict()
     previous = latest_round(store)
     if previous is not None and previous != str(round_id):
@@ -152,7 +152,8 @@ def validate_site_step(params: Params, site_id: str, *, write_docs: bool = True)
     """The GX gate on one site's data (runs at the site). Returns the ValidationReport; never raises for bad data."""
     from fedkim.data.validate import validate_site
 
-    return validate_site(params.data.root / site_id, params.data.gate, write_docs=write_docs)
+    return validate_site(params.data.root / site_id, params.data.gate, write_docs=write_docs,
+                         catalogue=catalogue_of(params.data))
 
 
 def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id: str, *,
@@ -162,7 +163,8 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
     `seed` shifts the training seed (a trial); `trainer` replaces `train_site` (the experiment's shared cache)."""
     prefix = package_prefix(round_id, site_id)
     if store.exists(f"{prefix}/manifest.json"):  # this site already reported for this round
-        return SiteOutcome.from_manifest(read_manifest_from_store(store, prefix), "reused")
+        return SiteOutcome.from_manifest(read_manifest_from_store(store, prefix, catalogue_of(params.data)),
+                                         "reused")
     global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
     train = trainer or (lambda site_dir, state, seed_: train_site(site_dir, state, params.site, params.data,
                                                                   seed=seed_, progress=progress))
@@ -172,7 +174,8 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
         write_package(folder, local.state_dict, site_id=site_id, round_id=str(round_id),
                       sample_counts=local.sample_counts, task_counts=local.task_counts,
                       data_fingerprint=local.data_fingerprint, local_metrics=finite_metrics(local.metrics),
-                      validation_summary=validation or ValidationSummary(success=True, findings=0))
+                      validation_summary=validation or ValidationSummary(success=True, findings=0),
+                      catalogue=catalogue_of(params.data))
         # The manifest goes last: its presence is what marks the package as complete.
         files = sorted(folder.iterdir(), key=lambda f: f.name == "manifest.json")
         for f in files:
@@ -182,10 +185,10 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
                        seconds=round(local.seconds, 1))
 
 
-def read_manifest_from_store(store: ArtifactStore, prefix: str):
+def read_manifest_from_store(store: ArtifactStore, prefix: str, catalogue=None):
     with tempfile.TemporaryDirectory() as tmp:
         store.get_file(f"{prefix}/manifest.json", Path(tmp) / "manifest.json")
-        return read_manifest(tmp)
+        return read_manifest(tmp, catalogue)
 
 
 def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids: list[str]) -> AggregateOutcome:
@@ -204,13 +207,14 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
                 continue
             folders.append(store.get_dir(prefix, Path(tmp) / site))
         accepted, rejected = screen_packages(folders, global_state, max_update_norm=params.federation.max_update_norm,
-                                             expected_round=str(round_id))
+                                             expected_round=str(round_id), catalogue=catalogue_of(params.data))
         rejected = {**missing, **rejected}
         if len(accepted) < params.federation.quorum:
             raise QuorumError(f"round {round_id}: {len(accepted)} acceptable package(s), below the quorum of "
                               f"{params.federation.quorum}; rejected or missing: {rejected}")
         hparams = {"mu": params.site.fedprox_mu} if params.federation.strategy == "fedprox" else {}
-        result = aggregate(params.federation.strategy, global_state, accepted, **hparams)
+        result = aggregate(params.federation.strategy, global_state, accepted, catalogue=catalogue_of(params.data),
+                           **hparams)
     names = [p.manifest.site_id for p in accepted]
     put_json(store, round_key(round_id, "aggregate", "aggregate.json"),
              {"accepted": names, "rejected": rejected, "strategy": params.federation.strategy})

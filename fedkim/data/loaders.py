@@ -18,7 +18,6 @@ from PIL import Image
 from scipy.signal import resample_poly
 from torch.utils.data import Dataset
 
-from fedkim.data.catalogue import TASKS
 from fedkim.data.formats.clinical import VARIABLES, read_long, to_grid
 from fedkim.data.formats.ecg import read_ecg
 from fedkim.data.formats.image import read_image
@@ -199,6 +198,3 @@ def collate(items: list[dict]) -> dict:
             batch[key] = values
     return batch
 
-
-def task_answers(task: str) -> tuple[str, ...]:
-    return TASKS[task].answers

@@ -10,10 +10,13 @@ import torch
 
 from fedkim.central.evaluate import evaluate, gate_distance
 from fedkim.central.inject import inject, warmup_decay
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import load_catalogue
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.experiment import run_experiment, run_variant
 from tests.helpers.models import batch_of
+
+CATALOGUE = load_catalogue()  # the shipped catalogue
+TASKS, TRAIN_TASKS = CATALOGUE.tasks, CATALOGUE.train
 
 
 def fm_weights(model):
@@ -279,8 +282,8 @@ def test_gate_distance_measures_how_differently_tasks_route():
 def test_gate_ablations_change_the_gate_inputs(params):
     full, no_task = build_central(params, VARIANTS["fedkim"]), build_central(params, VARIANTS["no_task_desc"])
     t = TASKS["mortality"]
-    assert full.gate_mode.pair("mortality") == (t.task_description, t.modality_description)
-    assert no_task.gate_mode.pair("mortality") == (t.modality_description, t.modality_description)
+    assert full.gate_mode.pair(t) == (t.task_description, t.modality_description)
+    assert no_task.gate_mode.pair(t) == (t.modality_description, t.modality_description)
 
 
 def test_task_scope_balance_enters_the_injection_loss(params):
@@ -291,7 +294,7 @@ def test_task_scope_balance_enters_the_injection_loss(params):
     batch = batch_of(scoped, "covid")
     with torch.no_grad():
         total = model.loss(batch, "covid", batch["answer"])
-        balance = model.m3oe.pairs_balance([model.gate_mode.pair(t) for t in TRAIN_TASKS])
+        balance = model.m3oe.pairs_balance([model.gate_mode.pair(TASKS[t]) for t in TRAIN_TASKS])
         model.m3oe.config.balance_weight = 0.0
         plain = model.loss(batch, "covid", batch["answer"])
     assert balance > 0 and torch.allclose(total, plain + 0.5 * balance)

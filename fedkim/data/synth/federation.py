@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from fedkim.config import DataParams, SiteSpec, params_hash
-from fedkim.data.catalogue import NOISE_VERIFY_QUESTION, TASKS, TRAIN_TASKS, check_sites, tasks_for_modality
+from fedkim.data.catalogue import Catalogue, catalogue_of
 from fedkim.data.formats.clinical import write_long
 from fedkim.data.formats.ecg import write_wfdb
 from fedkim.data.formats.image import write_dicom, write_png
@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 FEDERATION_FILE = "federation.yaml"
 BANK_PER_CLASS = 12
 IMAGE_TASKS = ("lung_opacity", "covid", "enlarged_cardiomediastinum", "pleural_effusion", "atelectasis")
+# The tasks whose data the generator can draw (by name; their texts, answers and roles come from the catalogue).
+GENERATED_TASKS = (*IMAGE_TASKS, "ecg_abnormal", "mortality", "ectopic_beats", "sepsis", "ecg_noise_qa", "cxr_vqa",
+                   "medical_qa")
+# ecg_noise_qa's verify form (the query form is the task's own question): half its records are clean.
+NOISE_VERIFY_QUESTION = "Is there noise in this ECG?"
 
 
 class GenerationError(RuntimeError):
@@ -84,13 +89,16 @@ def _code_digest() -> str:
 
 
 def data_hash(data: DataParams) -> str:
-    """Cache key: the data params (paths, worker count and gate thresholds excluded) and the generator code."""
-    params = params_hash(data.model_copy(update={"workers": 1, "gate": None}))
-    return hashlib.sha256((params + _code_digest()).encode()).hexdigest()[:16]
+    """Cache key: the data params (paths, worker count and gate thresholds excluded), the task catalogue's content
+    and the generator code."""
+    params = params_hash(data.model_copy(update={"workers": 1, "gate": None, "catalogue": None}))
+    return hashlib.sha256((params + catalogue_of(data).digest + _code_digest()).encode()).hexdigest()[:16]
 
 
 def generate_federation(data: DataParams, *, force: bool = False, progress: bool = False) -> GenerationResult:
-    check_sites(data.sites)
+    catalogue = catalogue_of(data)
+    catalogue.check_sites(data.sites)
+    check_generable(catalogue)
     root = Path(data.root)
     digest = data_hash(data)
     existing = _read_federation_file(root)
@@ -106,11 +114,11 @@ def generate_federation(data: DataParams, *, force: bool = False, progress: bool
     staging = root.with_name(root.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    jobs = _plan(data)
+    jobs = _plan(data, catalogue)
     workers = max(1, data.workers)
     bank = build_bank(data.seed, BANK_PER_CLASS, data.difficulty.ecg_effect, data.difficulty.ecg_variability,
                       workers=workers)
-    args = [(job, data, bank, staging, digest) for job in jobs]
+    args = [(job, data, catalogue, bank, staging, digest) for job in jobs]
     manifests: list[SiteManifest] = []
     with Progress("writing site directories", len(jobs), logger=log, bar=progress, every=0) as bar:
         if workers > 1:
@@ -154,20 +162,29 @@ def _swap_in(staging: Path, root: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- plan
-def _plan(data: DataParams) -> list[_Job]:
+def check_generable(catalogue: Catalogue) -> None:
+    """The generator draws the data of the tasks it knows by name; any other task's data must be provided."""
+    unknown = [n for n in catalogue.tasks if n not in GENERATED_TASKS]
+    if unknown:
+        raise GenerationError(f"{catalogue.source}: the synthetic generator cannot make data for task(s) "
+                              f"{unknown} (it makes {', '.join(GENERATED_TASKS)}); their data must be provided "
+                              "in the site format (docs/site-format.md)")
+
+
+def _plan(data: DataParams, catalogue: Catalogue) -> list[_Job]:
     jobs = []
     for site in data.sites:
         n = max(4, round(data.sizes.site_train * site.size_factor))
-        tasks = {t.name: n for m in site.modalities for t in tasks_for_modality(m)}
+        tasks = {t.name: n for m in site.modalities for t in catalogue.for_modality(m)}
         jobs.append(_Job(site.id, "hospital", site.description, [site], tasks, site.prevalence, True))
     # The server's splits see every site's acquisition but every condition, at full strength.
     everything = [site.model_copy(update={
         "opacity_zones": ["upper", "middle", "lower"], "ecg_abnormalities": ["af", "wide_qrs", "t_inversion"],
         "deterioration": ["shock", "respiratory", "renal"], "signal_scale": 1.0}) for site in data.sites]
-    public_tasks = {name: data.sizes.public for name in TRAIN_TASKS}
+    public_tasks = {name: data.sizes.public for name in catalogue.train}
     jobs.append(_Job("public", "public", "server public split: training tasks, every condition",
                      everything, public_tasks, 0.5, False))
-    test_tasks = {name: data.sizes.test for name in TASKS}
+    test_tasks = {name: data.sizes.test for name in catalogue.tasks}
     jobs.append(_Job("test", "test", "held-out test split: all 12 tasks, zero-shot tasks only here",
                      everything, test_tasks, 0.5, False))
     return jobs
@@ -179,13 +196,13 @@ def _rng(seed: int, *names: str) -> np.random.Generator:
 
 # --------------------------------------------------------------------------------------------- one directory
 def _write_directory(args) -> SiteManifest:
-    job, data, bank, staging, digest = args
+    job, data, catalogue, bank, staging, digest = args
     out = staging / job.dir_name
     out.mkdir(parents=True)
     rows: list[dict] = []
     for task_name, n in job.tasks.items():
         rng = _rng(data.seed, job.dir_name, task_name)
-        rows += _write_task(out, job, data, bank, TASKS[task_name], n, rng)
+        rows += _write_task(out, job, data, bank, catalogue[task_name], n, rng)
     write_index(out, pd.DataFrame(rows))
     return finalize_site(out, site_id=job.dir_name, role=job.role, description=job.description,
                          generator={"params_hash": digest, "seed": data.seed, "tool": "fedkim data generate"})
@@ -223,7 +240,7 @@ def _write_task(out: Path, job: _Job, data: DataParams, bank: BeatBank, task, n:
             row["image_path"], answer = _make_image(out, rng, data, profile, task.name, int(label), split,
                                                     sample_id, questions, job.role == "hospital")
         elif task.modality.startswith("ecg"):
-            row["ecg_path"], answer = _make_ecg(out, rng, data, bank, profile, task.name, int(label), split,
+            row["ecg_path"], answer = _make_ecg(out, rng, data, bank, profile, task, int(label), split,
                                                 sample_id, questions)
         elif task.modality == "clinical":
             long_frames.append(_make_clinical(rng, data, profile, task.name, int(label), sample_id))
@@ -285,8 +302,9 @@ def _make_image(out, rng, data: DataParams, site: SiteSpec, task: str, label: in
     return path.relative_to(out).as_posix(), answer
 
 
-def _make_ecg(out, rng, data: DataParams, bank: BeatBank, site: SiteSpec, task: str, label: int, split: str,
+def _make_ecg(out, rng, data: DataParams, bank: BeatBank, site: SiteSpec, spec_task, label: int, split: str,
               sample_id: str, questions: list):
+    task = spec_task.name
     spec = EcgSpec(fs=site.ecg.sampling_rate, seconds=data.ecg_seconds, powerline_hz=site.ecg.powerline_hz,
                    lead_gain=site.ecg.lead_gain, broadband_mv=data.difficulty.ecg_noise,
                    signal_scale=site.signal_scale)
@@ -307,7 +325,7 @@ def _make_ecg(out, rng, data: DataParams, bank: BeatBank, site: SiteSpec, task: 
             question, options, answer = NOISE_VERIFY_QUESTION, ["yes", "no"], "yes" if noisy else "no"
         else:
             spec.noise = NOISES[rng.integers(len(NOISES))]
-            question, options, answer = TASKS[task].question, list(NOISES), spec.noise
+            question, options, answer = spec_task.question, list(NOISES), spec.noise
         questions.append({"sample_id": sample_id, "question": question, "options": options, "answer": answer})
     signal = compose(rng, bank, spec)
     folder = out / "ecg" / split

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from fedkim.config import GateParams
 from fedkim.data.siteformat import (INDEX_FILE, REPORTS_DIR, SITE_FILE, SiteFormatError, SiteManifest,
                                      read_manifest)
+from fedkim.data.catalogue import Catalogue, load_catalogue
 from fedkim.data.validate.engine import DOCS_DIR, Table, _Gate, _gx_frame, _write_reports
 from fedkim.data.validate.files import _clinical_tables, _ecg_table, _image_table, _text_tables
 from fedkim.data.validate.report import Finding, ValidationReport
@@ -45,12 +46,12 @@ def _load_index(site: Path) -> tuple[pd.DataFrame | None, list[Finding]]:
 
 # ------------------------------------------------------------------------------------------------- the gate
 def _steps(site: Path, manifest: SiteManifest | None, index: pd.DataFrame | None,
-           rules: GateParams) -> list[tuple[str, Callable[[], list[Table]]]]:
+           rules: GateParams, catalogue: Catalogue) -> list[tuple[str, Callable[[], list[Table]]]]:
     """(name, build the tables) for what the loaded files allow; built lazily, one at a time."""
     steps: list[tuple[str, Callable[[], list[Table]]]] = []
     if index is not None:
         columns = set(index.columns)
-        steps.append(("index", lambda: [_index_table(index, rules)]))
+        steps.append(("index", lambda: [_index_table(index, rules, catalogue)]))
         if "image_path" in columns:
             steps.append(("image", lambda: [_image_table(site, _paths(index, "image_path"), rules)]))
         if "ecg_path" in columns:
@@ -59,15 +60,16 @@ def _steps(site: Path, manifest: SiteManifest | None, index: pd.DataFrame | None
             steps.append(("clinical", lambda: _clinical_tables(site, index, rules)))
         if "text_path" in columns:
             steps.append(("text", lambda: _text_tables(site, index)))
-        steps.append(("counts", lambda: _counts_table(index, rules)))
+        steps.append(("counts", lambda: _counts_table(index, rules, catalogue)))
     if manifest is not None:
         steps.append(("manifest", lambda: _manifest_tables(site, manifest, index)))
     return steps
 
 
 def validate_site(site_dir: str | Path, rules: GateParams | None = None, *,
-                  write_docs: bool = True) -> ValidationReport:
-    """Run the gate on one site directory. Bad data becomes findings; this never raises for it."""
+                  write_docs: bool = True, catalogue: Catalogue | None = None) -> ValidationReport:
+    """Run the gate on one site directory; task names, modalities and answers are those of `catalogue` (None:
+    the shipped one). Bad data becomes findings; this never raises for it."""
     started = time.perf_counter()
     site = Path(site_dir)
     rules = rules or GateParams()
@@ -81,7 +83,7 @@ def validate_site(site_dir: str | Path, rules: GateParams | None = None, *,
     docs = write_docs and not reports.is_symlink() and (reports.is_dir() or not reports.exists())
     gate = _Gate(reports / DOCS_DIR if docs else None)
     tables: list[Table] = []
-    for name, build in _steps(site, manifest, index, rules):
+    for name, build in _steps(site, manifest, index, rules, catalogue or load_catalogue()):
         try:  # a bug in one step fails the site with gate.error; the other steps still run
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # GX and pandas deprecation chatter
