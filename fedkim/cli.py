@@ -159,6 +159,43 @@ def rescore(
     console.print(f"rescored: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
 
 
+@app.command("evaluate")
+def evaluate_registered(
+    model: str = typer.Argument(..., help="registered model: champion, challenger, a version number, NAME@ALIAS, "
+                                          "NAME/VERSION or models:/..."),
+    test_dir: Path = typer.Option(..., "--test-dir", help="a site-format folder with the samples to score"),
+    catalogue: Optional[Path] = typer.Option(None, help="task catalogue YAML (default: params' data.catalogue)"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated tasks to score (default: all in the folder)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the metrics as JSON here"),
+    params: Optional[Path] = ParamsOption,
+) -> None:
+    """Score a registered model on a task catalogue and a test folder, without retraining: a new zero-shot task
+    needs only its catalogue entry and its samples. Prints the metrics per task."""
+    from fedkim import tracking
+    from fedkim.central.evaluate import write_metrics
+    from fedkim.config import default_params_path
+    from fedkim.tracking.scoring import score_registered
+
+    cfg = _params(params)
+    tracking.configure(cfg.tracking, (params or default_params_path()).resolve().parent)
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else None
+    try:
+        metrics = score_registered(model, test_dir, cfg, catalogue=catalogue, tasks=names, progress=True)
+    except (ConfigError, FileNotFoundError, KeyError, LookupError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        err_console.print(f"[red]error:[/red] {message}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"{metrics['model']} on {test_dir} ({metrics['catalogue']['file']})", highlight=False)
+    for task, m in metrics["tasks"].items():
+        figure = "F1" if m["kind"] == "binary" else "accuracy"
+        auroc = f", AUROC {m['auroc']:.3f}" if m.get("auroc") is not None else ""
+        console.print(f"  {task:<28} {m['role']:<9} n={m['n']:<4} {figure} {m['primary']:.3f}{auroc}",
+                      highlight=False)
+    if out is not None:
+        write_metrics(metrics, out)
+        console.print(f"written: {out}")
+
+
 @app.command("combine")
 def combine(
     sources: list[str] = typer.Argument(..., help="finished `fedkim experiment --out` folders; FOLDER:v1,v2 takes "
