@@ -205,15 +205,18 @@ def verify_bundle(folder: str | Path) -> dict:
 
 
 def read_params(folder: str | Path) -> Params:
-    """The params the bundle was built with, its task catalogue being the bundle's own copy (when it has one)."""
     path = Path(folder) / "params.yaml"
     try:
-        params = Params.model_validate(yaml.safe_load(path.read_text()))  # exactly as stored: no env overrides
+        return Params.model_validate(yaml.safe_load(path.read_text()))  # exactly as stored: no env overrides
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from None
+
+
+def catalogue_file(folder: str | Path) -> Path | None:
+    """The task catalogue the bundle was trained with: its own copy (None, the shipped catalogue, for a bundle
+    without one). params' data.catalogue names a file on the machine that trained it."""
     stored = Path(folder) / CATALOGUE
-    data = params.data.model_copy(update={"catalogue": stored if stored.is_file() else None})
-    return params.model_copy(update={"data": data})
+    return stored if stored.is_file() else None
 
 
 def load_bundle(folder: str | Path) -> tuple[CentralModel, Params]:
@@ -224,7 +227,8 @@ def load_bundle(folder: str | Path) -> tuple[CentralModel, Params]:
     variant = manifest.get("variant", "fedkim")
     if variant not in VARIANTS:
         raise BundleError(f"{folder / MANIFEST}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    model = build_central(params, VARIANTS[variant], gate_reference=manifest.get("gate_reference"))
+    own = params.model_copy(update={"data": params.data.model_copy(update={"catalogue": catalogue_file(folder)})})
+    model = build_central(own, VARIANTS[variant], gate_reference=manifest.get("gate_reference"))
     trainable = load_file(str(folder / "trainable.safetensors"))
     tags = {k: trainable.pop(k) for k in (TAG_INPUT, TAG_OUTPUT) if k in trainable}
     parts = [("encoders", model.encoders, load_file(str(folder / "encoders.safetensors")), "encoders.safetensors"),
