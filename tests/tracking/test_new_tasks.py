@@ -61,8 +61,9 @@ def registered(small_federation, tmp_path_factory):
         bundle = save_bundle(model, params, folder / "bundle", round_id="1", sites=["site-a"])
         with tracking.round_run(params, "1", sites={"site-a": "fp"}, params_hash="h") as parent:
             with tracking.injection_run(parent) as run:
-                version = tracking.register(bundle, run.run_id, "1", {"tasks": {}})
-        tracking.promote(version, {"tasks": {}})
+                figures = {"tasks": {KNOWN: {"role": "train", "kind": "binary", "primary": 0.5, "auroc": 0.5}}}
+                version = tracking.register(bundle, run.run_id, "1", figures)
+        assert tracking.promote(version, figures).decision == "promoted"  # the champion
         yield {"folder": folder, "params": params, "model": model, "bundle": bundle, "rows": rows,
                "test_dir": test_dir, "catalogue": folder / "with-new-task.yaml"}
 
