@@ -141,3 +141,15 @@ def test_the_served_model_answers_a_task_it_has_never_seen(registered):
     with pytest.raises(ValueError, match=r"not in the model's catalogue.*\['task_description', 'question'"):
         served.predict(pd.DataFrame([{"task": NEW, "modality": "image", "options": "No|Yes",
                                       "image_path": query["image_path"][0]}]))
+
+
+def test_the_gate_checks_the_new_task_against_the_catalogue_in_force(registered):
+    from fedkim.config import GateParams
+    from fedkim.data.validate import validate_site
+
+    rules = GateParams(min_samples_per_site=1, min_samples_per_class=1)
+    with_task = validate_site(registered["test_dir"], rules, write_docs=False,
+                              catalogue=load_catalogue(registered["catalogue"]))
+    assert with_task.success, with_task.summary()
+    shipped = validate_site(registered["test_dir"], rules, write_docs=False)
+    assert not shipped.success and {f.rule for f in shipped.findings} == {"index.task_known"}
