@@ -23,7 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fedkim.config import load_params
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS
+from fedkim.data.catalogue import Catalogue, catalogue_of
 from fedkim.data.loaders import SiteDataset
 from fedkim.members import site_dir, split_dir
 
@@ -66,11 +66,11 @@ def score(train, test) -> dict:
             "n_train": int(len(ytr))}
 
 
-def probe(dirs: dict[str, Path]) -> dict:
+def probe(dirs: dict[str, Path], catalogue: Catalogue) -> dict:
     """dirs: each member's directory and the server's `public` and `test` splits, by name."""
     result = {}
     site_ids = [s for s in dirs if s not in ("public", "test")]
-    for task in TRAIN_TASKS:
+    for task in catalogue.train:
         test = matrix(dirs["test"], task, ["test"])
         per_site, pooled_x, pooled_y = {}, [], []
         for site in site_ids:
@@ -83,19 +83,19 @@ def probe(dirs: dict[str, Path]) -> dict:
         pooled = score((np.concatenate(pooled_x), np.concatenate(pooled_y)), test)
         public = score(matrix(dirs["public"], task, ["public"]), test)
         best = max(per_site.values(), key=lambda s: s["auroc"])
-        result[task] = {"modality": TASKS[task].modality, "per_site": per_site, "best_single_site": best,
+        result[task] = {"modality": catalogue[task].modality, "per_site": per_site, "best_single_site": best,
                         "pooled": pooled, "public_only": public,
                         "federation_gain_auroc": round(pooled["auroc"] - best["auroc"], 3)}
     return result
 
 
-def zero_shot_learnability(test_dir: Path) -> dict:
+def zero_shot_learnability(test_dir: Path, catalogue: Catalogue) -> dict:
     """5-fold cross-validated AUROC of the same probe inside the test split: the zero-shot labels are learnable."""
     from sklearn.model_selection import cross_val_score
 
     out = {}
-    for task in ZERO_SHOT_TASKS:
-        if TASKS[task].kind != "binary":
+    for task in catalogue.zero_shot:
+        if catalogue[task].kind != "binary":
             continue
         x, y = matrix(test_dir, task, ["test"])
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
@@ -111,8 +111,9 @@ def main() -> None:
     dirs = {s: site_dir(params, s) for s in params.member_ids()}
     dirs |= {s: split_dir(params, s) for s in ("public", "test")}
     started = time.perf_counter()
-    out = probe(dirs)
-    out["zero_shot_cv_auroc"] = zero_shot_learnability(dirs["test"])
+    catalogue = catalogue_of(params.data)
+    out = probe(dirs, catalogue)
+    out["zero_shot_cv_auroc"] = zero_shot_learnability(dirs["test"], catalogue)
     out["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out, indent=1))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fedkim.config import load_params, parse_overrides
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import catalogue_of
 from fedkim.federation.aggregate import aggregate
 from fedkim.federation.package import read_package
 from fedkim.members import split_dir
@@ -31,8 +31,9 @@ def head_aurocs(params, state: dict[str, torch.Tensor], modalities: set[str] | N
     model.load_state_dict(state, strict=False)
     model.eval()
     out = {}
-    for task in TRAIN_TASKS:
-        if modalities is not None and TASKS[task].modality not in modalities:
+    catalogue = catalogue_of(params.data)
+    for task in catalogue.train:
+        if modalities is not None and catalogue[task].modality not in modalities:
             continue
         metrics = evaluate_head(model, split_dir(params, "test"), task, params.site, params.data,
                                 torch.device("cpu"), split="test")
@@ -52,7 +53,7 @@ def main() -> None:
     round_dir = args.run_dir / "rounds" / args.round if args.round else rounds[-1]
     start = global_model(params.site, params.data, seed=params.data.seed + args.seed).state_dict()
     packages = [read_package(d) for d in sorted((round_dir / "sites").iterdir())]
-    merged = aggregate(params.federation.strategy, start, packages).state_dict
+    merged = aggregate(params.federation.strategy, start, packages, catalogue=catalogue_of(params.data)).state_dict
     report = {"run": args.run_dir.name, "round": round_dir.name, "seed": args.seed,
               "aggregate_heads": head_aurocs(params, merged)}
     for package in packages:
@@ -62,7 +63,7 @@ def main() -> None:
     metrics = args.run_dir / "metrics.json"
     if metrics.is_file():
         tasks = json.loads(metrics.read_text())["tasks"]
-        report["foundation_model"] = {t: round(tasks[t]["auroc"], 3) for t in TRAIN_TASKS if t in tasks}
+        report["foundation_model"] = {t: round(tasks[t]["auroc"], 3) for t in catalogue_of(params.data).train if t in tasks}
     print(json.dumps(report, indent=1))
 
 

@@ -128,7 +128,7 @@ def merge_check(foundation: str) -> dict:
     from fedkim.central.foundation import load_foundation
     from fedkim.central.m3oe import DEFAULT_TARGETS, M3OEConfig, attach_m3oe, merge
     from fedkim.central.model import reference_pairs
-    from fedkim.data.catalogue import TASKS
+    from fedkim.data.catalogue import load_catalogue
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # the comparison is at fp32 precision
@@ -136,12 +136,12 @@ def merge_check(foundation: str) -> dict:
     fm.model.to(device)
     clean = copy.deepcopy(fm.model)
     config = M3OEConfig(num_experts=12, rank=8, alpha=16.0, targets=DEFAULT_TARGETS)
-    m3oe = attach_m3oe(fm.model, config, fm.tokenizer, reference=reference_pairs(config.gate_norm)).to(device)
+    m3oe = attach_m3oe(fm.model, config, fm.tokenizer, reference=reference_pairs(load_catalogue(), config.gate_norm)).to(device)
     with torch.no_grad():
         for layer in m3oe.layers.values():
             layer.lora_B.normal_(0, 0.02, generator=None)
     m3oe.eval()
-    task = TASKS["lung_opacity"]
+    task = load_catalogue()["lung_opacity"]
     ids = torch.randint(0, fm.tokenizer.vocab_size, (4, 24), generator=torch.Generator().manual_seed(3)).to(device)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         folder = merge(m3oe, task.task_description, task.modality_description, tmp)

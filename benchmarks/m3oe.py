@@ -41,7 +41,7 @@ from fedkim.central.foundation import load_foundation
 from fedkim.central.gates import GateState
 from fedkim.central.m3oe import DEFAULT_TARGETS, M3OEConfig, attach_m3oe, merge
 from fedkim.central.model import reference_pairs
-from fedkim.data.catalogue import TASKS
+from fedkim.data.catalogue import load_catalogue
 
 BATCH, SEQ, EXPERTS, RANK = 8, 40, 12, 8
 
@@ -154,13 +154,14 @@ def main() -> None:
     ids = torch.randint(0, tokenizer.vocab_size, (BATCH, SEQ), device=device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     # a realistic batch mixes the four training tasks
-    train = [TASKS[n] for n in ("lung_opacity", "covid", "ecg_abnormal", "mortality")]
+    catalogue = load_catalogue()
+    train = [catalogue[n] for n in catalogue.train]
     tasks = [train[i % 4].task_description for i in range(BATCH)]
     modalities = [train[i % 4].modality_description for i in range(BATCH)]
     config = M3OEConfig(num_experts=EXPERTS, rank=RANK, alpha=16.0, dropout=0.1, targets=DEFAULT_TARGETS)
 
     m3oe_model = fm()
-    m3oe = attach_m3oe(m3oe_model, config, tokenizer, reference=reference_pairs(config.gate_norm))
+    m3oe = attach_m3oe(m3oe_model, config, tokenizer, reference=reference_pairs(catalogue, config.gate_norm))
     lora_model = get_peft_model(fm(), LoraConfig(r=RANK, lora_alpha=16, lora_dropout=0.1,
                                                  target_modules=list(DEFAULT_TARGETS)))
 

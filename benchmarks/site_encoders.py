@@ -16,7 +16,7 @@ import time
 import torch
 
 from fedkim.config import load_params, parse_overrides
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import catalogue_of
 from fedkim.members import site_dir, split_dir
 from fedkim.site.model import global_model
 from fedkim.data.batches import pick_device
@@ -25,7 +25,7 @@ from fedkim.site.train import evaluate_head, train_site
 
 def probe(params, modality: str, seed: int) -> dict:
     p, data = params.site, params.data
-    tasks = [t for t in TRAIN_TASKS if TASKS[t].modality == modality]
+    tasks = [t.name for t in catalogue_of(data).for_modality(modality)]
     sites = [m.id for m in params.federation.members if modality in m.modalities]
     test_dir = split_dir(params, "test")
     start = global_model(p, data, seed=seed).state_dict()

@@ -53,10 +53,10 @@ ParamsOption = typer.Option(None, "--params", "-p", help="params.yaml to read (d
 
 def _params(path: Optional[Path], overrides: Optional[dict] = None):
     """The params, checked (every training task has a member that holds its modality); ConfigError: exit 2."""
-    from fedkim.data.catalogue import check_sites
+    from fedkim.data.catalogue import catalogue_of
 
     params = load_params(path, overrides)
-    check_sites(params.federation.members)
+    catalogue_of(params.data).check_sites(params.federation.members)
     return params
 
 
@@ -100,7 +100,9 @@ def data_validate(
     if not site_dir.is_dir():
         err_console.print(f"[red]error:[/red] {site_dir}: not a directory", highlight=False)
         raise typer.Exit(2)
-    report = validate_site(site_dir, cfg.data.gate, write_docs=docs)
+    from fedkim.data.catalogue import catalogue_of
+
+    report = validate_site(site_dir, cfg.data.gate, write_docs=docs, catalogue=catalogue_of(cfg.data))
     if as_json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
@@ -164,7 +166,7 @@ def rescore(
     """Re-evaluate an experiment's trained models (their last checkpoints) with the current evaluation settings,
     without retraining; rewrites its metrics.json files and comparison."""
     from fedkim.config import ConfigError, parse_overrides
-    from fedkim.data.catalogue import TASKS
+    from fedkim.data.catalogue import catalogue_of
     from fedkim.experiment import rescore_experiment
 
     try:
@@ -174,9 +176,10 @@ def rescore(
         raise typer.Exit(2) from None
     cfg = _params(params, overrides)
     names = tuple(t.strip() for t in tasks.split(",")) if tasks else None
-    unknown = [t for t in names or () if t not in TASKS]
+    known = catalogue_of(cfg.data).tasks
+    unknown = [t for t in names or () if t not in known]
     if unknown:
-        err_console.print(f"[red]error:[/red] unknown task(s) {unknown}; allowed: {', '.join(TASKS)}")
+        err_console.print(f"[red]error:[/red] unknown task(s) {unknown}; allowed: {', '.join(known)}")
         raise typer.Exit(2)
     try:
         comparison = rescore_experiment(cfg, out, names)
@@ -185,6 +188,43 @@ def rescore(
         raise typer.Exit(2) from None
     console.print((out / "comparison.md").read_text(), markup=False)
     console.print(f"rescored: {out / 'comparison.md'}, {out / 'comparison.json'} ({len(comparison)} variants)")
+
+
+@app.command("evaluate")
+def evaluate_registered(
+    model: str = typer.Argument(..., help="registered model: champion, challenger, a version number, NAME@ALIAS, "
+                                          "NAME/VERSION or models:/..."),
+    test_dir: Path = typer.Option(..., "--test-dir", help="a site-format folder with the samples to score"),
+    catalogue: Optional[Path] = typer.Option(None, help="task catalogue YAML (default: params' data.catalogue)"),
+    tasks: Optional[str] = typer.Option(None, help="comma-separated tasks to score (default: all in the folder)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the metrics as JSON here"),
+    params: Optional[Path] = ParamsOption,
+) -> None:
+    """Score a registered model on a task catalogue and a test folder, without retraining: a new zero-shot task
+    needs only its catalogue entry and its samples. Prints the metrics per task."""
+    from fedkim import tracking
+    from fedkim.central.evaluate import write_metrics
+    from fedkim.config import ConfigError, default_params_path
+    from fedkim.tracking.scoring import score_registered
+
+    cfg = _params(params)
+    tracking.configure(cfg.tracking, (params or default_params_path()).resolve().parent)
+    names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else None
+    try:
+        metrics = score_registered(model, test_dir, cfg, catalogue=catalogue, tasks=names, progress=True)
+    except (ConfigError, FileNotFoundError, KeyError, LookupError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        err_console.print(f"[red]error:[/red] {message}", highlight=False)
+        raise typer.Exit(2) from None
+    console.print(f"{metrics['model']} on {test_dir} ({metrics['catalogue']['file']})", highlight=False)
+    for task, m in metrics["tasks"].items():
+        figure = "F1" if m["kind"] == "binary" else "accuracy"
+        auroc = f", AUROC {m['auroc']:.3f}" if m.get("auroc") is not None else ""
+        console.print(f"  {task:<28} {m['role']:<9} n={m['n']:<4} {figure} {m['primary']:.3f}{auroc}",
+                      highlight=False)
+    if out is not None:
+        write_metrics(metrics, out)
+        console.print(f"written: {out}")
 
 
 @app.command("combine")

@@ -113,6 +113,8 @@ class DataParams(Strict):
     gate: GateParams = Field(GateParams(), validate_default=True)
     sites: dict[str, SiteProfile] = Field(default_factory=dict, description="generator profile per generated "
                                                                          "member id; missing: the defaults")
+    catalogue: Path | None = Field(None, description="task catalogue YAML (fedkim.data.catalogue); null: the "
+                                                     "shipped fedkim/data/tasks.yaml")
 
     @field_validator("gate")
     @classmethod
@@ -374,7 +376,9 @@ def _resolve_paths(params: Params, base: Path) -> Params:
     def absolute(p: Path) -> Path:
         return p if p.is_absolute() else (base / p)
 
-    data = params.data.model_copy(update={"root": absolute(params.data.root)})
+    catalogue = params.data.catalogue
+    data = params.data.model_copy(update={"root": absolute(params.data.root),
+                                          "catalogue": None if catalogue is None else absolute(catalogue)})
     store = params.store.model_copy(update={"root": absolute(params.store.root)})
     members = [_absolute_source(m, absolute) for m in params.federation.members]
     splits = params.federation.splits

@@ -15,7 +15,7 @@ from typing import Any
 # What decides the model and its figures: whole sections, the data minus where it lies and how many processes
 # generate it, and the federation's aggregation rules.
 WHOLE_SECTIONS = ("site", "inject", "eval")
-DATA_IGNORED = ("root", "workers")
+DATA_IGNORED = ("root", "workers")  # data.catalogue counts by its content (settings_digest)
 FEDERATION_KEYS = ("strategy", "quorum", "max_update_norm")
 
 
@@ -37,5 +37,8 @@ def settings_digest(params) -> str:
     dumped = params.model_dump(mode="json")
     payload = {section: dumped[section] for section in WHOLE_SECTIONS}
     payload["data"] = {k: v for k, v in dumped["data"].items() if k not in DATA_IGNORED}
+    catalogue = payload["data"].pop("catalogue", None)  # its content decides, not where it lies
+    if catalogue is not None:  # (None, the shipped catalogue, leaves the digest as it always was)
+        payload["data"]["catalogue_sha256"] = sha256_file(catalogue)
     payload["federation"] = {k: dumped["federation"][k] for k in FEDERATION_KEYS}
     return short_digest(payload)

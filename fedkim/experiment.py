@@ -24,7 +24,7 @@ from fedkim.central.evaluate import (evaluate, gate_distance, gate_table, plot_g
 from fedkim.central.model import CentralModel
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import Params
-from fedkim.data.catalogue import TASKS
+from fedkim.data.catalogue import Catalogue, catalogue_of, load_catalogue
 from fedkim.federation.store import LocalStore
 from fedkim.members import site_dir, split_dir
 from fedkim.rounds import (Trainer, aggregate_step, finish_round, gated_site, get_state, inject_step,
@@ -139,7 +139,7 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
                        public_dir=split_dir(params, "public"), progress=progress)
     metrics["gate"] = gate_table(model)  # per (task, modality): which experts the gate mixes
     metrics["gate_distance"] = gate_distance(metrics["gate"])
-    plot_gate_heatmap(metrics["gate"], work_dir / "gate_heatmap.png")
+    plot_gate_heatmap(metrics["gate"], work_dir / "gate_heatmap.png", model.catalogue)
     write_metrics(metrics, work_dir / "metrics.json")
     return RunResult(name, metrics, rounds, time.perf_counter() - started, model if keep_model else None)
 
@@ -294,7 +294,8 @@ def _peak_rss_mb() -> float:
 def _write_comparison(params: Params | None, out: Path, trials: dict[str, list[RunResult]], trial_seeds: list[int],
                       meta: dict | None = None) -> dict:
     """trial_seeds: the seeds of the trials done, in order (consecutive). params None: meta holds the SETTING."""
-    comparison = {name: _summarise(runs, trial_seeds) | {"description": VARIANTS[name].description}
+    catalogue = catalogue_of(params.data) if params is not None else load_catalogue()
+    comparison = {name: _summarise(runs, trial_seeds, catalogue) | {"description": VARIANTS[name].description}
                   for name, runs in trials.items()}
     setting = {} if params is None else {"foundation_model": params.inject.foundation_model,
                                          "rounds": params.federation.rounds,
@@ -317,14 +318,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else 0.0
 
 
-def _summarise(runs: list[RunResult], trial_seeds: list[int]) -> dict:
+def _summarise(runs: list[RunResult], trial_seeds: list[int], catalogue: Catalogue) -> dict:
     """Means (and sample standard deviations) over a variant's trials; per-task metrics averaged key by key."""
     row: dict = {"seconds": round(sum(r.seconds for r in runs), 1)}
     for key in HEADLINE:
         row[key], row[f"{key}_std"] = _mean_std([r.metrics[key] for r in runs])
     tasks = {}
     stored = runs[0].metrics["tasks"]  # catalogue order (a metrics.json read back is sorted by name)
-    for task in [t for t in TASKS if t in stored] + [t for t in stored if t not in TASKS]:
+    for task in [t for t in catalogue.tasks if t in stored] + [t for t in stored if t not in catalogue]:
         keys = {k for r in runs for k, v in r.metrics["tasks"][task].items() if isinstance(v, (int, float))}
         tasks[task] = {k: _mean_std([r.metrics["tasks"][task].get(k, math.nan) for r in runs])[0] for k in sorted(keys)}
         if len(runs) > 1:

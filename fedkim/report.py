@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fedkim.central.evaluate import plot_gate_heatmap
 from fedkim.config import Params
-from fedkim.data.catalogue import TASKS
+from fedkim.data.catalogue import Catalogue, catalogue_of, load_catalogue
 
 
 def find_comparison(configured: Path | None, search_root: Path) -> Path | None:
@@ -48,7 +48,7 @@ def write_round_report(params: Params, summary: dict, metrics: dict, injection: 
     folder = params.report.root / summary["round_id"]
     summary["report"] = str(folder / "report.md")
     write_report(folder, summary, metrics, injection, champion=champion, baselines=baselines, baseline_meta=meta,
-                 mlflow_ui=mlflow_ui)
+                 mlflow_ui=mlflow_ui, catalogue=catalogue_of(params.data))
     return folder
 
 
@@ -56,7 +56,17 @@ def _fmt(value) -> str:
     return "–" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"
 
 
-def plot_task_metrics(columns: dict[str, dict[str, float]], path: Path) -> Path | None:
+def _tasks_in(columns: dict[str, dict], catalogue: Catalogue) -> list[str]:
+    """The tasks any column has, in catalogue order, then those the catalogue lacks (an older baseline's)."""
+    present = [t for col in columns.values() for t in col]
+    return [t for t in catalogue.tasks if t in present] + [t for t in dict.fromkeys(present) if t not in catalogue]
+
+
+def _role(task: str, catalogue: Catalogue) -> str:
+    return catalogue[task].role if task in catalogue else "?"
+
+
+def plot_task_metrics(columns: dict[str, dict[str, float]], path: Path, catalogue: Catalogue) -> Path | None:
     """Grouped horizontal bars: the primary figure per task for each column (this round, champion, baselines)."""
     if not columns:
         return None
@@ -65,14 +75,14 @@ def plot_task_metrics(columns: dict[str, dict[str, float]], path: Path) -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in TASKS if any(t in col for col in columns.values())]
+    tasks = _tasks_in(columns, catalogue)
     width = 0.8 / len(columns)
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.32 * len(tasks) * max(1.0, len(columns) / 3)))
     for i, (name, col) in enumerate(columns.items()):
         ys = [k + i * width for k in range(len(tasks))]
         ax.barh(ys, [col.get(t, math.nan) for t in tasks], height=width, label=name)
     ax.set_yticks([k + 0.4 - width / 2 for k in range(len(tasks))],
-                  [f"{t} ({TASKS[t].role.replace('_', '-')})" for t in tasks], fontsize=8)
+                  [f"{t} ({_role(t, catalogue).replace('_', '-')})" for t in tasks], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("primary figure (F1 for yes/no tasks, accuracy for questions)")
@@ -86,13 +96,14 @@ def plot_task_metrics(columns: dict[str, dict[str, float]], path: Path) -> Path 
 
 def write_report(folder: Path, summary: dict, metrics: dict, injection: dict, *,
                  champion: dict | None = None, baselines: dict[str, dict[str, float]] | None = None,
-                 baseline_meta: dict | None = None, mlflow_ui: str = "") -> Path:
+                 baseline_meta: dict | None = None, mlflow_ui: str = "", catalogue: Catalogue | None = None) -> Path:
     """Write report.md, summary.json and the PNGs into folder; return the report.md path.
 
     champion: {"version", "round_id", "tasks": {task: {"primary", "auroc"}}} of the champion this round was
-    compared with (None when there was none)."""
+    compared with (None when there was none). catalogue: the tasks' order and roles (None: the shipped one)."""
     from fedkim.tracking.runs import plot_loss_curve
 
+    catalogue = catalogue or load_catalogue()
     folder.mkdir(parents=True, exist_ok=True)
     baselines, baseline_meta = baselines or {}, baseline_meta or {}
     this = {t: m["primary"] for t, m in metrics.get("tasks", {}).items()}
@@ -102,8 +113,8 @@ def write_report(folder: Path, summary: dict, metrics: dict, injection: dict, *,
                                                        for t, m in champion["tasks"].items()}
     columns |= {f"baseline {name}": row for name, row in baselines.items()}
     images = {
-        "metrics": plot_task_metrics(columns, folder / "task_metrics.png"),
-        "gate": plot_gate_heatmap(metrics.get("gate") or {}, folder / "gate_heatmap.png"),
+        "metrics": plot_task_metrics(columns, folder / "task_metrics.png", catalogue),
+        "gate": plot_gate_heatmap(metrics.get("gate") or {}, folder / "gate_heatmap.png", catalogue),
         "loss": (plot_loss_curve(injection["losses"], injection["lrs"], injection["tasks"], folder / "loss_curve.png")
                  if injection.get("losses") else None),
     }
@@ -139,10 +150,8 @@ def write_report(folder: Path, summary: dict, metrics: dict, injection: dict, *,
     lines += ["## Evaluation (test split)", "",
               "Primary figure per task: F1 for yes/no tasks, accuracy for multiple-answer questions.", "",
               "| task | role | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-    for task in TASKS:
-        if not any(task in col for col in columns.values()):
-            continue
-        lines.append(f"| {task} | {TASKS[task].role} | " + " | ".join(_fmt(columns[n].get(task)) for n in names) + " |")
+    for task in _tasks_in(columns, catalogue):
+        lines.append(f"| {task} | {_role(task, catalogue)} | " + " | ".join(_fmt(columns[n].get(task)) for n in names) + " |")
     lines += ["", "Summary of this round: " + ", ".join(f"{k} {_fmt(metrics.get(k))}"
                                                        for k in ("train_mean_f1", "zeroshot_mean", "mean_auroc")), ""]
     if champion:

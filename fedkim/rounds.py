@@ -37,7 +37,7 @@ from fedkim.central.inject import inject
 from fedkim.central.model import CentralModel
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import Params
-from fedkim.data.catalogue import check_sites
+from fedkim.data.catalogue import catalogue_of
 from fedkim.data.siteformat import SITE_FILE, compute_fingerprint
 from fedkim.data.validate import gate_reason, gate_summary
 from fedkim.federation.aggregate import aggregate
@@ -142,7 +142,7 @@ def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: in
     key = round_key(round_id, "global", "encoders.safetensors")
     if store.exists(key):
         return key
-    check_sites(params.federation.members)
+    catalogue_of(params.data).check_sites(params.federation.members)
     state = global_model(params.site, params.data, seed=params.data.seed + seed).state_dict()
     previous = latest_round(store)
     if previous is not None and previous != str(round_id):
@@ -169,13 +169,13 @@ def _gate(directory: Path, params: Params, *, write_docs: bool, reports_dir: Pat
     try:
         manifest = hashlib.sha256((directory / SITE_FILE).read_bytes()).hexdigest()
         key = (str(directory.resolve()), compute_fingerprint(directory), manifest, params.data.gate.model_dump_json(),
-               params.data.icu_hours)
+               params.data.icu_hours, catalogue_of(params.data).digest)
     except OSError:  # no directory or no site.yaml: the gate reports it
         key = None
     cached = _GATE_REPORTS.get(key) if key is not None else None
     if cached is None or (write_docs and not cached[1]):
         report = validate_site(directory, params.data.gate, write_docs=write_docs, reports_dir=reports_dir,
-                               icu_hours=params.data.icu_hours)
+                               icu_hours=params.data.icu_hours, catalogue=catalogue_of(params.data))
         if key is None:
             return report
         _GATE_REPORTS[key] = (report, write_docs)
@@ -225,7 +225,8 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
         raise ValueError(f"{site_id}: train_site_step needs the data gate's summary of the site (got {validation!r})")
     prefix = package_prefix(round_id, site_id)
     if store.exists(f"{prefix}/manifest.json"):  # this site already reported for this round
-        return SiteOutcome.from_manifest(read_manifest_from_store(store, prefix), "reused")
+        return SiteOutcome.from_manifest(read_manifest_from_store(store, prefix, catalogue_of(params.data)),
+                                         "reused")
     global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
     train = trainer or (lambda site_dir_, state, seed_, **kw: train_site(site_dir_, state, params.site, params.data,
                                                                          seed=seed_, progress=progress, **kw))
@@ -238,7 +239,7 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
         write_package(folder, local.state_dict, site_id=site_id, round_id=str(round_id),
                       sample_counts=local.sample_counts, task_counts=local.task_counts,
                       data_fingerprint=local.data_fingerprint, local_metrics=finite_metrics(local.metrics),
-                      validation_summary=validation)
+                      validation_summary=validation, catalogue=catalogue_of(params.data))
         # The manifest goes last: its presence is what marks the package as complete.
         files = sorted(folder.iterdir(), key=lambda f: f.name == "manifest.json")
         for f in files:
@@ -248,10 +249,10 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
                        seconds=round(local.seconds, 1))
 
 
-def read_manifest_from_store(store: ArtifactStore, prefix: str):
+def read_manifest_from_store(store: ArtifactStore, prefix: str, catalogue=None):
     with tempfile.TemporaryDirectory() as tmp:
         store.get_file(f"{prefix}/manifest.json", Path(tmp) / "manifest.json")
-        return read_manifest(tmp)
+        return read_manifest(tmp, catalogue)
 
 
 def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids: list[str]) -> AggregateOutcome:
@@ -270,13 +271,14 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
                 continue
             folders.append(store.get_dir(prefix, Path(tmp) / site))
         accepted, rejected = screen_packages(folders, global_state, max_update_norm=params.federation.max_update_norm,
-                                             expected_round=str(round_id))
+                                             expected_round=str(round_id), catalogue=catalogue_of(params.data))
         rejected = {**missing, **rejected}
         if len(accepted) < params.federation.quorum:
             raise QuorumError(f"round {round_id}: {len(accepted)} acceptable package(s), below the quorum of "
                               f"{params.federation.quorum}; rejected or missing: {rejected}")
         hparams = {"mu": params.site.fedprox_mu} if params.federation.strategy == "fedprox" else {}
-        result = aggregate(params.federation.strategy, global_state, accepted, **hparams)
+        result = aggregate(params.federation.strategy, global_state, accepted, catalogue=catalogue_of(params.data),
+                           **hparams)
     names = [p.manifest.site_id for p in accepted]
     put_json(store, round_key(round_id, "aggregate", "aggregate.json"),
              {"accepted": names, "rejected": rejected, "strategy": params.federation.strategy})

@@ -17,6 +17,7 @@ from prefect.futures import as_completed
 from fedkim.config import Params, site_pool
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.orchestration import failure_text, site_wait_s
+from fedkim.data.catalogue import load_catalogue
 from fedkim.rounds import SiteOutcome, get_json, read_manifest_from_store, validation_key
 from fedkim.data.validate import gate_reason
 from flows.site import site_tasks
@@ -85,7 +86,7 @@ def run_sites_here(params: Params, store: ArtifactStore, round_id: str, progress
 
 @task(name="site-deployment", task_run_name="site-{site_id}", cache_policy=NO_CACHE)
 def remote_site_task(store: ArtifactStore, round_id: str, site_id: str, parameters: dict, start_s: float,
-                     wait_s: float, key: str) -> SiteOutcome:
+                     wait_s: float, key: str, catalogue: str | None = None) -> SiteOutcome:
     """Federated: start `fedkim-site/<site>` on the site's pool, wait for it, read its results from the store.
     A run no worker picks up within start_s, or that is not done within wait_s, is cancelled and counts as failed."""
     from prefect import get_client
@@ -118,7 +119,7 @@ def remote_site_task(store: ArtifactStore, round_id: str, site_id: str, paramete
     gate_key = validation_key(round_id, site_id)
     validation = get_json(store, gate_key) if store.exists(gate_key) else None
     if state.is_completed():
-        manifest = read_manifest_from_store(store, package_prefix(round_id, site_id))
+        manifest = read_manifest_from_store(store, package_prefix(round_id, site_id), load_catalogue(catalogue))
         return replace(SiteOutcome.from_manifest(manifest, "trained", validation=validation), site_id=site_id)
     if validation is not None and not validation["success"]:
         return SiteOutcome(site_id, "excluded", gate_reason(validation), validation=validation)
@@ -133,7 +134,9 @@ def run_sites_remote(params: Params, store: ArtifactStore, round_id: str, params
     parameters = {"params_path": params_path, "overrides": overrides or {}, "progress": progress}
     flow_run = runtime.flow_run.id or "local"
     futures = {remote_site_task.submit(store, round_id, s.id, parameters, params.federation.site_start_s,
-                                       site_wait_s(params), f"{flow_run}/{s.id}"): s.id for s in params.federation.members}
+                                       site_wait_s(params), f"{flow_run}/{s.id}",
+                                       None if params.data.catalogue is None else str(params.data.catalogue)): s.id
+               for s in params.federation.members}
     outcomes = {}
     for future in as_completed(list(futures)):
         site = futures[future]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from fedkim.central.evaluate import plot_gate_heatmap
-from fedkim.data.catalogue import TASKS
+from fedkim.data.catalogue import catalogue_of
 from fedkim.errors import run_stage
 from fedkim.rounds import evaluate_step, load_central, validate_split_step
 from pipelines.common import parser, setup, write_json
@@ -30,13 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     metrics = evaluate_step(params, store, round_id, load_central(params, store, round_id, injected=True))
 
     write_json(args.metrics, {"round_id": round_id, **{k: v for k, v in metrics.items() if k != "gate"}})
+    catalogue = catalogue_of(params.data)
     args.tasks.parent.mkdir(parents=True, exist_ok=True)
     with args.tasks.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["task", "role", "modality", *COLUMNS])
         for task, m in metrics["tasks"].items():
-            writer.writerow([task, TASKS[task].role, TASKS[task].modality, *(_number(m.get(c)) for c in COLUMNS)])
-    if plot_gate_heatmap(metrics.get("gate") or {}, args.gate) is None:
+            writer.writerow([task, catalogue[task].role, catalogue[task].modality, *(_number(m.get(c)) for c in COLUMNS)])
+    if plot_gate_heatmap(metrics.get("gate") or {}, args.gate, catalogue) is None:
         raise SystemExit(f"round {round_id}: the model has no M3OE gate to plot (inject.num_experts, inject.gate)")
     print(f"round {round_id}: {len(metrics['tasks'])} tasks, train mean F1 {metrics['train_mean_f1']:.3f}, "
           f"zero-shot mean {metrics['zeroshot_mean']:.3f}, mean AUROC {metrics['mean_auroc']:.3f}")

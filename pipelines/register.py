@@ -17,6 +17,7 @@ from pathlib import Path
 
 from fedkim import tracking
 from fedkim.config import Params
+from fedkim.data.catalogue import catalogue_of
 from fedkim.digests import settings_digest, short_digest
 from fedkim.errors import run_stage
 from fedkim.federation.store import package_prefix
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     version = tracking.find_version(tracked_id)  # this round's outputs were registered before: log nothing twice
     if version is None:
         version = log_and_register(params, store, round_id, tracked_id, digest, metrics)
-    decision = tracking.promote(version, metrics)
+    decision = tracking.promote(version, metrics, tasks=catalogue_of(params.data).train)
 
     aliases = next((row["aliases"] for row in tracking.registry_show(version.name)
                     if row["version"] == int(version.version)), [])
@@ -67,7 +68,8 @@ def log_and_register(params: Params, store, round_id: str, tracked_id: str, dige
     """Log the round as `tracked_id` (round run, a run per accepted site, the injection run) and register and judge
     its model: fedkim.tracking.log_round over what the earlier stages left in the store."""
     accepted = get_json(store, round_key(round_id, "aggregate", "aggregate.json"))["accepted"]
-    manifests = [read_manifest_from_store(store, package_prefix(round_id, site)) for site in accepted]
+    catalogue = catalogue_of(params.data)
+    manifests = [read_manifest_from_store(store, package_prefix(round_id, site), catalogue) for site in accepted]
     sites = [SiteOutcome.from_manifest(m, "trained", validation=m.validation_summary.model_dump(mode="json"))
              for m in manifests]
     fingerprints = {s.site_id: s.data_fingerprint for s in sites}

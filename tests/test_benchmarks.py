@@ -66,17 +66,18 @@ def test_both_loop_references_compute_the_same_function_as_m3oe():
     from fedkim.central.foundation import load_foundation
     from fedkim.central.m3oe import DEFAULT_TARGETS, M3OEConfig, attach_m3oe
     from fedkim.central.model import reference_pairs
-    from fedkim.data.catalogue import TASKS
+    from fedkim.data.catalogue import load_catalogue
 
+    catalogue = load_catalogue()
     foundation = load_foundation("tiny")
     config = M3OEConfig(num_experts=4, rank=2, alpha=4.0, dropout=0.1, targets=DEFAULT_TARGETS)
-    task = TASKS["covid"]
+    task = catalogue["covid"]
     ids = torch.randint(0, foundation.tokenizer.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
     outputs = []
     for as_loop in (None, False, True):
         model = copy.deepcopy(foundation.model)
         torch.manual_seed(1)
-        m3oe = attach_m3oe(model, config, foundation.tokenizer, reference=reference_pairs(config.gate_norm))
+        m3oe = attach_m3oe(model, config, foundation.tokenizer, reference=reference_pairs(catalogue, config.gate_norm))
         with torch.no_grad():
             for layer in m3oe.layers.values():
                 layer.lora_B.normal_(0, 0.05)

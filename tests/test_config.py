@@ -164,8 +164,10 @@ def test_params_hash_ignores_paths_but_not_values():
 
 
 def test_every_training_modality_needs_a_site(tmp_path):
-    from fedkim.data.catalogue import check_sites
+    from fedkim.data.catalogue import load_catalogue
     from fedkim.data.synth.federation import generate_federation
+
+    check_sites = load_catalogue().check_sites
 
     params = load_params(REPO / "params.yaml", {"federation.members": [{"id": "site-a", "modalities": ["image"]}],
                                                 "data.sites": {}, "data.root": str(tmp_path / "fed")})

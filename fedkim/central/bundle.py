@@ -4,11 +4,15 @@
     trainable.safetensors    M3OE experts and gate, projectors, and the FM's modality-tag embedding rows
     encoders.safetensors     the injected modality encoders (and task heads)
     adapters/<task>/         per catalogue task: the mixture for its (task, modality) pair as a plain peft LoRA
+    catalogue.yaml           the task catalogue the model was trained with (its tasks, questions and answers)
     MODEL_CARD.md            what it is, where it came from, how it scores, what it must not be used for
-    bundle.json              schema version, variant, round id, sites, sha256 of every other file
+    bundle.json              schema version, variant, round id, sites, the gate's reference descriptions, sha256
+                             of every other file
 
 The frozen FM itself is not copied: `inject.foundation_model` names its offline source, and `load_bundle` rebuilds
-it. The tag rows are stored because the FM's mean-resizing samples them from a (tiny-variance) random draw.
+it. The tag rows are stored because the FM's mean-resizing samples them from a (tiny-variance) random draw. The
+gate's reference descriptions (inject.gate_norm 'train' / 'catalogue') are stored too: a model scored or served on
+a catalogue with new tasks routes the tasks it knows exactly as it was trained to.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from safetensors.torch import load_file, save_file
 from fedkim.central.model import TAGS, CentralModel
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import ConfigError, Params, format_validation_error
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import catalogue_of
 from fedkim.digests import sha256_file
 from fedkim.federation.package import current_code_version
 
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
+CATALOGUE = "catalogue.yaml"
 TAG_INPUT, TAG_OUTPUT = "fm_tags.input_embeddings", "fm_tags.output_embeddings"
 
 
@@ -66,12 +71,15 @@ def save_bundle(model: CentralModel, params: Params, folder: str | Path, *, vari
               metadata={"format": "pt"})
     choice = params.tracking.bundle_adapters if adapters is None else adapters
     choice = {True: "all", False: "none"}.get(choice, choice)
-    exported = {"all": list(TASKS), "train": list(TRAIN_TASKS), "none": []}[choice]
+    catalogue = catalogue_of(params.data)
+    (staging / CATALOGUE).write_bytes(_catalogue_bytes(params))
+    exported = {"all": list(catalogue.tasks), "train": list(catalogue.train), "none": []}[choice]
     if model.m3oe is not None:
         for task in exported:
-            model.m3oe.export_peft(staging / "adapters" / task, *model.gate_mode.pair(task))
+            model.m3oe.export_peft(staging / "adapters" / task, *model.gate_mode.pair(catalogue[task]))
     (staging / "MODEL_CARD.md").write_text(model_card(params, variant=variant, round_id=round_id, sites=sites,
-                                                      metrics=metrics, has_adapters=(staging / "adapters").is_dir()))
+                                                      metrics=metrics, has_adapters=(staging / "adapters").is_dir(),
+                                                      catalogue=catalogue))
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "variant": variant,
@@ -80,6 +88,7 @@ def save_bundle(model: CentralModel, params: Params, folder: str | Path, *, vari
         "foundation_model": params.inject.foundation_model,
         "code_version": current_code_version(),
         "tag_tokens": _tag_tokens(model),
+        "gate_reference": model.gate_reference(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "files": {rel: sha256_file(staging / rel) for rel in _files(staging)},
     }
@@ -87,6 +96,13 @@ def save_bundle(model: CentralModel, params: Params, folder: str | Path, *, vari
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
+
+
+def _catalogue_bytes(params: Params) -> bytes:
+    """The catalogue file params select, as it is (None: the shipped one)."""
+    from fedkim.data.catalogue import SHIPPED
+
+    return Path(params.data.catalogue or SHIPPED).read_bytes()
 
 
 def _tag_tokens(model: CentralModel) -> dict[str, int]:
@@ -113,8 +129,9 @@ def _files(folder: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------- model card
 def model_card(params: Params, *, variant: str, round_id: str | None, sites: dict[str, str], metrics: dict | None,
-               has_adapters: bool) -> str:
+               has_adapters: bool, catalogue=None) -> str:
     p = params.inject
+    catalogue = catalogue or catalogue_of(params.data)
     lines = [
         f"# FedKIM central model{f' (round {round_id})' if round_id else ''}", "",
         "## Model", "",
@@ -131,8 +148,9 @@ def model_card(params: Params, *, variant: str, round_id: str | None, sites: dic
     lines += _metrics_table(metrics) if metrics and metrics.get("tasks") else ["No evaluation recorded.", ""]
     lines += [
         "## Intended use", "",
-        "Research and MLOps demonstration of federated knowledge injection: answering the 12 catalogue tasks "
-        "(4 trained, 8 zero-shot) on inputs in the fedkim site format.", "",
+        "Research and MLOps demonstration of federated knowledge injection: answering the "
+        f"{len(catalogue.tasks)} catalogue tasks ({len(catalogue.train)} trained, {len(catalogue.zero_shot)} "
+        "zero-shot) on inputs in the fedkim site format.", "",
         "## Limitations", "",
         "- Trained and evaluated only on synthetic, offline data (procedural radiographs, simulated ECGs and ICU "
         "series, generated questions); the figures say nothing about real patients.",
@@ -194,6 +212,13 @@ def read_params(folder: str | Path) -> Params:
         raise ConfigError(format_validation_error(path, exc)) from None
 
 
+def catalogue_file(folder: str | Path) -> Path | None:
+    """The task catalogue the bundle was trained with: its own copy (None, the shipped catalogue, for a bundle
+    without one). params' data.catalogue names a file on the machine that trained it."""
+    stored = Path(folder) / CATALOGUE
+    return stored if stored.is_file() else None
+
+
 def load_bundle(folder: str | Path) -> tuple[CentralModel, Params]:
     """Verify the bundle, rebuild its model (FM from its source, same variant) and load the weights; eval mode."""
     folder = Path(folder)
@@ -202,7 +227,8 @@ def load_bundle(folder: str | Path) -> tuple[CentralModel, Params]:
     variant = manifest.get("variant", "fedkim")
     if variant not in VARIANTS:
         raise BundleError(f"{folder / MANIFEST}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
-    model = build_central(params, VARIANTS[variant])
+    own = params.model_copy(update={"data": params.data.model_copy(update={"catalogue": catalogue_file(folder)})})
+    model = build_central(own, VARIANTS[variant], gate_reference=manifest.get("gate_reference"))
     trainable = load_file(str(folder / "trainable.safetensors"))
     tags = {k: trainable.pop(k) for k in (TAG_INPUT, TAG_OUTPUT) if k in trainable}
     parts = [("encoders", model.encoders, load_file(str(folder / "encoders.safetensors")), "encoders.safetensors"),

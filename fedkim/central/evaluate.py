@@ -1,6 +1,8 @@
-"""Evaluation on the test split: all 12 tasks, zero-shot ones with their own descriptions in the gate.
+"""Evaluation on the test split: every task of the catalogue in force (`data.catalogue`; by default FedKIM's 12),
+zero-shot ones with their own descriptions in the gate.
 
-Binary tasks are scored deterministically from log p("Yes") − log p("No") (accuracy, F1, AUROC, MCC);
+Binary tasks are scored deterministically from log p("Yes") − log p("No") (accuracy, F1, AUROC, MCC; a binary
+task's answers are (negative, positive), No and Yes in the shipped catalogue);
 multi-answer questions take the highest-scoring option (accuracy, macro F1). Greedy generation is a secondary
 report. The primary figure per task is F1 for binary tasks and accuracy for questions.
 
@@ -50,7 +52,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, EvalParams, SiteTrainingParams
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS, YES_NO, ZERO_SHOT_TASKS
+from fedkim.data.catalogue import Catalogue, Task, catalogue_of, load_catalogue
 from fedkim.data.loaders import collate
 from fedkim.data.batches import icu_windows, task_dataset, to_device
 from fedkim.progress import Progress
@@ -58,20 +60,27 @@ from fedkim.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def select_tasks(which: str) -> tuple[str, ...]:
-    return {"all": tuple(TASKS), "train": TRAIN_TASKS, "zero_shot": ZERO_SHOT_TASKS}[which]
+def select_tasks(catalogue: Catalogue, which: str) -> tuple[str, ...]:
+    return {"all": tuple(catalogue.tasks), "train": catalogue.train, "zero_shot": catalogue.zero_shot}[which]
 
 
 @torch.no_grad()
 def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: SiteTrainingParams, data: DataParams,
              *, public_dir: str | Path, tasks: tuple[str, ...] | None = None, progress: bool = False) -> dict:
-    """The model on `test_dir`'s test split; `public_dir` (the server's public split) calibrates it label-free."""
+    """Metrics per task of data's catalogue on `test_dir`'s test split; `public_dir` (the server's public split)
+    calibrates them label-free. The model is switched to the catalogue: its gate keeps the reference descriptions
+    it was trained against, so a catalogue with more zero-shot tasks leaves the known ones as trained."""
     started = time.perf_counter()
+    catalogue = catalogue_of(data)
+    unknown = [t for t in tasks or () if t not in catalogue]
+    if unknown:
+        raise KeyError(f"task(s) {unknown} are not in the catalogue {catalogue.source}")
+    model.use_catalogue(catalogue)
     model.eval()
     device = model.projectors[next(iter(model.projectors))].weight.device if len(model.projectors) else "cpu"
     out: dict = {"tasks": {}}
     public = Path(public_dir)
-    chosen = tasks or select_tasks(p.tasks)
+    chosen = tasks or select_tasks(catalogue, p.tasks)
     with Progress("evaluation", len(chosen), logger=log, bar=progress, every=0) as bar:  # a line per task
         for task in chosen:
             bar.update(task)
@@ -80,7 +89,7 @@ def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: Sit
                 bar.advance()
                 continue
             threshold, priors = None, None
-            if TASKS[task].kind == "binary" and p.calibration == "public_median":
+            if catalogue[task].kind == "binary" and p.calibration == "public_median":
                 threshold = calibrate_threshold(model, public, task, p, site, data, device)
                 if threshold is None:
                     threshold = OWN_INPUTS  # no public inputs of this task's form: its own unlabelled inputs
@@ -96,11 +105,12 @@ def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: Sit
 
 
 def yes_no_scores(model: CentralModel, dataset, task: str, batch_size: int, device) -> list[float]:
-    """log p("Yes") − log p("No") for every sample, with this task's prompt and gate."""
+    """log p(positive) − log p(negative) (Yes, No) for every sample, with this task's prompt and gate."""
+    answers = list(model.catalogue[task].answers)  # (negative, positive)
     scores = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
-        logp = model.option_logprobs(to_device(batch, device), task, [list(YES_NO)] * len(batch["answer"]))
-        scores += (logp[:, YES_NO.index("Yes")] - logp[:, YES_NO.index("No")]).float().cpu().tolist()
+        logp = model.option_logprobs(to_device(batch, device), task, [answers] * len(batch["answer"]))
+        scores += (logp[:, 1] - logp[:, 0]).float().cpu().tolist()
     return scores
 
 
@@ -110,10 +120,10 @@ OWN_INPUTS = "own_inputs"  # threshold sentinel: the median score of the evaluat
 def input_form(task: str, data: DataParams, read_hours: int | None = None) -> tuple:
     """What the model reads of a task's non-text input: its modalities and, for ICU series, the hours read (the
     task's window, or its most recent `read_hours` when that is shorter: `CentralModel.clinical_hours`)."""
-    inputs = tuple(i for i in TASKS[task].inputs if i != "text")  # a question about an image: images
+    inputs = tuple(i for i in catalogue_of(data)[task].inputs if i != "text")  # a question about an image: images
     if "clinical" not in inputs:
         return inputs, None
-    hours = icu_windows(data)[task]
+    hours = icu_windows(data).get(task, data.icu_hours)  # a catalogue's new clinical task: the mortality window
     return inputs, min(hours, read_hours) if read_hours else hours
 
 
@@ -123,7 +133,7 @@ def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, da
     that have it (a zero-shot task has no public samples of its own, but its modality does); None when there are
     none."""
     form = input_form(task, data, read_hours)
-    donors = [t for t in TRAIN_TASKS if input_form(t, data, read_hours) == form] if form[0] else []
+    donors = [t for t in catalogue_of(data).train if input_form(t, data, read_hours) == form] if form[0] else []
     if not donors or not public_dir.is_dir():
         return None
     parts = [task_dataset(public_dir, t, None, site, data, limit=max(1, limit // len(donors))) for t in donors]
@@ -158,10 +168,10 @@ def option_priors(model: CentralModel, public_dir: Path, dataset, task: str, p: 
     """(question, options) -> mean log-probability of each option over calibration inputs (see the module
     docstring). Only the questions' text is read from the test samples, never their answers."""
     inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples, model.clinical_hours)
-    if inputs is None and any(i != "text" for i in TASKS[task].inputs):
+    if inputs is None and any(i != "text" for i in model.catalogue[task].inputs):
         return {}  # no public inputs of this modality: score uncalibrated
     priors, computed = {}, {}
-    for question, options, has_texts in dict.fromkeys(_questions(dataset, task)):
+    for question, options, has_texts in dict.fromkeys(_questions(dataset, model.catalogue[task])):
         if has_texts and p.choice_scoring == "text":
             continue  # scored on the choices' texts, normalised by length instead (see the module docstring)
         asked = (question if inputs is not None else "N/A", options)  # text-only: one prior per option set
@@ -174,21 +184,22 @@ def option_priors(model: CentralModel, public_dir: Path, dataset, task: str, p: 
     return priors
 
 
-def _questions(dataset, task: str):
+def _questions(dataset, task: Task):
     """Each sample's (question, options, whether its choices' texts are known), read without loading its inputs."""
     parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
     for part in parts:
         for i in range(len(part)):
             q = part.question_at(i)
             yield ((q["question"], tuple(q["options"]), bool(q.get("choices"))) if q
-                   else (TASKS[task].question, TASKS[task].answers, False))
+                   else (task.question, task.answers, False))
 
 
 def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device, *,
                   threshold: float | str | None = None, priors: dict[tuple, torch.Tensor] | None = None) -> dict:
     """One task's metrics. threshold: a yes/no decision threshold, OWN_INPUTS (the median of these inputs'
     scores) or None (log p(Yes) > log p(No))."""
-    spec = TASKS[task]
+    spec = model.catalogue[task]
+    negative, positive = spec.answers[:2]  # of a binary task
     scores, predicted, raw_predicted, truth, generated, forms = [], [], [], [], [], []
     text_scored = False
     for batch in DataLoader(dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate):
@@ -207,14 +218,14 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
             predicted.append(opts[int(calibrated.argmax())])
             forms.append(tuple(opts))
             if spec.kind == "binary":
-                scores.append(float(row[opts.index("Yes")] - row[opts.index("No")]))
+                scores.append(float(row[opts.index(positive)] - row[opts.index(negative)]))
         truth += list(batch["answer"])
         if p.generate:
             generated += model.generate(batch, task)
     result = {"n": len(truth), "kind": spec.kind, "role": spec.role}
     if spec.kind == "binary":
-        y = np.array([a == "Yes" for a in truth], dtype=int)
-        raw = np.array([a == "Yes" for a in predicted], dtype=int)
+        y = np.array([a == positive for a in truth], dtype=int)
+        raw = np.array([a == positive for a in predicted], dtype=int)
         source = "none" if threshold is None else OWN_INPUTS if threshold == OWN_INPUTS else "public"
         if threshold == OWN_INPUTS:
             threshold = float(np.median(scores))
@@ -306,8 +317,8 @@ def gate_table(model: CentralModel) -> dict[str, list[float]]:
     """Gate weights per task (each with its canonical task and modality descriptions), as the gate sees them."""
     if model.m3oe is None:
         return {}
-    tasks = list(TASKS)
-    pairs = [model.gate_mode.pair(t) for t in tasks]
+    tasks = list(model.catalogue.tasks)
+    pairs = [model.gate_mode.pair(model.catalogue[t]) for t in tasks]
     weights = model.m3oe.gate_weights([p[0] for p in pairs], [p[1] for p in pairs]).float().cpu()
     return {t: [round(float(w), 5) for w in row] for t, row in zip(tasks, weights)}
 
@@ -322,8 +333,11 @@ def gate_distance(table: dict[str, list[float]]) -> float:
     return float(np.mean([0.5 * np.abs(a - b).sum() for a, b in pairs]))
 
 
-def plot_gate_heatmap(table: dict[str, list[float]], path: str | Path) -> Path | None:
-    """A (task × expert) heatmap PNG of the gate weights."""
+def plot_gate_heatmap(table: dict[str, list[float]], path: str | Path,
+                      catalogue: Catalogue | None = None) -> Path | None:
+    """A (task × expert) heatmap PNG of the gate weights; rows named by task and its modality in `catalogue`
+    (None: the shipped one)."""
+    catalogue = catalogue or load_catalogue()
     if not table:
         return None
     import matplotlib
@@ -335,7 +349,7 @@ def plot_gate_heatmap(table: dict[str, list[float]], path: str | Path) -> Path |
     data = np.array([table[t] for t in tasks])
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * data.shape[1], 0.9 + 0.35 * len(tasks)))
     image = ax.imshow(data, aspect="auto", cmap="viridis")
-    ax.set_yticks(range(len(tasks)), [f"{t} ({TASKS[t].modality})" for t in tasks], fontsize=8)
+    ax.set_yticks(range(len(tasks)), [f"{t} ({catalogue[t].modality})" if t in catalogue else t for t in tasks], fontsize=8)
     ax.set_xticks(range(data.shape[1]), [str(i) for i in range(data.shape[1])], fontsize=8)
     ax.set_xlabel("expert")
     fig.colorbar(image, ax=ax, fraction=0.04)

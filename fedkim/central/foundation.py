@@ -120,17 +120,20 @@ def load_foundation(source: str = "smollm2", *, cache_dir: Path | None = None, f
 
 
 def tiny_foundation(vocab_words: list[str] | None = None, hidden: int = 64, layers: int = 2, seed: int = 0) -> Foundation:
-    """A small random Llama with a word-level tokenizer over the catalogue's words (tests, quick runs)."""
+    """A small random Llama with a word-level tokenizer over the shipped catalogue's words (tests, quick runs).
+    The vocabulary is the FM's, so it never follows data.catalogue: a new task's unknown words read as <unk>."""
     import re
 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from fedkim.data.catalogue import MODALITY_DESCRIPTIONS, TASKS
+    from fedkim.data.catalogue import load_catalogue
 
     if vocab_words is None:
-        text = " ".join([*MODALITY_DESCRIPTIONS.values(), *(t.task_description + " " + t.question for t in TASKS.values()),
-                         *(a for t in TASKS.values() for a in t.answers), "Question Answer Yes No"])
+        shipped = load_catalogue()
+        tasks = shipped.tasks.values()
+        text = " ".join([*shipped.modalities.values(), *(t.task_description + " " + t.question for t in tasks),
+                         *(a for t in tasks for a in t.answers), "Question Answer Yes No"])
         vocab_words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
     vocab = {w: i for i, w in enumerate(specials + [w for w in vocab_words if w not in specials])}

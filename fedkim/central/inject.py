@@ -17,14 +17,20 @@ from torch.utils.data import DataLoader
 
 from fedkim.central.model import CentralModel
 from fedkim.config import DataParams, InjectParams, SiteTrainingParams
+from fedkim.data.catalogue import Catalogue, catalogue_of
 from fedkim.data.loaders import collate
 from fedkim.data.batches import pick_device, task_dataset, to_device
 from fedkim.progress import Progress
 
 log = logging.getLogger(__name__)
 
-# The reference code's server order: ECG, clinical, then the image tasks.
-SEQUENTIAL_ORDER = ("ecg_abnormal", "mortality", "lung_opacity", "covid")
+# The reference code's server order: ECG, clinical, then the image tasks (each in catalogue order).
+MODALITY_ORDER = ("ecg", "clinical", "image")
+
+
+def task_order(catalogue: Catalogue) -> list[str]:
+    """The training tasks in the server's order: by MODALITY_ORDER, catalogue order within a modality."""
+    return sorted(catalogue.train, key=lambda t: MODALITY_ORDER.index(catalogue[t].modality))
 
 
 @dataclass
@@ -40,7 +46,7 @@ class InjectResult:
 def _batches(public_dir: Path, p: InjectParams, site: SiteTrainingParams, data: DataParams, seed: int):
     """(task, batch) pairs for one pass over the public split, in the configured task order."""
     loaders = {}
-    for task in SEQUENTIAL_ORDER:
+    for task in task_order(catalogue_of(data)):
         dataset = task_dataset(public_dir, task, None, site, data)
         if len(dataset):
             loaders[task] = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, collate_fn=collate,

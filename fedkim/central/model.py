@@ -20,21 +20,21 @@ from torch import nn
 
 from fedkim.central.foundation import Foundation
 from fedkim.central.m3oe import M3OE, M3OEConfig, attach_m3oe
-from fedkim.data.catalogue import MODALITY_DESCRIPTIONS, TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import Catalogue, Task, load_catalogue
 
 TAGS = {"image": ("<image>", "</image>"), "ecg": ("<ecg>", "</ecg>"), "clinical": ("<clinical>", "</clinical>")}
 HUMAN, ASSISTANT, END = "### Human: ", "\n### Assistant:", "\n###"
 
 
-def reference_tasks(gate_norm: str) -> tuple[str, ...]:
+def reference_tasks(catalogue: Catalogue, gate_norm: str) -> tuple[str, ...]:
     """The catalogue tasks whose descriptions a reference norm places a description against: the training tasks
     (norm 'train') or all of them (norm 'catalogue')."""
-    return tuple(TRAIN_TASKS) if gate_norm == "train" else tuple(TASKS)
+    return catalogue.train if gate_norm == "train" else tuple(catalogue.tasks)
 
 
-def reference_pairs(gate_norm: str) -> list[tuple[str, str]]:
+def reference_pairs(catalogue: Catalogue, gate_norm: str) -> list[tuple[str, str]]:
     """The (task, modality) descriptions of reference_tasks(gate_norm), for code that attaches M3OE itself."""
-    return [GateMode().pair(t) for t in reference_tasks(gate_norm)]
+    return [GateMode().pair(catalogue[t]) for t in reference_tasks(catalogue, gate_norm)]
 
 
 @dataclass
@@ -44,8 +44,7 @@ class GateMode:
     use_task: bool = True
     use_modality: bool = True
 
-    def pair(self, task: str) -> tuple[str, str]:
-        t = TASKS[task]
+    def pair(self, t: Task) -> tuple[str, str]:
         task_text = t.task_description if self.use_task else t.modality_description
         modality_text = t.modality_description if self.use_modality else t.task_description
         return task_text, modality_text
@@ -70,11 +69,15 @@ def _quiet_mean_resizing():
 
 class CentralModel(nn.Module):
     def __init__(self, foundation: Foundation, encoders: nn.ModuleDict, m3oe_config: M3OEConfig | None,
-                 *, gate_mode: GateMode | None = None, train_encoders: bool = True,
-                 clinical_hours: int | None = None):
-        """clinical_hours: the central model reads the most recent this-many hours of a longer ICU series (the
-        window it learned on), None: every hour."""
+                 *, catalogue: Catalogue | None = None, gate_mode: GateMode | None = None,
+                 train_encoders: bool = True, clinical_hours: int | None = None, gate_reference: dict | None = None):
+        """catalogue: the tasks the model answers (None: the shipped catalogue; `use_catalogue` swaps in one with
+        more zero-shot tasks). clinical_hours: the central model reads the most recent this-many hours of a longer ICU series (the
+        window it learned on), None: every hour. gate_reference: the descriptions the gate was trained against
+        ({"reference": [[task, modality], ...], "task_vocab": [...], "modality_vocab": [...]}, as
+        `gate_reference` returns them and a bundle stores them); None: from the catalogue."""
         super().__init__()
+        catalogue = self.catalogue = catalogue or load_catalogue()
         self.clinical_hours = clinical_hours
         self.fm = foundation.model
         self.tokenizer = foundation.tokenizer
@@ -87,12 +90,29 @@ class CentralModel(nn.Module):
         self.gate_mode = gate_mode or GateMode()
         self.m3oe: M3OE | None = None
         if m3oe_config is not None:
-            # what the gate sees, for each task of the norm's reference (see gates.XAttnGate)
-            reference = [self.gate_mode.pair(t) for t in reference_tasks(m3oe_config.gate_norm)]
-            self.m3oe = attach_m3oe(self.fm, m3oe_config, self.tokenizer, reference=reference,
-                                    task_vocab=[t.task_description for t in TASKS.values()],
-                                    modality_vocab=list(MODALITY_DESCRIPTIONS.values()))
+            # what the gate sees, for each task of the norm's reference (see gates.XAttnGate): fixed when the
+            # model is built, so a later catalogue with more tasks leaves the known tasks' routing as trained
+            stored = gate_reference or {
+                "reference": [self.gate_mode.pair(catalogue[t])
+                              for t in reference_tasks(catalogue, m3oe_config.gate_norm)],
+                "task_vocab": [t.task_description for t in catalogue.tasks.values()],
+                "modality_vocab": list(catalogue.modalities.values())}
+            self.m3oe = attach_m3oe(self.fm, m3oe_config, self.tokenizer,
+                                    reference=[tuple(p) for p in stored["reference"]],
+                                    task_vocab=stored["task_vocab"], modality_vocab=stored["modality_vocab"])
         self._text_cache: dict[str, list[int]] = {}
+
+    def gate_reference(self) -> dict | None:
+        """The descriptions the gate routes against (see __init__), to store beside the weights."""
+        if self.m3oe is None:
+            return None
+        return {"reference": [list(p) for p in self.m3oe.reference], "task_vocab": list(self.m3oe.task_vocab),
+                "modality_vocab": list(self.m3oe.modality_vocab)}
+
+    def use_catalogue(self, catalogue: Catalogue) -> None:
+        """Answer the tasks of another catalogue (e.g. one with new zero-shot tasks); the gate keeps the reference
+        descriptions it was trained against."""
+        self.catalogue = catalogue
 
     def _add_tags(self) -> None:
         new = [t for pair in TAGS.values() for t in pair if t not in self.tokenizer.get_vocab()]
@@ -143,7 +163,7 @@ class CentralModel(nn.Module):
 
     def _modality_tokens(self, batch: dict, task: str) -> tuple[str | None, torch.Tensor | None]:
         for modality in ("image", "ecg", "clinical"):
-            if modality in TASKS[task].inputs:
+            if modality in self.catalogue[task].inputs:
                 if modality == "clinical":
                     batch = self.recent_hours(batch)
                 return modality, self.projectors[modality](self.encoders[modality](batch))
@@ -163,7 +183,7 @@ class CentralModel(nn.Module):
         embed = self.fm.get_input_embeddings()
         device = embed.weight.device
         modality, tokens = self._modality_tokens(batch, task)
-        questions = batch.get("question") or [TASKS[task].question] * _batch_size(batch)
+        questions = batch.get("question") or [self.catalogue[task].question] * _batch_size(batch)
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         rows, labels = [], []
         for i, question in enumerate(questions):
@@ -186,7 +206,7 @@ class CentralModel(nn.Module):
     def set_gate(self, task: str, n: int) -> torch.Tensor | None:
         if self.m3oe is None:
             return None
-        task_text, modality_text = self.gate_mode.pair(task)
+        task_text, modality_text = self.gate_mode.pair(self.catalogue[task])
         return self.m3oe.set_gate([task_text] * n, [modality_text] * n)
 
     def _forward(self, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +237,7 @@ class CentralModel(nn.Module):
         """The gate's load-balancing loss: over the last batch, or (scope 'tasks') over every training task's pair."""
         if self.m3oe.config.balance_scope == "batch":
             return self.m3oe.aux_loss
-        return self.m3oe.pairs_balance([self.gate_mode.pair(name) for name in TRAIN_TASKS])
+        return self.m3oe.pairs_balance([self.gate_mode.pair(self.catalogue[name]) for name in self.catalogue.train])
 
     # ------------------------------------------------------------------------------------------- scoring
     @torch.no_grad()

@@ -10,6 +10,7 @@ from fedkim.central.foundation import load_foundation
 from fedkim.central.m3oe import M3OEConfig
 from fedkim.central.model import CentralModel, GateMode
 from fedkim.config import Params
+from fedkim.data.catalogue import catalogue_of
 from fedkim.site.model import global_model
 
 
@@ -54,12 +55,14 @@ def m3oe_config(params: Params, variant: Variant) -> M3OEConfig | None:
 
 
 def build_central(params: Params, variant: Variant, encoders_state: dict | None = None, *,
-                  seed: int = 0) -> CentralModel:
-    """The central model of a variant; `seed` shifts the encoders' initialisation (a trial of `--seeds`)."""
+                  seed: int = 0, gate_reference: dict | None = None) -> CentralModel:
+    """The central model of a variant for the catalogue params select; `seed` shifts the encoders'
+    initialisation (a trial of `--seeds`); gate_reference: the gate's stored reference descriptions (a bundle's)."""
     encoders = global_model(params.site, params.data, seed=params.data.seed + seed).encoders
     train_encoders = params.inject.train_encoders if variant.train_encoders is None else variant.train_encoders
     model = CentralModel(load_foundation(params.inject.foundation_model), encoders, m3oe_config(params, variant),
-                         gate_mode=GateMode(variant.use_task, variant.use_modality), train_encoders=train_encoders,
+                         catalogue=catalogue_of(params.data), gate_mode=GateMode(variant.use_task, variant.use_modality),
+                         train_encoders=train_encoders, gate_reference=gate_reference,
                          clinical_hours=params.data.icu_hours if params.inject.icu_window == "recent" else None)
     if encoders_state is not None:
         model.load_encoders(encoders_state)

@@ -20,7 +20,6 @@ from PIL import Image
 from scipy.signal import resample_poly
 from torch.utils.data import Dataset
 
-from fedkim.data.catalogue import TASKS
 from fedkim.data.formats.clinical import (STATIC, STATIC_FILE, VARIABLES, Duplicates, read_long, read_static,
                                           to_canonical, to_grid)
 from fedkim.data.formats.ecg import read_ecg
@@ -247,6 +246,3 @@ def collate(items: list[dict]) -> dict:
             batch[key] = values
     return batch
 
-
-def task_answers(task: str) -> tuple[str, ...]:
-    return TASKS[task].answers

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from fedkim.data.catalogue import Catalogue
 from fedkim.federation.package import PackageManifest, key_modality
 
 Packages = Sequence[tuple[PackageManifest, Mapping[str, torch.Tensor]]]
@@ -62,7 +63,8 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp16/bf16 sums would lose precision
 
 
-def weighted_average(global_state: Mapping[str, torch.Tensor], packages: Packages):
+def weighted_average(global_state: Mapping[str, torch.Tensor], packages: Packages,
+                     catalogue: Catalogue | None = None):
     """Per-modality weighted average of the float keys the packages carry.
 
     Returns (averages for those keys, modality -> contributing sites, modality -> site -> weight).
@@ -82,7 +84,7 @@ def weighted_average(global_state: Mapping[str, torch.Tensor], packages: Package
         holders = [(manifest, state[key]) for manifest, state in packages if key in state]
         if not holders:
             continue
-        modality = key_modality(key)
+        modality = key_modality(key, catalogue)
         counts = [manifest.sample_counts.get(modality, 0) for manifest, _ in holders]
         total = sum(counts)
         if total <= 0:
@@ -106,20 +108,22 @@ def _assemble(global_state: Mapping[str, torch.Tensor], updated: Mapping[str, to
             for k, g in global_state.items()}
 
 
-def fedavg(global_state: Mapping[str, torch.Tensor], packages: Packages) -> AggregateResult:
-    """FedAvg (McMahan et al.) with per-modality sample weights."""
-    averages, contributors, weights = weighted_average(global_state, packages)
+def fedavg(global_state: Mapping[str, torch.Tensor], packages: Packages, *,
+           catalogue: Catalogue | None = None) -> AggregateResult:
+    """FedAvg (McMahan et al.) with per-modality sample weights (a head weighs by its task's modality in
+    `catalogue`; None: the shipped one)."""
+    averages, contributors, weights = weighted_average(global_state, packages, catalogue)
     return AggregateResult(_assemble(global_state, averages), contributors, weights, strategy="fedavg")
 
 
 def fedprox(global_state: Mapping[str, torch.Tensor], packages: Packages, *,
-            mu: float = 0.0) -> AggregateResult:
+            mu: float = 0.0, catalogue: Catalogue | None = None) -> AggregateResult:
     """FedProx (Li et al.): identical to FedAvg on the server.
 
     The proximal term mu/2 ||w - w_global||^2 acts in the sites' local training (`site.fedprox_mu`); `mu` is
     accepted here only so the round records it.
     """
-    result = fedavg(global_state, packages)
+    result = fedavg(global_state, packages, catalogue=catalogue)
     result.strategy, result.hparams = "fedprox", {"mu": mu}
     return result
 
@@ -133,6 +137,7 @@ def fedadam(
     beta1: float = 0.9,
     beta2: float = 0.99,
     tau: float = 1e-3,
+    catalogue: Catalogue | None = None,
 ) -> AggregateResult:
     """FedAdam (Reddi et al. 2021, Alg. 2): Adam on the pseudo-gradient delta = average - global.
 
@@ -140,7 +145,7 @@ def fedadam(
     Moments start at 0; no bias correction (as in the paper). Keys that no package carries this round are
     left alone, moments included, so a modality nobody reported does not drift on old momentum.
     """
-    averages, contributors, weights = weighted_average(global_state, packages)
+    averages, contributors, weights = weighted_average(global_state, packages, catalogue)
     state = ServerOptimizerState() if state is None else state
     m, v = dict(state.m), dict(state.v)
     updated = {}
@@ -170,18 +175,20 @@ def aggregate(
     packages: Packages,
     *,
     state: ServerOptimizerState | None = None,
+    catalogue: Catalogue | None = None,
     **hparams: Any,
 ) -> AggregateResult:
     """Run one named strategy. `state` is FedAdam's optimizer state (the others pass it through untouched)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown aggregation strategy {strategy!r}; allowed: {sorted(STRATEGIES)}")
     fn = STRATEGIES[strategy]
-    allowed = [p for p in inspect.signature(fn).parameters if p not in ("global_state", "packages", "state")]
+    allowed = [p for p in inspect.signature(fn).parameters
+               if p not in ("global_state", "packages", "state", "catalogue")]
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
         raise ValueError(f"{strategy} takes no hyperparameter(s) {unknown}; allowed: {allowed}")
     if strategy == "fedadam":
-        return fn(global_state, packages, state=state, **hparams)
-    result = fn(global_state, packages, **hparams)
+        return fn(global_state, packages, state=state, catalogue=catalogue, **hparams)
+    result = fn(global_state, packages, catalogue=catalogue, **hparams)
     result.optimizer_state = state
     return result

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from fedkim.data.catalogue import Catalogue
 from fedkim.federation.package import (
     KEY_PREFIXES,
     TENSORS_FILE,
@@ -42,8 +43,10 @@ def check_package(
     *,
     max_update_norm: float,
     expected_round: str | int | None = None,
+    catalogue: Catalogue | None = None,
 ) -> CheckResult:
-    """Check one package (a folder, or an already loaded `(manifest, state_dict)`) against the global model.
+    """Check one package (a folder, or an already loaded `(manifest, state_dict)`) against the global model and
+    the training tasks of `catalogue` (None: the shipped one).
 
     The tensor file's sha256 is checked only for a folder; a loaded package was verified when it was read.
     """
@@ -51,7 +54,7 @@ def check_package(
     if isinstance(package, (str, Path)):
         folder = Path(package)
         try:
-            manifest = read_manifest(folder)
+            manifest = read_manifest(folder, catalogue)
         except PackageError as exc:
             return CheckResult(False, [f"bad manifest schema: {exc}"], site_id=folder.name)
         if (folder / TENSORS_FILE).is_file():
@@ -82,7 +85,7 @@ def check_package(
             reasons.append(f"tensor {key!r}: unknown key, not in the global model")
             continue
         try:
-            present.add(key_modality(key))
+            present.add(key_modality(key, catalogue))
         except KeyError as exc:
             reasons.append(str(exc.args[0]))
         ref = global_state[key]
@@ -123,6 +126,7 @@ def screen_packages(
     *,
     max_update_norm: float,
     expected_round: str | int | None = None,
+    catalogue: Catalogue | None = None,
 ) -> tuple[list[KnowledgePackage], dict[str, list[str]]]:
     """Split packages into (accepted, rejected site_id -> reasons).
 
@@ -133,7 +137,7 @@ def screen_packages(
     seen: set[str] = set()
     for package in packages:
         result = check_package(package, global_state, max_update_norm=max_update_norm,
-                               expected_round=expected_round)
+                               expected_round=expected_round, catalogue=catalogue)
         site = result.site_id or "<unknown>"
         reasons = list(result.reasons)
         if site in seen:

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Mapping, NamedTuple, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from safetensors.torch import load_file, save_file
 
 import fedkim
 from fedkim.config import Modality
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import Catalogue, load_catalogue
 from fedkim.digests import sha256_file
 
 SCHEMA_VERSION = 1
@@ -86,11 +86,18 @@ class PackageManifest(BaseModel):
 
     @field_validator("task_counts", "local_metrics")
     @classmethod
-    def _training_tasks(cls, v: dict) -> dict:
-        unknown = sorted(set(v) - set(TRAIN_TASKS))
+    def _training_tasks(cls, v: dict, info: ValidationInfo) -> dict:
+        """Against the training tasks of the catalogue in force (validation context `catalogue`; else the
+        shipped one)."""
+        train = _catalogue(info.context).train
+        unknown = sorted(set(v) - set(train))
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; training tasks: {list(TRAIN_TASKS)}")
+            raise ValueError(f"unknown task(s) {unknown}; training tasks: {list(train)}")
         return v
+
+
+def _catalogue(context: dict | None) -> Catalogue:
+    return (context or {}).get("catalogue") or load_catalogue()
 
 
 class KnowledgePackage(NamedTuple):
@@ -112,14 +119,16 @@ def current_code_version() -> str:
     return f"{fedkim.__version__}+g{sha[:12]}" if sha else f"{fedkim.__version__}+unknown"
 
 
-def key_modality(key: str) -> str:
-    """The modality a parameter belongs to: `encoders.<m>.*` -> m, `heads.<task>.*` -> the task's modality."""
+def key_modality(key: str, catalogue: Catalogue | None = None) -> str:
+    """The modality a parameter belongs to: `encoders.<m>.*` -> m, `heads.<task>.*` -> the modality of that
+    training task in `catalogue` (None: the shipped one)."""
     kind, _, rest = key.partition(".")
     name = rest.split(".", 1)[0]
     if kind == "encoders" and name in MODALITIES:
         return name
-    if kind == "heads" and name in TASKS and TASKS[name].modality in MODALITIES:
-        return TASKS[name].modality
+    catalogue = catalogue or load_catalogue()
+    if kind == "heads" and name in catalogue.train and catalogue[name].modality in MODALITIES:
+        return catalogue[name].modality
     raise KeyError(f"tensor {key!r}: not `encoders.<{'|'.join(MODALITIES)}>.*` or `heads.<training task>.*`")
 
 
@@ -157,8 +166,10 @@ def write_package(
     local_metrics: Mapping[str, Mapping[str, float]] | None = None,
     code_version: str | None = None,
     created_at: datetime | None = None,
+    catalogue: Catalogue | None = None,
 ) -> PackageManifest:
-    """Write `encoders.safetensors`, then `manifest.json` last: a manifest means a complete package."""
+    """Write `encoders.safetensors`, then `manifest.json` last: a manifest means a complete package. Task names
+    are checked against `catalogue`'s training tasks (None: the shipped catalogue)."""
     guard_tensors(state_dict)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -169,14 +180,14 @@ def write_package(
     save_file(tensors, str(tmp))
     digest = sha256_file(tmp)
     try:
-        manifest = PackageManifest(
+        manifest = PackageManifest.model_validate(dict(
             schema_version=SCHEMA_VERSION, site_id=site_id, round_id=round_id,
             sample_counts=dict(sample_counts), task_counts=dict(task_counts),
             data_fingerprint=data_fingerprint, tensors_sha256=digest,
             code_version=code_version or current_code_version(),
             local_metrics={k: dict(v) for k, v in (local_metrics or {}).items()},
             validation_summary=validation_summary, created_at=created_at or datetime.now(timezone.utc),
-        )
+        ), context={"catalogue": catalogue})
     except ValidationError as exc:
         tmp.unlink(missing_ok=True)
         raise PackageError(f"{folder}: invalid manifest: {_problems(exc)}") from None
@@ -189,7 +200,7 @@ def _problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors())
 
 
-def read_manifest(folder: str | Path) -> PackageManifest:
+def read_manifest(folder: str | Path, catalogue: Catalogue | None = None) -> PackageManifest:
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise PackageError(f"{path}: manifest missing")
@@ -198,7 +209,7 @@ def read_manifest(folder: str | Path) -> PackageManifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PackageError(f"{path}: not valid JSON ({exc})") from None
     try:
-        return PackageManifest.model_validate(raw)
+        return PackageManifest.model_validate(raw, context={"catalogue": catalogue})
     except ValidationError as exc:
         raise PackageError(f"{path}: invalid manifest: {_problems(exc)}") from None
 
@@ -213,10 +224,10 @@ def read_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
         raise PackageError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def read_package(folder: str | Path, *, verify: bool = True) -> KnowledgePackage:
+def read_package(folder: str | Path, *, verify: bool = True, catalogue: Catalogue | None = None) -> KnowledgePackage:
     """Load a package. With `verify`, a tensor file whose sha256 differs from the manifest's raises."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, catalogue)
     if verify:
         actual = sha256_file(folder / TENSORS_FILE) if (folder / TENSORS_FILE).is_file() else "missing"
         if actual != manifest.tensors_sha256:

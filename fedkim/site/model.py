@@ -11,7 +11,7 @@ from torch import nn
 from transformers import DeiTConfig, DeiTModel
 
 from fedkim.config import DataParams, SiteTrainingParams
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import catalogue_of
 from fedkim.data.formats.clinical import STATIC, VARIABLES
 
 MODALITIES = ("image", "ecg", "clinical")
@@ -160,13 +160,14 @@ class SiteModel(nn.Module):
         super().__init__()
         torch.manual_seed(seed)  # same seed everywhere: round 1 starts every site from one global init
         self.encoders = nn.ModuleDict({m: build_encoder(m, p, data) for m in MODALITIES if m in modalities})
-        self.heads = nn.ModuleDict({
-            t: TaskHead(self.encoders[TASKS[t].modality].out_dim, p.head_hidden)
-            for t in TRAIN_TASKS if TASKS[t].modality in self.encoders
+        self.task_modality = {t.name: t.modality for t in catalogue_of(data).tasks.values() if t.role == "train"}
+        self.heads = nn.ModuleDict({  # one per training task, in catalogue order (the RNG draws follow it)
+            t: TaskHead(self.encoders[m].out_dim, p.head_hidden)
+            for t, m in self.task_modality.items() if m in self.encoders
         })
 
     def forward(self, batch: dict, task: str) -> torch.Tensor:
-        tokens = self.encoders[TASKS[task].modality](batch)
+        tokens = self.encoders[self.task_modality[task]](batch)
         return self.heads[task](tokens)
 
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from fedkim.config import DataParams, SiteTrainingParams
 from fedkim.data.batches import pick_device, task_loader, to_device
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import catalogue_of
 from fedkim.data.siteformat import read_index, read_manifest
 from fedkim.progress import Progress
 from fedkim.site.model import SiteModel, load_subset
@@ -59,9 +59,10 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
     if exclude:
         index = index[~index["sample_id"].isin(list(exclude))]
     started = time.perf_counter()
-    tasks = [t for t in TRAIN_TASKS if (index["task"] == t).any() and (index[index.task == t].split == "train").any()
+    catalogue = catalogue_of(data)
+    tasks = [t for t in catalogue.train if (index["task"] == t).any() and (index[index.task == t].split == "train").any()
              and (only_tasks is None or t in only_tasks)]
-    modalities = sorted({TASKS[t].modality for t in tasks})
+    modalities = sorted({catalogue[t].modality for t in tasks})
     device = pick_device(p.device)
     model = SiteModel(modalities, p, data, seed=seed)
     load_subset(model, global_state)
@@ -69,13 +70,13 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
     anchor = {k: v.detach().clone().to(device) for k, v in model.state_dict().items()} if p.fedprox_mu > 0 else None
 
     task_counts = {t: int(((index.task == t) & (index.split == "train")).sum()) for t in tasks}
-    sample_counts = {m: sum(n for t, n in task_counts.items() if TASKS[t].modality == m) for m in modalities}
+    sample_counts = {m: sum(n for t, n in task_counts.items() if catalogue[t].modality == m) for m in modalities}
     losses: list[float] = []
     augment = torch.Generator().manual_seed(seed + 7) if p.image_augment else None
     steps = p.epochs * sum(-(-n // p.batch_size) for n in task_counts.values())
     with Progress(f"{site_id} training", steps, logger=log, bar=progress) as bar:
         for modality in modalities:
-            modality_tasks = [t for t in tasks if TASKS[t].modality == modality]
+            modality_tasks = [t for t in tasks if catalogue[t].modality == modality]
             params = [*model.encoders[modality].parameters(),
                       *(q for t in modality_tasks for q in model.heads[t].parameters())]
             optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from fedkim.data.catalogue import TRAIN_TASKS
 from fedkim.tracking.connection import CHAMPION, COMPARED, DECISION, REASON, ROUND_RUN_TAG, client
 from fedkim.tracking.registry import champion_figures, champion_version, per_task, registered_name
 
@@ -67,10 +66,17 @@ class PromotionResult:
     reason: str
 
 
-def promote(version, metrics: dict, *, tasks: tuple[str, ...] = TRAIN_TASKS,
+def training_tasks(metrics: dict) -> tuple[str, ...]:
+    """The tasks `evaluate()` recorded with role train (those of the catalogue it evaluated on)."""
+    return tuple(t for t, m in metrics.get("tasks", {}).items() if m.get("role") == "train")
+
+
+def promote(version, metrics: dict, *, tasks: tuple[str, ...] | None = None,
             name: str | None = None) -> PromotionResult:
     """Move `champion` to `version` when it beats the current champion (rule in the module docstring); tag the
-    version with the decision and a reason that quotes the figures."""
+    version with the decision and a reason that quotes the figures. tasks: the training tasks of the catalogue in
+    force (None: those the metrics record as training tasks)."""
+    tasks = training_tasks(metrics) if tasks is None else tasks
     registry = client()
     name = version.name if getattr(version, "name", None) else registered_name(name)
     version = registry.get_model_version(name, str(version.version))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from mlflow.entities import RunTag
 
 from fedkim.config import Params
+from fedkim.data.catalogue import catalogue_of
 from fedkim.members import SERVER_SPLITS
 from fedkim.tracking.connection import ROUND, client
 from fedkim.tracking.promotion import PromotionResult, promote
@@ -97,8 +98,9 @@ def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
             with timer("evaluate"):
                 metrics = evaluate(model)
             with timer("tracking"):
-                run.log_evaluation(metrics)
-                run.compare_with_champion(metrics)
+                catalogue = catalogue_of(params.data)
+                run.log_evaluation(metrics, catalogue)
+                run.compare_with_champion(metrics, tasks=catalogue.train)
         run_id = run.run_id
     with timer("register"):
         version, decision = (register or register_round)(model, params, run_id, round_id, metrics, sites)
@@ -118,7 +120,7 @@ def register_round(model, params: Params, run_id: str, round_id: str, metrics: d
             folder = save_bundle(model, params, Path(tmp) / "bundle", round_id=round_id, sites=sites,
                                  metrics=metrics)
             version = register(folder, run_id, round_id, metrics)
-    return version, promote(version, metrics)
+    return version, promote(version, metrics, tasks=catalogue_of(params.data).train)
 
 
 def registry_outcome(version, decision: PromotionResult) -> dict:

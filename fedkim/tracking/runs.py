@@ -30,10 +30,9 @@ import mlflow
 from mlflow.entities import Metric
 
 from fedkim.config import REPO_ROOT, Params
-from fedkim.data.catalogue import TRAIN_TASKS
 from fedkim.tracking.connection import (GIT_SHA, KIND, PARAMS_HASH, PARENT, ROUND, SITE, SUMMARY, TrackingError,
                                         client, current, quoted)
-from fedkim.tracking.promotion import compare
+from fedkim.tracking.promotion import compare, training_tasks
 from fedkim.tracking.registry import champion_figures, champion_version
 
 
@@ -217,7 +216,7 @@ class InjectionRun:
                 client().log_artifact(self.run_id, str(plot_loss_curve(losses, lrs, tasks,
                                                                        Path(tmp) / "loss_curve.png")), "injection")
 
-    def log_gate(self, table: dict[str, list[float]]) -> None:
+    def log_gate(self, table: dict[str, list[float]], catalogue=None) -> None:
         """Gate weights per task as gate/gate_table.json and gate/gate_heatmap.png."""
         from fedkim.central.evaluate import plot_gate_heatmap
 
@@ -225,21 +224,24 @@ class InjectionRun:
             return
         client().log_dict(self.run_id, table, "gate/gate_table.json")
         with tempfile.TemporaryDirectory() as tmp:
-            client().log_artifact(self.run_id, str(plot_gate_heatmap(table, Path(tmp) / "gate_heatmap.png")), "gate")
+            client().log_artifact(self.run_id, str(plot_gate_heatmap(table, Path(tmp) / "gate_heatmap.png", catalogue)), "gate")
 
-    def log_evaluation(self, metrics: dict) -> None:
-        """eval.<task>.<metric> and eval.<summary> metrics, metrics.json; the gate too when metrics hold it."""
+    def log_evaluation(self, metrics: dict, catalogue=None) -> None:
+        """eval.<task>.<metric> and eval.<summary> metrics, metrics.json; the gate too when metrics hold it
+        (catalogue: labels the gate heatmap's rows; None: the shipped one)."""
         values = numeric_items(metrics.get("tasks", {}), "eval")
         values |= {f"eval.{k}": float(metrics[k]) for k in (*SUMMARY, "seconds")
                    if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])}
         _log_values(self.run_id, values)
         client().log_text(self.run_id, json.dumps(metrics, indent=2, sort_keys=True, default=float), "metrics.json")
         if metrics.get("gate"):
-            self.log_gate(metrics["gate"])
+            self.log_gate(metrics["gate"], catalogue)
 
-    def compare_with_champion(self, metrics: dict, *, tasks: tuple[str, ...] = TRAIN_TASKS) -> dict:
+    def compare_with_champion(self, metrics: dict, *, tasks: tuple[str, ...] | None = None) -> dict:
         """Deltas (this run − current champion) per task and for the promotion score; logged as vs_champion.*
-        metrics and champion_comparison.json. Without a champion, only the JSON (champion: null) is written."""
+        metrics and champion_comparison.json. Without a champion, only the JSON (champion: null) is written.
+        tasks: the catalogue's training tasks (None: those the metrics record as training tasks)."""
+        tasks = training_tasks(metrics) if tasks is None else tasks
         champion = champion_version()
         comparison = compare(metrics, champion_figures(champion) if champion else None, tasks)
         comparison["champion_version"] = int(champion.version) if champion else None

@@ -3,6 +3,10 @@
     served = mlflow.pyfunc.load_model("models:/fedkim-foundation@champion")
     served.predict(pd.DataFrame([{"task": "medical_qa", "question": "Which is a bone? A) femur B) liver",
                                   "options": "A|B"}]))          # -> task, answer, scores
+
+A query may name a task the model never saw: it then brings the task's own `task_description`, `modality`,
+`question` and `options` (and `modality_description` when the modality is not one the bundle's catalogue
+describes), and the gate routes it from those descriptions: zero-shot, without retraining.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ import mlflow
 import pandas as pd
 
 from fedkim.config import Params
-from fedkim.data.catalogue import TASKS
+from fedkim.data.catalogue import Catalogue, CatalogueError, query_task
 
 OPTIONAL_COLUMNS = ("modality", "sample_id", "image_path", "ecg_path", "clinical_path", "text_path", "question",
-                    "options")
+                    "options", "task_description", "modality_description")
 
 
 def serving_signature():
@@ -53,38 +57,68 @@ def answer_frame(model, params: Params, frame: pd.DataFrame) -> pd.DataFrame:
     if "task" not in frame.columns:
         raise ValueError(f"input needs a 'task' column; got columns {list(frame.columns)}")
     rows = frame.to_dict("records")
+    trained = model.catalogue
+    catalogue = trained
     groups: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
-        groups[_task_of(row, i)].append(i)
+        task, catalogue = _task_of(row, i, catalogue)
+        groups[task].append(i)
     answers: list[dict] = [{} for _ in rows]
     model.eval()
-    for task, index in groups.items():
-        items = [query_item(rows[i], task, params, i) for i in index]
-        batch = collate(items)
-        options = batch.get("options") or [list(TASKS[task].answers)] * len(items)
-        scores = model.option_logprobs(batch, task, options)
-        for row_scores, opts, i in zip(scores, options, index):
-            values = [float(s) for s in row_scores[: len(opts)]]
-            answers[i] = {"task": task, "answer": opts[max(range(len(opts)), key=values.__getitem__)],
-                          "scores": dict(zip(opts, values))}
+    model.use_catalogue(catalogue)  # the bundle's tasks and the queries' own; the gate's reference stays
+    try:
+        for task, index in groups.items():
+            items = [query_item(rows[i], task, params, i, catalogue) for i in index]
+            batch = collate(items)
+            options = batch.get("options") or [list(catalogue[task].answers)] * len(items)
+            scores = model.option_logprobs(batch, task, options)
+            for row_scores, opts, i in zip(scores, options, index):
+                values = [float(s) for s in row_scores[: len(opts)]]
+                answers[i] = {"task": task, "answer": opts[max(range(len(opts)), key=values.__getitem__)],
+                              "scores": dict(zip(opts, values))}
+    finally:
+        model.use_catalogue(trained)
     return pd.DataFrame(answers, columns=["task", "answer", "scores"])
 
 
-def _task_of(row: dict, i: int) -> str:
+def _task_of(row: dict, i: int, catalogue: Catalogue) -> tuple[str, Catalogue]:
+    """The row's task, and the catalogue that knows it: a task the catalogue lacks is added from the row's own
+    description (task_description, modality, question, options)."""
     task = row.get("task")
-    if task not in TASKS:
-        raise ValueError(f"row {i}: unknown task {task!r}; known: {', '.join(TASKS)}")
+    if not isinstance(task, str) or not task:
+        raise ValueError(f"row {i}: 'task' must name a task, got {task!r}")
     modality = row.get("modality")
-    if _present(modality) and modality != TASKS[task].modality:
-        raise ValueError(f"row {i}: task {task!r} takes modality {TASKS[task].modality!r}, got {modality!r}")
-    return task
+    if task in catalogue:
+        if _present(modality) and modality != catalogue[task].modality:
+            raise ValueError(f"row {i}: task {task!r} takes modality {catalogue[task].modality!r}, "
+                             f"got {modality!r}")
+        return task, catalogue
+    missing = [c for c in ("task_description", "modality", "question", "options") if not _present(row.get(c))]
+    if missing:
+        raise ValueError(f"row {i}: task {task!r} is not in the model's catalogue ({', '.join(catalogue.tasks)}); "
+                         f"a new task needs the column(s) {missing} (its own description, modality, question and "
+                         "answer options)")
+    description = row.get("modality_description")
+    try:
+        spec = query_task(catalogue, task, str(modality), str(row["task_description"]), str(row["question"]),
+                          _options(row["options"]), str(description) if _present(description) else None)
+    except CatalogueError as exc:
+        raise ValueError(f"row {i}: {exc}") from None
+    return task, catalogue.with_task(spec)
+
+
+def _options(value) -> list[str]:
+    """options as "A|B" or a JSON list."""
+    if isinstance(value, str):
+        return json.loads(value) if value.startswith("[") else [o.strip() for o in value.split("|")]
+    return list(value)
 
 
 def _present(value) -> bool:
     return value is not None and not (isinstance(value, float) and math.isnan(value)) and value != ""
 
 
-def query_item(row: dict, task: str, params: Params, i: int) -> dict:
+def query_item(row: dict, task: str, params: Params, i: int, catalogue: Catalogue) -> dict:
     """One sample shaped like the test loaders' items (same readers, same sizes as the bundle's params)."""
     from fedkim.data.formats.clinical import read_long, to_grid
     from fedkim.data.formats.text import read_jsonl
@@ -96,8 +130,9 @@ def query_item(row: dict, task: str, params: Params, i: int) -> dict:
             raise ValueError(f"row {i} (task {task}): needs column {column!r}")
         return str(row[column])
 
-    item: dict = {"task": task, "modality": TASKS[task].modality}
-    inputs = TASKS[task].inputs
+    spec = catalogue[task]
+    item: dict = {"task": task, "modality": spec.modality}
+    inputs = spec.inputs
     if "image" in inputs:
         item["image"] = load_image(Path(need("image_path")), params.site.image_input)
     if "ecg" in inputs:
@@ -109,21 +144,19 @@ def query_item(row: dict, task: str, params: Params, i: int) -> dict:
         if frame.empty or frame["sample_id"].nunique() != 1:
             raise ValueError(f"row {i} (task {task}): {row['clinical_path']} must hold exactly one sample "
                              f"(give sample_id to pick one)")
-        hours = icu_windows(params.data)[task]  # as task_dataset windows them; the model reads the recent part
+        # as task_dataset windows them (a new task: the series' own length); the model reads the recent part
+        hours = icu_windows(params.data).get(task, int(frame["hour"].max()) + 1)
         item["clinical"], item["clinical_mask"] = standardise_clinical(to_grid(frame, hours))
     if "text" in inputs:
-        item |= _question(row, task, i, need, read_jsonl)
+        item |= _question(row, spec, i, need, read_jsonl)
     return item
 
 
-def _question(row: dict, task: str, i: int, need, read_jsonl) -> dict:
+def _question(row: dict, spec, i: int, need, read_jsonl) -> dict:
+    task = spec.name
     if _present(row.get("question")):
-        options = row.get("options")
-        if isinstance(options, str):
-            options = json.loads(options) if options.startswith("[") else [o.strip() for o in options.split("|")]
-        if options is None or (isinstance(options, float) and math.isnan(options)):
-            options = list(TASKS[task].answers)
-        return {"question": str(row["question"]), "options": list(options)}
+        options = _options(row["options"]) if _present(row.get("options")) else list(spec.answers)
+        return {"question": str(row["question"]), "options": options}
     questions = read_jsonl(need("text_path"))
     sample = need("sample_id")
     if sample not in questions:

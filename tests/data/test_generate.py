@@ -7,11 +7,14 @@ import pytest
 import yaml
 
 from fedkim.config import load_params
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS
+from fedkim.data.catalogue import load_catalogue
 from fedkim.data.formats.ecg import header_facts
 from fedkim.data.siteformat import INDEX_COLUMNS, compute_fingerprint, count_samples, read_index, read_manifest
 from fedkim.data.synth.federation import GenerationError, generate_federation
 from tests.helpers import small_params_dict
+
+CATALOGUE = load_catalogue()  # the shipped catalogue
+TASKS, TRAIN_TASKS, ZERO_SHOT_TASKS = CATALOGUE.tasks, CATALOGUE.train, CATALOGUE.zero_shot
 
 
 def has_mains(path, mains: float) -> bool:
@@ -166,16 +169,17 @@ def test_labelled_ecgs_carry_routine_artifacts_at_the_configured_share(small_fed
 def test_ecg_noise_questions_verify_or_query_the_noise_the_record_carries(tmp_path):
     """ecg_noise_qa comes in ECG-QA's two forms: "is there noise?" (yes/no, balanced) and "which noise?" (four
     options). The answers must match the signal: powerline noise is visible as power at the site's mains."""
-    from fedkim.data.catalogue import ECG_NOISE_ANSWERS, NOISE_VERIFY_QUESTION
-    from fedkim.data.synth.ecg import build_bank
-    from fedkim.data.synth.federation import _make_ecg
+    from fedkim.data.synth.ecg import NOISES, build_bank
+    from fedkim.data.synth.federation import NOISE_VERIFY_QUESTION, _make_ecg
+
+    ECG_NOISE_ANSWERS = NOISES
 
     params = params_at(tmp_path, tmp_path / "unused")
     data, site = params.data, params.generated_sites()[0]
     bank = build_bank(data.seed, 2, data.difficulty.ecg_effect, data.difficulty.ecg_variability)
     rng, questions, paths = np.random.default_rng(0), [], {}
     for i in range(120):
-        path, answer = _make_ecg(tmp_path, rng, data, bank, site, "ecg_noise_qa", 0, "test", f"q{i}", questions)
+        path, answer = _make_ecg(tmp_path, rng, data, bank, site, TASKS["ecg_noise_qa"], 0, "test", f"q{i}", questions)
         assert answer == questions[-1]["answer"]
         paths[f"q{i}"] = tmp_path / path
 

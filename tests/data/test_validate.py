@@ -22,7 +22,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedkim.config import GateParams
-from fedkim.data.catalogue import MODALITY_INPUTS, TASKS
+from fedkim.data.catalogue import load_catalogue
 from fedkim.data.formats.clinical import VARIABLES, read_long, to_grid, write_long
 from fedkim.data.formats.ecg import LEADS, write_wfdb
 from fedkim.data.formats.text import read_jsonl, write_jsonl
@@ -33,6 +33,9 @@ from fedkim.data.siteformat import (
 import fedkim.data.validate as validate_module
 from fedkim.data.validate import RULES, ValidationReport, gate_reason, gate_summary, validate_site
 from tests.helpers.sites import build_site, refinalize, synthetic_ecg, synthetic_image
+
+TASKS = load_catalogue().tasks  # the shipped catalogue
+MODALITY_INPUTS = load_catalogue().modalities
 
 N = 6  # per (task, split, label): one above the default minimum, so single-row edits keep counts valid
 LOOSE = GateParams(min_samples_per_site=1, min_samples_per_class=1)  # for the tiny fuzzing sites

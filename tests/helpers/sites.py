@@ -17,12 +17,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fedkim.data.catalogue import TASKS
+from fedkim.data.catalogue import load_catalogue
 from fedkim.data.formats.clinical import VARIABLES, write_long
 from fedkim.data.formats.ecg import LEADS, write_wfdb
 from fedkim.data.formats.image import write_dicom, write_png
 from fedkim.data.formats.text import write_jsonl
 from fedkim.data.siteformat import finalize_site, read_manifest, write_index
+
+TASKS = load_catalogue().tasks  # the shipped catalogue
 
 TRAIN_TASK = {"image": "lung_opacity", "ecg": "ecg_abnormal", "clinical": "mortality"}
 VITALS = ("heart_rate", "sbp", "dbp", "resp_rate", "spo2", "temperature")  # hourly; labs every 6 h

@@ -9,8 +9,10 @@ import torch
 import yaml
 
 from fedkim.central.bundle import BundleError, load_bundle, save_bundle
-from fedkim.data.catalogue import TASKS
+from fedkim.data.catalogue import load_catalogue
 from tests.helpers.models import batch_of, trained_model
+
+TASKS = load_catalogue().tasks  # the shipped catalogue
 
 METRICS = {"tasks": {"lung_opacity": {"role": "train", "primary": 0.61, "f1": 0.61, "auroc": 0.7, "accuracy": 0.6}},
            "train_mean_f1": 0.61, "zeroshot_mean": float("nan"), "mean_auroc": 0.7}
@@ -67,7 +69,7 @@ def test_tampered_or_missing_file_is_named(saved, tmp_path):
 
 
 def test_by_default_only_the_training_tasks_get_a_merged_adapter(params, saved, tmp_path):
-    from fedkim.data.catalogue import TRAIN_TASKS
+    TRAIN_TASKS = load_catalogue().train
 
     assert params.tracking.bundle_adapters == "train"
     folder = save_bundle(saved[0], params, tmp_path / "lean")

@@ -10,10 +10,13 @@ import torch
 
 from fedkim.central.evaluate import evaluate, gate_distance
 from fedkim.central.inject import inject, warmup_decay
-from fedkim.data.catalogue import TASKS, TRAIN_TASKS
+from fedkim.data.catalogue import load_catalogue
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.experiment import run_experiment, run_variant
 from tests.helpers.models import batch_of
+
+CATALOGUE = load_catalogue()  # the shipped catalogue
+TASKS, TRAIN_TASKS = CATALOGUE.tasks, CATALOGUE.train
 
 
 def fm_weights(model):
@@ -82,7 +85,8 @@ def test_injection_and_evaluation_log_their_progress(params, caplog):
     assert len(lines) >= 2 and lines[0].startswith("round 7 injection: ") and "ETA" in lines[0]
     assert lines[-1].startswith(f"round 7 injection: {steps}/{steps} (100%) done in ")
     assert lines[-1].endswith(f"{result.tasks[-1]} loss {result.losses[-1]:.3f}")
-    evaluate(model, params.data.root / "test", params.eval, params.site, params.data, tasks=("covid", "cxr_vqa"))
+    evaluate(model, params.data.root / "test", params.eval, params.site, params.data, tasks=("covid", "cxr_vqa"),
+             public_dir=params.data.root / "public")
     lines = [r.getMessage() for r in caplog.records if r.name == "fedkim.central.evaluate"]
     assert lines[0].startswith("evaluation: 1/2 (50%) covid F1 ")
     assert lines[1].startswith("evaluation: 2/2 (100%) done in ") and " cxr_vqa accuracy " in lines[1]
@@ -100,7 +104,8 @@ def test_scoring_handles_ragged_options_and_evaluation_covers_every_task(params)
     scores = model.option_logprobs(batch, "cxr_vqa", batch["options"])
     for row, options in zip(scores, batch["options"]):
         assert torch.isfinite(row[: len(options)]).all() and torch.isinf(row[len(options):]).all()
-    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data)
+    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data,
+                       public_dir=params.data.root / "public")
     assert set(metrics["tasks"]) == set(TASKS)
     for task, m in metrics["tasks"].items():
         assert m["n"] == 6 and 0.0 <= m["primary"] <= 1.0
@@ -255,18 +260,19 @@ def test_yes_no_threshold_needs_public_inputs_of_the_form_read_else_its_own(para
     assert len(calibration_inputs(public, "ectopic_beats", params.site, params.data, 8)) == 8
     tasks = ("sepsis", "atelectasis", "mortality")
     recent = evaluate(build_central(params, VARIANTS["fedkim"]), params.data.root / "test", params.eval,
-                      params.site, params.data, tasks=tasks)["tasks"]
+                      params.site, params.data, tasks=tasks, public_dir=public)["tasks"]
     assert {t: recent[t]["calibration_source"] for t in tasks} == dict.fromkeys(tasks, "public")
     full = params.model_copy(update={"inject": params.inject.model_copy(update={"icu_window": "full"})})
     model = build_central(full, VARIANTS["fedkim"])
-    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data, tasks=tasks)
+    metrics = evaluate(model, params.data.root / "test", params.eval, params.site, params.data, tasks=tasks,
+                       public_dir=public)
     sepsis = metrics["tasks"]["sepsis"]
     assert sepsis["calibration_source"] == "own_inputs" and sepsis["n"] == 6
     assert sepsis["positive_rate"] == pytest.approx(0.5, abs=1 / 6)  # its own median: half above it
     assert metrics["tasks"]["atelectasis"]["calibration_source"] == "public"
     assert metrics["tasks"]["mortality"]["calibration_source"] == "public"
     raw = evaluate(model, params.data.root / "test", params.eval.model_copy(update={"calibration": "none"}),
-                   params.site, params.data, tasks=("sepsis",))["tasks"]["sepsis"]
+                   params.site, params.data, tasks=("sepsis",), public_dir=public)["tasks"]["sepsis"]
     assert raw["calibration_source"] == "none" and raw["threshold"] == 0.0
 
 
@@ -279,8 +285,8 @@ def test_gate_distance_measures_how_differently_tasks_route():
 def test_gate_ablations_change_the_gate_inputs(params):
     full, no_task = build_central(params, VARIANTS["fedkim"]), build_central(params, VARIANTS["no_task_desc"])
     t = TASKS["mortality"]
-    assert full.gate_mode.pair("mortality") == (t.task_description, t.modality_description)
-    assert no_task.gate_mode.pair("mortality") == (t.modality_description, t.modality_description)
+    assert full.gate_mode.pair(t) == (t.task_description, t.modality_description)
+    assert no_task.gate_mode.pair(t) == (t.modality_description, t.modality_description)
 
 
 def test_task_scope_balance_enters_the_injection_loss(params):
@@ -291,7 +297,7 @@ def test_task_scope_balance_enters_the_injection_loss(params):
     batch = batch_of(scoped, "covid")
     with torch.no_grad():
         total = model.loss(batch, "covid", batch["answer"])
-        balance = model.m3oe.pairs_balance([model.gate_mode.pair(t) for t in TRAIN_TASKS])
+        balance = model.m3oe.pairs_balance([model.gate_mode.pair(TASKS[t]) for t in TRAIN_TASKS])
         model.m3oe.config.balance_weight = 0.0
         plain = model.loss(batch, "covid", batch["answer"])
     assert balance > 0 and torch.allclose(total, plain + 0.5 * balance)

@@ -9,11 +9,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from fedkim.central.foundation import load_foundation
 from fedkim.central.m3oe import M3OEConfig, M3OELinear, attach_m3oe, merge
 from fedkim.central.model import reference_pairs
-from fedkim.data.catalogue import MODALITY_DESCRIPTIONS, TASKS
+from fedkim.data.catalogue import load_catalogue
+
+CATALOGUE = load_catalogue()  # the shipped catalogue
+TASKS = CATALOGUE.tasks
 
 # the descriptions an id gate can route: the catalogue's
 VOCAB = {"task_vocab": [t.task_description for t in TASKS.values()],
-         "modality_vocab": list(MODALITY_DESCRIPTIONS.values())}
+         "modality_vocab": list(CATALOGUE.modalities.values())}
 
 PAIRS = [(t.task_description, t.modality_description) for t in TASKS.values()]
 
@@ -45,7 +48,7 @@ def attach(fm, **kw):
     kw = {"num_experts": 4, "rank": 2, **kw}
     torch.manual_seed(kw.pop("seed", 0))
     config = M3OEConfig(**kw)
-    return attach_m3oe(fm.model, config, fm.tokenizer, reference=reference_pairs(config.gate_norm), **VOCAB)
+    return attach_m3oe(fm.model, config, fm.tokenizer, reference=reference_pairs(CATALOGUE, config.gate_norm), **VOCAB)
 
 
 def test_identity_at_init_and_targets(fm):
@@ -142,7 +145,7 @@ def test_train_norm_routes_independently_of_the_tasks_never_trained_on(monkeypat
     standardises against every description, so the same rewording moves the training tasks' gates."""
     from dataclasses import replace
 
-    from fedkim.data.catalogue import TRAIN_TASKS, ZERO_SHOT_TASKS
+    TRAIN_TASKS, ZERO_SHOT_TASKS = CATALOGUE.train, CATALOGUE.zero_shot
 
     train = [(TASKS[n].task_description, TASKS[n].modality_description) for n in TRAIN_TASKS]
     zero_shot = ZERO_SHOT_TASKS[0]

@@ -30,8 +30,8 @@ import pandas as pd
 import yaml
 
 from fedkim.config import DataParams, Params, SiteSpec, params_hash
+from fedkim.data.catalogue import Catalogue, catalogue_of
 from fedkim.members import SERVER_SPLITS, provided_dirs
-from fedkim.data.catalogue import NOISE_VERIFY_QUESTION, TASKS, TRAIN_TASKS, check_sites, tasks_for_modality
 from fedkim.data.formats.clinical import write_long
 from fedkim.data.formats.ecg import write_wfdb
 from fedkim.data.formats.image import write_dicom, write_png
@@ -47,6 +47,11 @@ FEDERATION_FILE = "federation.yaml"
 STAGING = ".generating"  # inside data.root: new directories are written here, then swapped in one by one
 BANK_PER_CLASS = 12
 IMAGE_TASKS = ("lung_opacity", "covid", "enlarged_cardiomediastinum", "pleural_effusion", "atelectasis")
+# The tasks whose data the generator can draw (by name; their texts, answers and roles come from the catalogue).
+GENERATED_TASKS = (*IMAGE_TASKS, "ecg_abnormal", "mortality", "ectopic_beats", "sepsis", "ecg_noise_qa", "cxr_vqa",
+                   "medical_qa")
+# ecg_noise_qa's verify form (the query form is the task's own question): half its records are clean.
+NOISE_VERIFY_QUESTION = "Is there noise in this ECG?"
 
 
 class GenerationError(RuntimeError):
@@ -91,11 +96,12 @@ def _code_digest() -> str:
 
 def data_hash(params: Params) -> str:
     """Cache key: the data params (paths, worker count and gate thresholds excluded), the generated members with
-    their profiles, the generated splits and the generator code."""
-    data = params.data.model_copy(update={"workers": 1, "gate": None, "sites": {}})
+    their profiles, the generated splits, the task catalogue's content and the generator code."""
+    data = params.data.model_copy(update={"workers": 1, "gate": None, "sites": {}, "catalogue": None})
     key = {"data": params_hash(data), "sites": [s.model_dump(mode="json") for s in params.generated_sites()],
            "splits": _generated_splits(params)}
-    return hashlib.sha256((yaml.safe_dump(key) + _code_digest()).encode()).hexdigest()[:16]
+    return hashlib.sha256((yaml.safe_dump(key) + catalogue_of(params.data).digest + _code_digest()).encode()
+                          ).hexdigest()[:16]
 
 
 def _generated_splits(params: Params) -> list[str]:
@@ -105,11 +111,13 @@ def _generated_splits(params: Params) -> list[str]:
 def generate_federation(params: Params, *, force: bool = False, progress: bool = False) -> GenerationResult:
     """Write the generated members and splits to data.root (a no-op when everything is provided)."""
     data = params.data
+    catalogue = catalogue_of(data)
     root = Path(data.root)
-    jobs = _plan(data, params.generated_sites(), _generated_splits(params))
+    jobs = _plan(data, catalogue, params.generated_sites(), _generated_splits(params))
     if not jobs:
         return GenerationResult(root, "", True, 0.0, [])
-    check_sites(params.federation.members)
+    catalogue.check_sites(params.federation.members)
+    check_generable(catalogue, jobs)
     names = [j.dir_name for j in jobs]
     _check_provided(params, root, names)
     digest = data_hash(params)
@@ -132,7 +140,7 @@ def generate_federation(params: Params, *, force: bool = False, progress: bool =
     workers = max(1, data.workers)
     bank = build_bank(data.seed, BANK_PER_CLASS, data.difficulty.ecg_effect, data.difficulty.ecg_variability,
                       workers=workers)
-    args = [(job, data, bank, staging, digest) for job in jobs]
+    args = [(job, data, catalogue, bank, staging, digest) for job in jobs]
     manifests: list[SiteManifest] = []
     with Progress("writing site directories", len(jobs), logger=log, bar=progress, every=0) as bar:
         if workers > 1:
@@ -207,23 +215,32 @@ def _swap_in(params: Params, root: Path, staging: Path, names: list[str], record
 
 
 # ---------------------------------------------------------------------------------------------------- plan
-def _plan(data: DataParams, sites: list[SiteSpec], splits: list[str]) -> list[_Job]:
+def check_generable(catalogue: Catalogue, jobs: list[_Job]) -> None:
+    """The generator draws the data of the tasks it knows by name; any other task's data must be provided."""
+    unknown = sorted({n for job in jobs for n in job.tasks if n not in GENERATED_TASKS})
+    if unknown:
+        raise GenerationError(f"{catalogue.source}: the synthetic generator cannot make data for task(s) "
+                              f"{unknown} (it makes {', '.join(GENERATED_TASKS)}); their data must be provided "
+                              "in the site format (docs/site-format.md) by a provided member or split")
+
+
+def _plan(data: DataParams, catalogue: Catalogue, sites: list[SiteSpec], splits: list[str]) -> list[_Job]:
     jobs = []
     for site in sites:
         n = max(4, round(data.sizes.site_train * site.size_factor))
-        tasks = {t.name: n for m in site.modalities for t in tasks_for_modality(m)}
+        tasks = {t.name: n for m in site.modalities for t in catalogue.for_modality(m)}
         jobs.append(_Job(site.id, "hospital", site.description, [site], tasks, site.prevalence, True))
     # The server's splits see every generated site's acquisition but every condition, at full strength.
     everything = [site.model_copy(update={
         "opacity_zones": ["upper", "middle", "lower"], "ecg_abnormalities": ["af", "wide_qrs", "t_inversion"],
         "deterioration": ["shock", "respiratory", "renal"], "signal_scale": 1.0}) for site in sites]
     if "public" in splits:
-        public_tasks = {name: data.sizes.public for name in TRAIN_TASKS}
+        public_tasks = {name: data.sizes.public for name in catalogue.train}
         jobs.append(_Job("public", "public", "server public split: training tasks, every condition",
                          everything, public_tasks, 0.5, False))
     if "test" in splits:
-        test_tasks = {name: data.sizes.test for name in TASKS}
-        jobs.append(_Job("test", "test", "held-out test split: all 12 tasks, zero-shot tasks only here",
+        test_tasks = {name: data.sizes.test for name in catalogue.tasks}
+        jobs.append(_Job("test", "test", f"held-out test split: all {len(catalogue.tasks)} tasks, zero-shot tasks only here",
                          everything, test_tasks, 0.5, False))
     return jobs
 
@@ -234,13 +251,13 @@ def _rng(seed: int, *names: str) -> np.random.Generator:
 
 # --------------------------------------------------------------------------------------------- one directory
 def _write_directory(args) -> SiteManifest:
-    job, data, bank, staging, digest = args
+    job, data, catalogue, bank, staging, digest = args
     out = staging / job.dir_name
     out.mkdir(parents=True)
     rows: list[dict] = []
     for task_name, n in job.tasks.items():
         rng = _rng(data.seed, job.dir_name, task_name)
-        rows += _write_task(out, job, data, bank, TASKS[task_name], n, rng)
+        rows += _write_task(out, job, data, bank, catalogue[task_name], n, rng)
     write_index(out, pd.DataFrame(rows))
     return finalize_site(out, site_id=job.dir_name, role=job.role, description=job.description,
                          generator={"params_hash": digest, "seed": data.seed, "tool": "fedkim data generate"})
@@ -278,7 +295,7 @@ def _write_task(out: Path, job: _Job, data: DataParams, bank: BeatBank, task, n:
             row["image_path"], answer = _make_image(out, rng, data, profile, task.name, int(label), split,
                                                     sample_id, questions, job.role == "hospital")
         elif task.modality.startswith("ecg"):
-            row["ecg_path"], answer = _make_ecg(out, rng, data, bank, profile, task.name, int(label), split,
+            row["ecg_path"], answer = _make_ecg(out, rng, data, bank, profile, task, int(label), split,
                                                 sample_id, questions)
         elif task.modality == "clinical":
             long_frames.append(_make_clinical(rng, data, profile, task.name, int(label), sample_id))
@@ -340,8 +357,9 @@ def _make_image(out, rng, data: DataParams, site: SiteSpec, task: str, label: in
     return path.relative_to(out).as_posix(), answer
 
 
-def _make_ecg(out, rng, data: DataParams, bank: BeatBank, site: SiteSpec, task: str, label: int, split: str,
+def _make_ecg(out, rng, data: DataParams, bank: BeatBank, site: SiteSpec, spec_task, label: int, split: str,
               sample_id: str, questions: list):
+    task = spec_task.name
     spec = EcgSpec(fs=site.ecg.sampling_rate, seconds=data.ecg_seconds, powerline_hz=site.ecg.powerline_hz,
                    lead_gain=site.ecg.lead_gain, broadband_mv=data.difficulty.ecg_noise,
                    signal_scale=site.signal_scale)
@@ -362,7 +380,7 @@ def _make_ecg(out, rng, data: DataParams, bank: BeatBank, site: SiteSpec, task: 
             question, options, answer = NOISE_VERIFY_QUESTION, ["yes", "no"], "yes" if noisy else "no"
         else:
             spec.noise = NOISES[rng.integers(len(NOISES))]
-            question, options, answer = TASKS[task].question, list(NOISES), spec.noise
+            question, options, answer = spec_task.question, list(NOISES), spec.noise
         questions.append({"sample_id": sample_id, "question": question, "options": options, "answer": answer})
     signal = compose(rng, bank, spec)
     folder = out / "ecg" / split

@@ -16,11 +16,13 @@ from fedkim.data.formats import FormatError
 from fedkim.data.formats import clinical as clinical_fmt
 from fedkim.data.validate.engine import GX, Rule, Table, _fmt, _gx_frame, _rule
 from fedkim.data.validate.files import _exists, _facts_table, _failed, _locate
+from fedkim.data.catalogue import Catalogue
 from fedkim.data.validate.tables import INT_TYPES, NUMERIC_TYPES, _needing, _paths, _relative
 
 
 # ------------------------------------------------------------------------------------------------- clinical
-def _clinical_tables(site: Path, index: pd.DataFrame, rules: GateParams, icu_hours: int) -> list[Table]:
+def _clinical_tables(site: Path, index: pd.DataFrame, rules: GateParams, icu_hours: int,
+                     catalogue: Catalogue | None = None) -> list[Table]:
     rows, frames = [], {}
     for rel in _paths(index, "clinical_path"):
         row, path = _locate(site, rel)
@@ -40,7 +42,7 @@ def _clinical_tables(site: Path, index: pd.DataFrame, rules: GateParams, icu_hou
     ]
     tables = [_facts_table("clinical_files", rows, ["hour_type", "value_type"], checks)]
     if frames:
-        needing = _needing(index, "clinical")
+        needing = _needing(index, "clinical", catalogue)
         long = _long_frame(frames)
         samples = set(needing["sample_id"])
         tables += [_values_table(long, samples),
@@ -145,7 +147,7 @@ def _missingness_table(long: pd.DataFrame, needing: pd.DataFrame, rules: GatePar
     return table
 
 
-def _static_tables(site: Path, index: pd.DataFrame) -> list[Table]:
+def _static_tables(site: Path, index: pd.DataFrame, catalogue: Catalogue | None = None) -> list[Table]:
     """clinical/static.parquet, when the site has one: readable, known covariates and units, within limits."""
     path = site / clinical_fmt.STATIC_FILE
     if not path.exists():
@@ -175,7 +177,7 @@ def _static_tables(site: Path, index: pd.DataFrame) -> list[Table]:
               shown="unit", column="unit_known", value_set=[True], detail="unit_detail"),
         *_ranges("clinical.static_range", clinical_fmt.STATIC, "the limits"),
     ]
-    ids = set(_needing(index, "clinical")["sample_id"])
+    ids = set(_needing(index, "clinical", catalogue)["sample_id"])
     table = Table("static_values", long, checks, [f"{s}: {v}" for s, v in zip(long["sample_id"], long["variable"])],
                   file=clinical_fmt.STATIC_FILE)
     table.samples = [[s] if s in ids else [] for s in long["sample_id"]]

@@ -18,6 +18,7 @@ from fedkim.data.formats import image as image_fmt
 from fedkim.data.formats import text as text_fmt
 from fedkim.data.siteformat import SiteFormatError, resolve
 from fedkim.data.validate.engine import GX, Rule, Table, _gx_frame, _rule
+from fedkim.data.catalogue import Catalogue
 from fedkim.data.validate.tables import _needing, _paths, _relative
 
 # ---------------------------------------------------------------------------------------- per-file facts
@@ -169,7 +170,7 @@ def _ecg_table(site: Path, paths: list[str], rules: GateParams) -> Table:
 
 
 # ----------------------------------------------------------------------------------------------------- text
-def _text_tables(site: Path, index: pd.DataFrame) -> list[Table]:
+def _text_tables(site: Path, index: pd.DataFrame, catalogue: Catalogue | None = None) -> list[Table]:
     rows, questions = [], {}
     for rel in _paths(index, "text_path"):
         row, path = _locate(site, rel)
@@ -181,7 +182,7 @@ def _text_tables(site: Path, index: pd.DataFrame) -> list[Table]:
                 _failed(row, exc, site)
         rows.append(row)
     tables = [_facts_table("text_files", rows, [], [])]
-    needing = _needing(index, "text")
+    needing = _needing(index, "text", catalogue)
     needing = needing[needing["text_path"].isin(list(questions))]
     if len(needing):
         tables.append(_text_samples_table(needing, questions))

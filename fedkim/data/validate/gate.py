@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from fedkim.config import DataParams, GateParams
 from fedkim.data.siteformat import (INDEX_FILE, REPORTS_DIR, SITE_FILE, SiteFormatError, SiteManifest,
                                      read_manifest)
+from fedkim.data.catalogue import Catalogue, load_catalogue
 from fedkim.data.validate.engine import DOCS_DIR, Table, _Gate, _gx_frame, _write_reports
 from fedkim.data.validate.clinical import _clinical_tables, _static_tables
 from fedkim.data.validate.files import _ecg_table, _image_table, _text_tables
@@ -51,31 +52,33 @@ def _load_index(site: Path) -> tuple[pd.DataFrame | None, list[Finding]]:
 
 # ------------------------------------------------------------------------------------------------- the gate
 def _steps(site: Path, manifest: SiteManifest | None, index: pd.DataFrame | None, rules: GateParams,
-           icu_hours: int) -> list[tuple[str, Callable[[], list[Table]]]]:
+           icu_hours: int, catalogue: Catalogue) -> list[tuple[str, Callable[[], list[Table]]]]:
     """(name, build the tables) of the index and its files; built lazily, one at a time. The counts come
     later, on what the quarantine leaves, and then site.yaml."""
     steps: list[tuple[str, Callable[[], list[Table]]]] = []
     if index is not None:
         columns = set(index.columns)
-        steps.append(("index", lambda: [_index_table(index, rules)]))
+        steps.append(("index", lambda: [_index_table(index, rules, catalogue)]))
         if "image_path" in columns:
             steps.append(("image", lambda: [_image_table(site, _paths(index, "image_path"), rules)]))
         if "ecg_path" in columns:
             steps.append(("ecg", lambda: [_ecg_table(site, _paths(index, "ecg_path"), rules)]))
         if "clinical_path" in columns:
-            steps.append(("clinical", lambda: _clinical_tables(site, index, rules, icu_hours)))
-            steps.append(("static", lambda: _static_tables(site, index)))
+            steps.append(("clinical", lambda: _clinical_tables(site, index, rules, icu_hours, catalogue)))
+            steps.append(("static", lambda: _static_tables(site, index, catalogue)))
         if "text_path" in columns:
-            steps.append(("text", lambda: _text_tables(site, index)))
+            steps.append(("text", lambda: _text_tables(site, index, catalogue)))
     return steps
 
 
 def validate_site(site_dir: str | Path, rules: GateParams | None = None, *, write_docs: bool = True,
-                  reports_dir: str | Path | None = None, icu_hours: int | None = None) -> ValidationReport:
+                  reports_dir: str | Path | None = None, icu_hours: int | None = None,
+                  catalogue: Catalogue | None = None) -> ValidationReport:
     """Run the gate on one site directory. Bad data becomes findings; this never raises for it.
 
     reports_dir: where validation.json and the GX data docs go (default <site>/reports/; a provided hospital
-    directory is read-only to us). icu_hours: data.icu_hours, the window the model reads of each ICU stay."""
+    directory is read-only to us). icu_hours: data.icu_hours, the window the model reads of each ICU stay.
+    catalogue: the task names, modalities and answers the index may use (None: the shipped catalogue)."""
     started = time.perf_counter()
     site = Path(site_dir)
     rules = rules or GateParams()
@@ -89,6 +92,7 @@ def validate_site(site_dir: str | Path, rules: GateParams | None = None, *, writ
     docs = write_docs and not reports.is_symlink() and (reports.is_dir() or not reports.exists())
     gate = _Gate(reports / DOCS_DIR if docs else None)
     tables: list[Table] = []
+    catalogue = catalogue or load_catalogue()
 
     def run(name: str, build: Callable[[], list[Table]]) -> None:
         try:  # a bug in one step fails the site with gate.error; the other steps still run
@@ -103,11 +107,11 @@ def validate_site(site_dir: str | Path, rules: GateParams | None = None, *, writ
             findings.append(Finding(rule="gate.error",
                                     message=f"{name} checks: {exc.__class__.__name__}: {exc}"))
 
-    for name, build in _steps(site, manifest, index, rules, icu_hours or DEFAULT_ICU_HOURS):
+    for name, build in _steps(site, manifest, index, rules, icu_hours or DEFAULT_ICU_HOURS, catalogue):
         run(name, build)
     quarantine = _quarantine(findings)
     if index is not None:
-        run("counts", lambda: _counts_table(index, rules, quarantined=set(quarantine)))
+        run("counts", lambda: _counts_table(index, rules, catalogue, quarantined=set(quarantine)))
     if manifest is not None:
         run("manifest", lambda: _manifest_tables(site, manifest, index))
     report = ValidationReport(site_dir=str(site), site_id=getattr(manifest, "site_id", None),

@@ -10,7 +10,7 @@ import pandas as pd
 from great_expectations.expectations.row_conditions import Column
 
 from fedkim.config import GateParams
-from fedkim.data.catalogue import TASKS, ZERO_SHOT_TASKS
+from fedkim.data.catalogue import Catalogue, load_catalogue
 from fedkim.data.siteformat import (INDEX_COLUMNS, INDEX_FILE, SITE_FILE, SPLITS, SiteManifest,
                                      compute_fingerprint, count_samples)
 from fedkim.data.validate.engine import GX, Rule, Table, _gx_frame, _rule
@@ -18,7 +18,6 @@ from fedkim.data.validate.engine import GX, Rule, Table, _gx_frame, _rule
 INT_TYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
              "Int8", "Int16", "Int32", "Int64"]
 NUMERIC_TYPES = [*INT_TYPES, "float32", "float64", "Float32", "Float64"]
-BINARY_TASKS = [n for n, t in TASKS.items() if t.kind == "binary"]
 INPUT_KINDS = ("image", "ecg", "clinical", "text")
 
 
@@ -37,19 +36,21 @@ def _paths(index: pd.DataFrame, column: str) -> list[str]:
     return sorted(set(_strings(index[column])))
 
 
-def _needing(index: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """Index rows whose task needs an input of `kind`, with string sample_id and path."""
+def _needing(index: pd.DataFrame, kind: str, catalogue: Catalogue | None = None) -> pd.DataFrame:
+    """Index rows whose task needs an input of `kind` (in `catalogue`; None: the shipped one), with string
+    sample_id and path."""
     column = f"{kind}_path"
     if not {"task", "sample_id", column} <= set(index.columns):
         return index.iloc[0:0]
-    rows = index[index["task"].isin([n for n, t in TASKS.items() if kind in t.inputs])]
+    tasks = (catalogue or load_catalogue()).tasks
+    rows = index[index["task"].isin([n for n, t in tasks.items() if kind in t.inputs])]
     is_text = rows[[column, "sample_id"]].map(lambda v: isinstance(v, str))
     return rows[is_text.all(axis=1)]
 
 
 # ------------------------------------------------------------------------------------------------ index suite
-def _index_table(index: pd.DataFrame, rules: GateParams) -> Table:
-    tasks = sorted(set(_strings(index["task"])) & set(TASKS)) if "task" in index.columns else []
+def _index_table(index: pd.DataFrame, rules: GateParams, catalogue: Catalogue) -> Table:
+    tasks = sorted(set(_strings(index["task"])) & set(catalogue.tasks)) if "task" in index.columns else []
     checks = [_rule("index.schema", GX.ExpectColumnToExist, f"required column {c!r} missing", column=c)
               for c in INDEX_COLUMNS]
     checks += [_rule("index.schema", GX.ExpectColumnValuesToBeInTypeList, "values must be strings",
@@ -65,18 +66,18 @@ def _index_table(index: pd.DataFrame, rules: GateParams) -> Table:
         _rule("index.split_values", GX.ExpectColumnValuesToBeInSet, f"split must be one of {list(SPLITS)}",
               column="split", value_set=list(SPLITS)),
         _rule("index.task_known", GX.ExpectColumnValuesToBeInSet, "task not in the catalogue",
-              column="task", value_set=list(TASKS)),
+              column="task", value_set=list(catalogue.tasks)),
     ]
     labels = [_row_label(index, i) for i in range(len(index))]
-    return Table("index", index, checks + _task_rules(tasks), labels, file=INDEX_FILE)
+    return Table("index", index, checks + _task_rules(tasks, catalogue), labels, file=INDEX_FILE)
 
 
-def _task_rules(tasks: list[str]) -> list[Rule]:
+def _task_rules(tasks: list[str], catalogue: Catalogue) -> list[Rule]:
     """Rules for the rows of some tasks, built only for the tasks present: row conditions are GX's slowest
     expectations, and one that selects no row checks nothing."""
-    binary = [t for t in tasks if TASKS[t].kind == "binary"]
-    choice = [t for t in tasks if TASKS[t].kind == "choice"]
-    zero_shot = [t for t in tasks if t in ZERO_SHOT_TASKS]
+    binary = [t for t in tasks if catalogue[t].kind == "binary"]
+    choice = [t for t in tasks if catalogue[t].kind == "choice"]
+    zero_shot = [t for t in tasks if t in catalogue.zero_shot]
     is_binary = Column("task").is_in(binary)
     checks = []
     if binary:
@@ -85,11 +86,15 @@ def _task_rules(tasks: list[str]) -> list[Rule]:
                   column="label", value_set=[0, 1], row_condition=is_binary, uses=("task",)),
             _rule("index.label_set", GX.ExpectColumnValuesToNotBeNull, "binary task label missing",
                   column="label", row_condition=is_binary, uses=("task",)),
-            *[_rule("index.answer_label", GX.ExpectColumnValuesToBeInSet,
-                    f"label {label} needs answer {answer!r}", column="answer", value_set=[answer],
-                    row_condition=is_binary & (Column("label") == label),
-                    uses=("task", "label")) for label, answer in ((0, "No"), (1, "Yes"))],
         ]
+        by_answers: dict[tuple[str, ...], list[str]] = {}  # binary tasks sharing (negative, positive) answers
+        for t in binary:
+            by_answers.setdefault(catalogue[t].answers, []).append(t)
+        checks += [_rule("index.answer_label", GX.ExpectColumnValuesToBeInSet,
+                         f"label {label} needs answer {answer!r}", column="answer", value_set=[answer],
+                         row_condition=(is_binary if len(by_answers) == 1 else Column("task").is_in(names))
+                         & (Column("label") == label), uses=("task", "label"))
+                   for answers, names in by_answers.items() for label, answer in enumerate(answers)]
     if choice:
         checks.append(_rule("index.label_set", GX.ExpectColumnValuesToBeNull,
                             "choice task label must be null", column="label",
@@ -99,7 +104,7 @@ def _task_rules(tasks: list[str]) -> list[Rule]:
                             "zero-shot task outside the test split", column="split", value_set=["test"],
                             row_condition=Column("task").is_in(zero_shot), uses=("task",)))
     for name in tasks:
-        task, is_task = TASKS[name], Column("task") == name
+        task, is_task = catalogue[name], Column("task") == name
         checks += [
             _rule("index.modality", GX.ExpectColumnValuesToBeInSet,
                   f"{name} needs modality {task.modality!r}", column="modality", value_set=[task.modality],
@@ -109,7 +114,7 @@ def _task_rules(tasks: list[str]) -> list[Rule]:
                   value_set=list(task.answers), row_condition=is_task, uses=("task",)),
         ]
     for kind in INPUT_KINDS:
-        needing = [t for t in tasks if kind in TASKS[t].inputs]
+        needing = [t for t in tasks if kind in catalogue[t].inputs]
         if needing:
             checks.append(_rule("index.paths", GX.ExpectColumnValuesToNotBeNull,
                                 f"{kind}_path needed by the task", column=f"{kind}_path",
@@ -123,7 +128,8 @@ def _row_label(index: pd.DataFrame, row: int) -> str:
 
 
 # --------------------------------------------------------------------------------------- counts and manifest
-def _counts_table(index: pd.DataFrame, rules: GateParams, quarantined: Collection[str] = ()) -> list[Table]:
+def _counts_table(index: pd.DataFrame, rules: GateParams, catalogue: Catalogue,
+                  quarantined: Collection[str] = ()) -> list[Table]:
     """The minimum counts, judged on the samples the quarantine leaves (a group it empties counts 0)."""
     kept = ~index["sample_id"].isin(list(quarantined)) if "sample_id" in index.columns and quarantined \
         else pd.Series(True, index=index.index)
@@ -135,7 +141,8 @@ def _counts_table(index: pd.DataFrame, rules: GateParams, quarantined: Collectio
         min_value=rules.min_samples_per_site)], ["site"], file=INDEX_FILE)]
     if not {"task", "split", "label"} <= set(index.columns):
         return tables
-    rows = index[index["task"].isin(BINARY_TASKS) & index["split"].isin(list(SPLITS))]
+    binary = [n for n, t in catalogue.tasks.items() if t.kind == "binary"]
+    rows = index[index["task"].isin(binary) & index["split"].isin(list(SPLITS))]
     labels = pd.to_numeric(rows["label"], errors="coerce").where(kept.loc[rows.index])
     records = [{"task": task, "split": split, "label": label,
                 "n": int((labels.loc[group.index] == label).sum())}
