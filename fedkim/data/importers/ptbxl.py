@@ -161,14 +161,16 @@ def _usable_records(source, table, report, csv, file_column, known, role, split,
     """ecg_id -> (codes, split, record path relative to source) for every row that passes the checks."""
     records: dict[str, tuple[dict, str, str]] = {}
     patient_split_of: dict[str, str] = {}
+    seen: set[str] = set()
     for position, row in enumerate(table.to_dict("records")):
         line, ecg_id = csv_line(position), clean_id(row["ecg_id"])
         if not ecg_id:
             report.problem(csv, line, "ecg_id", "blank ecg_id", "bad ecg_id")
             continue
-        if ecg_id in records:
+        if ecg_id in seen:
             report.problem(csv, line, "ecg_id", f"duplicate ecg_id {ecg_id}", "duplicate id")
             continue
+        seen.add(ecg_id)
         codes = parse_codes(row["scp_codes"])
         if codes is None:
             report.problem(csv, line, "scp_codes", f"not a dict literal of code -> likelihood: "
