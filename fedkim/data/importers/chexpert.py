@@ -127,18 +127,19 @@ def _chexpert_images(source: Path, csv: str, tasks: dict, views: str, report: Im
         if views == "frontal" and row["Frontal/Lateral"].strip().lower() != "frontal":
             report.skip("not frontal")
             continue
-        if path in seen:
+        file = _chexpert_file(source, path)
+        if file in seen:
             report.problem(csv, line, "Path", f"duplicate path {path}", "duplicate id")
             continue
-        seen.add(path)
-        file = _chexpert_file(source, path)
+        seen.add(file)
         problem = _image_problem(file, path)
         if problem:
             report.problem(csv, line, "Path", problem, "missing file" if "not found" in problem else "bad image")
             continue
+        relative = file.relative_to(source.resolve())
         match = re.search(r"patient\w+", path)
-        patient = match.group(0) if match else Path(path).parts[-3] if len(Path(path).parts) >= 3 else path
-        key = Path(path).with_suffix("").as_posix().replace("/", "_")
+        patient = match.group(0) if match else relative.parts[-3] if len(relative.parts) >= 3 else path
+        key = relative.with_suffix("").as_posix().replace("/", "_")
         images.append(Radiograph(key, patient, file, csv, line, {c: row[c] for c in tasks}))
     return images
 
