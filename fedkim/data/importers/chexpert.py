@@ -97,12 +97,13 @@ def import_chexpert(source: Path, dest: Path, *, site_id: str, role: str = "hosp
             labels = {}
             for column, task in tasks.items():
                 value, problem = cell_label(image.values[column], uncertain)
-                if problem and (image.labels_file, image.labels_line, column) not in reported:
-                    reported.add((image.labels_file, image.labels_line, column))
-                    report.problem(image.labels_file, image.labels_line, column, problem, "unknown value")
+                if problem:  # a MIMIC study's cell is shared by its images: reported once
+                    if (image.labels_file, image.labels_line, column) not in reported:
+                        reported.add((image.labels_file, image.labels_line, column))
+                        report.problem(image.labels_file, image.labels_line, column, problem, "unknown value")
                 elif value is None:
                     report.skip("blank finding" if not image.values[column].strip() else "uncertain (ignored)")
-                if value is not None:
+                else:
                     labels[task] = value
             if not labels:
                 continue
