@@ -105,3 +105,26 @@ def test_a_missing_finding_column_stops_before_anything_is_written(tmp_path):
     with pytest.raises(ImportFailure, match=r"mimic-cxr-2.0.0-chexpert.csv: required column 'Lung Opacity'"):
         _import(source, tmp_path / "site")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mimic"]
+
+
+def test_gzipped_mimic_tables_a_mapping_file_and_hard_links(tmp_path):
+    source, labels, meta = write_mimic(tmp_path / "mimic", subjects=10)
+    for name in ("mimic-cxr-2.0.0-chexpert.csv", "mimic-cxr-2.0.0-metadata.csv"):
+        table = pd.read_csv(source / name)
+        (source / name).unlink()
+        table.to_csv(source / f"{name}.gz", index=False)
+    mapping = tmp_path / "findings.json"
+    mapping.write_text(json.dumps({"Lung Opacity": "lung_opacity"}))
+    _import(source, tmp_path / "site", mapping=mapping, link=True)
+    index = read_index(tmp_path / "site")
+    first = index["image_path"].iloc[0]
+    assert (tmp_path / "site" / first).stat().st_ino == (source / first.removeprefix("images/")).stat().st_ino
+    mapping.write_text(json.dumps({"Lung Opacity": "pneumothorax"}))
+    with pytest.raises(ImportFailure, match="'pneumothorax' is not in the catalogue"):
+        _import(source, tmp_path / "other", mapping=mapping)
+
+
+def test_no_usable_row_stops_the_import(chexpert, tmp_path):
+    with pytest.raises(ImportFailure, match="no usable row"):
+        _import(chexpert, tmp_path / "site", findings={"Cardiomegaly": "lung_opacity"})  # a blank column
+    assert not (tmp_path / "site").exists() and not list(tmp_path.iterdir())

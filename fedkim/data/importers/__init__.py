@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedkim.data.importers.chexpert import import_chexpert
-from fedkim.data.importers.common import IMPORT_REPORT, ImportFailure, ImportReport, Problem
+from fedkim.data.importers.common import IMPORT_REPORT, ImportFailure, ImportReport, Problem, check_new_dir
 from fedkim.data.importers.ptbxl import import_ptbxl
 
 KINDS = {"ptbxl": import_ptbxl, "chexpert": import_chexpert}
@@ -26,4 +26,5 @@ def import_collection(kind: str, source: Path, dest: Path, **options) -> ImportR
         raise ImportFailure(f"unknown collection kind {kind!r}; one of {', '.join(KINDS)}")
     if not Path(source).is_dir():
         raise ImportFailure(f"{source}: not a folder")
+    check_new_dir(Path(dest))  # before reading a large collection, not only when writing it
     return KINDS[kind](Path(source), Path(dest), **options)

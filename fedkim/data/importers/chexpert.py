@@ -84,13 +84,14 @@ def import_chexpert(source: Path, dest: Path, *, site_id: str, role: str = "hosp
         raise ImportFailure(f"--views {views!r}: one of frontal, all")
     tasks = finding_tasks(mapping, findings, role)
     check_tasks(tasks.values(), "image", role, str(mapping or "the finding mapping"))
-    mimic = metadata is not None or (csv is None and (source / MIMIC_LABELS).is_file())
+    mimic = metadata is not None or (csv is None and _shipped(source, MIMIC_LABELS) is not None)
     layout = "mimic" if mimic else "chexpert"
     options = {"layout": layout, "findings": tasks, "uncertain": uncertain, "views": views,
                "val_fraction": val_fraction, "link": link, "role": role}
     report = ImportReport("chexpert", source.name, options)
-    images = (_mimic_images(source, csv or MIMIC_LABELS, metadata or MIMIC_METADATA, tasks, views, report) if mimic
-              else _chexpert_images(source, csv or CHEXPERT_CSV, tasks, views, report))
+    images = (_mimic_images(source, csv or _shipped(source, MIMIC_LABELS) or MIMIC_LABELS,
+                            metadata or _shipped(source, MIMIC_METADATA) or MIMIC_METADATA, tasks, views, report)
+              if mimic else _chexpert_images(source, csv or CHEXPERT_CSV, tasks, views, report))
     with staging(dest) as stage:
         rows, reported = [], set()
         for image in images:
@@ -116,6 +117,11 @@ def import_chexpert(source: Path, dest: Path, *, site_id: str, role: str = "hosp
                      for task, value in labels.items()]
         write_site(stage, rows, report, site_id=site_id, role=role, description=description)
     return report
+
+
+def _shipped(source: Path, name: str) -> str | None:
+    """`name` or `name`.gz (as MIMIC-CXR-JPG ships its tables) when SOURCE holds it."""
+    return next((n for n in (name, f"{name}.gz") if (source / n).is_file()), None)
 
 
 def _chexpert_images(source: Path, csv: str, tasks: dict, views: str, report: ImportReport) -> list[Radiograph]:
