@@ -121,3 +121,7 @@ def test_an_existing_site_folder_is_refused_and_left_untouched(collection, tmp_p
         _import(collection, dest)
     assert [p.name for p in dest.iterdir()] == ["keep.txt"] and (dest / "keep.txt").read_text() == "hospital notes"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+    before = tree_digest(collection)
+    with pytest.raises(ImportFailure, match="inside the collection"):
+        _import(collection, collection / "site")
+    assert tree_digest(collection) == before

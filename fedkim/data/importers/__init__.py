@@ -26,5 +26,7 @@ def import_collection(kind: str, source: Path, dest: Path, **options) -> ImportR
         raise ImportFailure(f"unknown collection kind {kind!r}; one of {', '.join(KINDS)}")
     if not Path(source).is_dir():
         raise ImportFailure(f"{source}: not a folder")
+    if Path(dest).resolve().is_relative_to(Path(source).resolve()):
+        raise ImportFailure(f"{dest}: inside the collection {source}; the collection is never written to")
     check_new_dir(Path(dest))  # before reading a large collection, not only when writing it
     return KINDS[kind](Path(source), Path(dest), **options)
