@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from fedkim.cli import app
-from fedkim.data.siteformat import INDEX_COLUMNS, read_index, read_manifest
+from fedkim.data.siteformat import INDEX_COLUMNS, read_index, read_manifest, write_index
 from tests.helpers import small_params_dict
 from tests.helpers.collections import PTBXL_RECORDS, tree_digest, write_mimic, write_ptbxl
 from tests.helpers.sites import build_site
@@ -47,8 +47,7 @@ def test_finalize_writes_site_yaml_then_gates_the_site(tmp_path):
     assert result.exit_code == 0, result.output
     assert "PASS ward-4" in result.output and read_manifest(site).counts["ecg_abnormal"] == {"train": 10, "val": 10}
     index = read_index(site)
-    pd.DataFrame(index[index["task"] != "mortality"].iloc[:-3]).pipe(
-        lambda frame: frame.to_parquet(site / "index.parquet", index=False))
+    write_index(site, index.iloc[:-3])  # the last (task, split, label) drops below 5 samples
     failed = runner.invoke(app, ["site", "finalize", str(site), "--no-docs"])  # the id comes from site.yaml
     assert failed.exit_code == 1 and "FAIL ward-4" in failed.output and "counts.per_class" in failed.output
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -81,7 +82,7 @@ def test_bad_rows_are_reported_by_file_row_and_column_and_the_rest_imported(tmp_
     table.loc[3, "scp_codes"] = "{'NORM': 100.0"             # line 5: unparseable
     table.loc[4, "ecg_id"] = "4"                             # line 6: duplicate of line 5's id
     (source / f"{ptbxl_record_name(6, 100)}.dat").unlink()   # line 7: missing file
-    signal = synthetic_ecg(__import__("numpy").random.default_rng(1), fs=100, seconds=10)
+    signal = synthetic_ecg(np.random.default_rng(1), fs=100, seconds=10)
     write_wfdb_in(source / ptbxl_record_name(7, 100), signal, 100, "mV")
     header = source / f"{ptbxl_record_name(7, 100)}.hea"     # line 8: mV values declared as uV
     header.write_text(header.read_text().replace("/mV", "/uV"))
