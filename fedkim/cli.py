@@ -411,5 +411,10 @@ def stack_env(
     print(f"# then: prefect worker start --pool {pool} --type process")
 
 
+from fedkim.cli_site import site_app  # noqa: E402  (its commands import from here lazily)
+
+app.add_typer(site_app, name="site")
+
+
 if __name__ == "__main__":
     app()

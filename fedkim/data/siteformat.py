@@ -141,6 +141,26 @@ def finalize_site(site_dir: Path, *, site_id: str, role: str, description: str =
     return manifest
 
 
+SKELETON_FOLDERS = ("images", "ecg", "clinical", "text")
+README_TEXT = """This is a fedkim site folder. Put the files under images/, ecg/, clinical/ and text/, one row per sample
+in index.parquet (relative paths), then run `fedkim site finalize {name}` to write site.yaml and run the gate.
+The format: docs/site-format.md of fedkim.
+"""
+
+
+def init_site(site_dir: Path, *, site_id: str, description: str = "") -> SiteManifest:
+    """An empty site skeleton: the folders, an empty index with the schema, README.txt and site.yaml.
+    Refuses an existing folder that is not empty."""
+    site_dir = Path(site_dir)
+    if site_dir.exists() and (not site_dir.is_dir() or any(site_dir.iterdir())):
+        raise SiteFormatError(f"{site_dir}: exists and is not an empty folder")
+    for sub in SKELETON_FOLDERS:
+        (site_dir / sub).mkdir(parents=True, exist_ok=True)
+    (site_dir / "README.txt").write_text(README_TEXT.format(name=site_dir.name))
+    write_index(site_dir, pd.DataFrame(columns=list(INDEX_COLUMNS)))
+    return finalize_site(site_dir, site_id=site_id, role="hospital", description=description)
+
+
 def resolve(site_dir: Path, relative: str) -> Path:
     """A path from the index, resolved inside the site directory; refuses paths that leave it."""
     site_dir = Path(site_dir)
