@@ -27,7 +27,11 @@ def _gate(site_dir: Path, params: Optional[Path], docs: bool) -> None:
     from fedkim.cli import _params, console
     from fedkim.data.validate import validate_site
 
-    report = validate_site(site_dir, _params(params).data.gate, write_docs=docs)
+    from fedkim.data.catalogue import catalogue_of
+
+    cfg = _params(params)
+    report = validate_site(site_dir, cfg.data.gate, write_docs=docs, icu_hours=cfg.data.icu_hours,
+                           catalogue=catalogue_of(cfg.data))
     console.print(report.summary(), highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(0 if report.success else 1)
 
@@ -121,9 +125,11 @@ def site_import(
     from fedkim.cli import _params, console
     from fedkim.data.importers import ImportFailure, import_collection
 
-    _params(params)  # bad params: exit 2 before anything is written
+    from fedkim.data.catalogue import catalogue_of
+
+    cfg = _params(params)  # bad params: exit 2 before anything is written
     options = {"site_id": site_id or site_dir.name, "role": role, "description": description, "link": link,
-               "mapping": mapping, "val_fraction": val_fraction}
+               "mapping": mapping, "val_fraction": val_fraction, "catalogue": catalogue_of(cfg.data)}
     try:
         if kind == "ptbxl":
             options |= {"hz": hz, "min_likelihood": min_likelihood, "split": split,

@@ -21,6 +21,7 @@ import yaml
 
 from fedkim.data.formats import FormatError
 from fedkim.data.formats.image import decode_image
+from fedkim.data.catalogue import Catalogue
 from fedkim.data.importers.common import (ImportFailure, ImportReport, check_tasks, clean_id, csv_line, inside,
                                           patient_split, place, read_csv, staging, write_site)
 
@@ -75,15 +76,16 @@ def cell_label(cell: str, uncertain: str) -> tuple[int | None, str | None]:
 def import_chexpert(source: Path, dest: Path, *, site_id: str, role: str = "hospital", description: str = "",
                     csv: str | None = None, metadata: str | None = None, mapping: Path | None = None,
                     findings: dict[str, str] | None = None, uncertain: str = "ignore", views: str = "frontal",
-                    val_fraction: float = 0.2, link: bool = False) -> ImportReport:
-    """Write a new site at `dest` from the collection at `source` (read only); return the import report."""
+                    val_fraction: float = 0.2, link: bool = False, catalogue: Catalogue | None = None) -> ImportReport:
+    """Write a new site at `dest` from the collection at `source` (read only); return the import report.
+    `catalogue`: the tasks the mapping may name (None: the shipped catalogue)."""
     source, dest = Path(source), Path(dest)
     if uncertain not in UNCERTAIN_POLICIES:
         raise ImportFailure(f"--uncertain {uncertain!r}: one of {', '.join(UNCERTAIN_POLICIES)}")
     if views not in ("frontal", "all"):
         raise ImportFailure(f"--views {views!r}: one of frontal, all")
     tasks = finding_tasks(mapping, findings, role)
-    check_tasks(tasks.values(), "image", role, str(mapping or "the finding mapping"))
+    check_tasks(tasks.values(), "image", role, str(mapping or "the finding mapping"), catalogue)
     mimic = metadata is not None or (csv is None and _shipped(source, MIMIC_LABELS) is not None)
     layout = "mimic" if mimic else "chexpert"
     options = {"layout": layout, "findings": tasks, "uncertain": uncertain, "views": views,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedkim.data.catalogue import Catalogue, load_catalogue
 from fedkim.data.siteformat import REPORTS_DIR, finalize_site, write_index
 
 IMPORT_REPORT = "import.json"
@@ -78,20 +79,22 @@ class ImportReport:
         return "\n".join(lines)
 
 
-def catalogue_task(name: str) -> tuple[str, str]:
-    """(modality, role) of a catalogue task; the one place importers consult the catalogue."""
-    from fedkim.data.catalogue import TASKS
-
-    task = TASKS.get(name)
+def catalogue_task(name: str, catalogue: Catalogue | None = None) -> tuple[str, str, str]:
+    """(modality, role, kind) of a task of `catalogue` (None: the shipped one); the one place importers consult
+    the catalogue."""
+    tasks = (catalogue or load_catalogue()).tasks
+    task = tasks.get(name)
     if task is None:
-        raise ImportFailure(f"task {name!r} is not in the catalogue ({', '.join(TASKS)})")
-    return task.modality, task.role
+        raise ImportFailure(f"task {name!r} is not in the catalogue ({', '.join(tasks)})")
+    return task.modality, task.role, task.kind
 
 
-def check_tasks(tasks, modality: str, site_role: str, where: str) -> None:
+def check_tasks(tasks, modality: str, site_role: str, where: str, catalogue: Catalogue | None = None) -> None:
     """Mapped tasks must be yes/no tasks of `modality`; zero-shot ones only for a test-role site."""
     for name in tasks:
-        task_modality, task_role = catalogue_task(name)
+        task_modality, task_role, task_kind = catalogue_task(name, catalogue)
+        if task_kind != "binary":
+            raise ImportFailure(f"{where}: task {name!r} is a {task_kind} task; a finding maps to a yes/no task")
         if task_modality != modality:
             raise ImportFailure(f"{where}: task {name!r} is a {task_modality} task, not {modality}")
         if task_role == "zero_shot" and site_role != "test":

@@ -19,6 +19,7 @@ import yaml
 
 from fedkim.data.formats import FormatError
 from fedkim.data.formats.ecg import header_facts, read_ecg, unknown_units
+from fedkim.data.catalogue import Catalogue
 from fedkim.data.importers.common import (ImportFailure, ImportReport, Problem, check_tasks, clean_id, csv_line,
                                           inside, patient_split, place, read_csv, staging, write_site)
 
@@ -118,8 +119,10 @@ def check_record(record: Path) -> str | None:
 def import_ptbxl(source: Path, dest: Path, *, site_id: str, role: str = "hospital", description: str = "",
                  hz: int = 100, mapping: Path | None = None, min_likelihood: float = 0.0, split: str = "folds",
                  val_folds: tuple[int, ...] = (9,), exclude_folds: tuple[int, ...] = (10,),
-                 val_fraction: float = 0.2, link: bool = False, csv: str = DATABASE_CSV) -> ImportReport:
-    """Write a new site at `dest` from the collection at `source` (read only); return the import report."""
+                 val_fraction: float = 0.2, link: bool = False, csv: str = DATABASE_CSV,
+                 catalogue: Catalogue | None = None) -> ImportReport:
+    """Write a new site at `dest` from the collection at `source` (read only); return the import report.
+    `catalogue`: the tasks the mapping may name (None: the shipped catalogue)."""
     source, dest = Path(source), Path(dest)
     if hz not in (100, 500):
         raise ImportFailure(f"--hz {hz}: PTB-XL records are at 100 or 500 Hz")
@@ -130,7 +133,7 @@ def import_ptbxl(source: Path, dest: Path, *, site_id: str, role: str = "hospita
     table = read_csv(source / csv, ("ecg_id", "patient_id", "scp_codes", file_column)
                      + (("strat_fold",) if by_fold else ()))
     rules = load_mapping(mapping)
-    check_tasks(rules, "ecg", role, str(mapping or "the default mapping"))
+    check_tasks(rules, "ecg", role, str(mapping or "the default mapping"), catalogue)
     classes = code_classes(source)
     known = set(classes) | {c for rule in rules.values() for c in rule["yes_codes"] + rule["no_codes"]}
     options = {"hz": hz, "mapping": str(mapping) if mapping else "default", "min_likelihood": min_likelihood,
