@@ -180,7 +180,7 @@ def write_ehr_long(root: Path, stays: int = EHR_STAYS) -> Path:
             else:
                 lab.append({"stay_id": stay, "charttime": str(at), "label": "Lactate",
                             "value": round(value * 9.01, 4) if i % 2 == 0 else value,
-                            "unit": "mg/dL" if i % 2 == 0 else "mmol/L"})
+                            "unit": "mg/dL" if i % 2 == 0 else "mmol/l"})
     pd.DataFrame(stay_rows).to_csv(root / "stays.csv", index=False)
     pd.DataFrame(chart).to_csv(root / "chartevents.csv", index=False)
     pd.DataFrame(lab).to_csv(root / "labevents.csv", index=False)

@@ -91,8 +91,8 @@ def _entry(value, known, where: str) -> tuple[str, str | None]:
 def first_column(table: pd.DataFrame, names: tuple[str, ...], path: Path, required: bool = True) -> str | None:
     found = next((n for n in names if n in table.columns), None)
     if found is None and required:
-        raise ImportFailure(f"{path}: required column {names[0]!r}{''.join(f' (or {n!r})' for n in names[1:])} "
-                            f"missing (columns: {list(table.columns)})")
+        others = f" (or {', '.join(map(repr, names[1:]))})" if names[1:] else ""
+        raise ImportFailure(f"{path}: required column {names[0]!r}{others} missing (columns: {list(table.columns)})")
     return found
 
 
@@ -221,10 +221,11 @@ def _events(table, name, source, time_column, kept, listed, items, report) -> pd
     frame["value"] = pd.to_numeric(frame["text"], errors="coerce")
     drop(~np.isfinite(frame["value"]), value_column, lambda r: f"not a number: {r.text[:40]!r}",
          "non-numeric value")
-    frame["variable"] = frame["item"].map(lambda i: items[i][0])
-    mapped_unit = frame["item"].map(lambda i: items[i][1])
+    frame["variable"] = frame["item"].map({item: variable for item, (variable, _) in items.items()})
+    mapped_unit = frame["item"].map({item: unit for item, (_, unit) in items.items()})
     given = frame["unit_text"].where(frame["unit_text"] != "")
-    frame["unit"] = [accepted_unit(v, u) if isinstance(u, str) else m
+    spelled = {(v, u): accepted_unit(v, u) for v, u in set(zip(frame["variable"], given)) if isinstance(u, str)}
+    frame["unit"] = [spelled[(v, u)] if isinstance(u, str) else m
                      for v, u, m in zip(frame["variable"], given, mapped_unit)]
     drop(given.notna() & frame["unit"].isna(), unit_column,
          lambda r: f"unit {r.unit_text!r} not accepted for {r.variable} ({', '.join(UNITS[r.variable])})",
