@@ -198,3 +198,16 @@ def test_the_command_imports_gates_and_refuses_missing_columns_and_an_existing_f
     assert no_file.exit_code == 2 and "labevents.csv: file not found" in no_file.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "export", "icu", "params.yaml"]
     assert tree_digest(source) == source_before and set(tree_digest(broken)) == set(before)
+
+
+def test_events_with_hour_offsets_and_item_labels_need_no_admission_time(tmp_path):
+    source = write_ehr_wide(tmp_path / "export", stays=8)
+    pd.DataFrame([{"stay_id": 30000 + i, "hour": offset, "label": "Respiratory Rate", "value": 18,
+                   "unit": "insp/min"} for i in range(1, 9) for offset in ("1.5", "30", "-0.5")]
+                 ).to_csv(source / "events.csv", index=False)
+    report = _import(source, tmp_path / "site", role="public")
+    values = read_long(tmp_path / "site/clinical/mortality_public.parquet")
+    rates = values[values["variable"] == "resp_rate"]
+    assert sorted(set(rates["hour"])) == [1, 30] and set(rates["unit"]) == {"insp/min"}
+    assert {(p.row, p.column) for p in report.problems} == {(4 + 3 * k, "hour") for k in range(8)}
+    assert all("before the ICU admission" in p.message for p in report.problems)

@@ -104,6 +104,12 @@ def number(text: str) -> float | None:
     return value if np.isfinite(value) else None
 
 
+def _times(texts: pd.Series) -> pd.Series:
+    """Date-times in any common spelling (NaT when unreadable); a time without a zone is read as UTC, so that
+    an export mixing both still subtracts."""
+    return pd.to_datetime(texts, errors="coerce", format="mixed", utc=True)
+
+
 def import_ehr(source: Path, dest: Path, *, site_id: str, role: str = "hospital", description: str = "",
                mapping: Path | None = None, val_fraction: float = 0.2, csv: str | None = None,
                events: tuple[str, ...] | None = None, link: bool = False,
@@ -163,13 +169,14 @@ def _stays(stays, name, source, rules, role, val_fraction, needs_intime, report)
         line, stay, patient = csv_line(position), clean_id(row["stay_id"]), clean_id(row[patient_column])
         label = {"0": 0, "1": 1, "0.0": 0, "1.0": 1}.get(row[outcome].strip())
         hour = number(row["hour"]) if row.get("hour", "").strip() else 0.0
-        intime = pd.to_datetime(row["intime"], errors="coerce", format="mixed") if needs_intime else None
+        intime = _times(pd.Series([row["intime"]]))[0] if needs_intime else None
         checks = [(not stay, "stay_id", "blank stay_id", "bad stay_id"),
                   (stay in seen, "stay_id", f"duplicate stay_id {stay}", "duplicate id"),
                   (not patient, patient_column, f"blank {patient_column}", "bad patient"),
                   (not row[outcome].strip(), outcome, "no outcome", "missing outcome"),
                   (label is None, outcome, f"outcome {row[outcome]!r} is not 0 or 1", "bad outcome"),
-                  (hour is None or hour < 0, "hour", f"not an hour offset: {row.get('hour')!r}", "bad hour"),
+                  (hour is None or not 0 <= hour <= MAX_HOUR, "hour", f"not an hour offset: {row.get('hour')!r}",
+                   "bad hour"),
                   (needs_intime and pd.isna(intime), "intime", f"not a time: {row.get('intime')!r}", "bad time")]
         seen.add(stay)
         failed = next((check[1:] for check in checks if check[0]), None)
@@ -234,8 +241,8 @@ def _events(table, name, source, time_column, kept, listed, items, report) -> pd
     if time_column == "hour":
         hours = pd.to_numeric(raw, errors="coerce")
     else:
-        intime = pd.to_datetime(frame["stay"].map({s: k[2] for s, k in kept.items()}))
-        hours = (pd.to_datetime(raw, errors="coerce", format="mixed") - intime) / pd.Timedelta(hours=1)
+        intime = pd.to_datetime(frame["stay"].map({s: k[2] for s, k in kept.items()}), utc=True)
+        hours = (_times(raw) - intime) / pd.Timedelta(hours=1)
     frame["hour"] = np.floor(hours.to_numpy(dtype=float, na_value=np.nan))
     frame["raw_time"] = raw
     drop(frame["hour"].isna(), time_column, lambda r: f"not a time: {r.raw_time!r}", "bad time")
