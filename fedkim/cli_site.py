@@ -95,7 +95,8 @@ def site_finalize(
 
 @site_app.command("import")
 def site_import(
-    kind: str = typer.Argument(..., help="collection layout: ptbxl or chexpert (CheXpert and MIMIC-CXR-JPG)"),
+    kind: str = typer.Argument(..., help="collection layout: ptbxl, chexpert (CheXpert and MIMIC-CXR-JPG) "
+                                           "or ehr (ICU stays and events)"),
     source: Path = typer.Argument(..., help="the collection's folder (only read)"),
     site_dir: Path = typer.Argument(..., help="the new site folder (must not exist or be empty)"),
     site_id: Optional[str] = typer.Option(None, "--id", help="site id (default: the folder name)"),
@@ -118,6 +119,8 @@ def site_import(
                                        help="chexpert: finding column -> task (repeatable)"),
     uncertain: str = typer.Option("ignore", "--uncertain", help="chexpert: -1 -> ignore, zeros or ones"),
     views: str = typer.Option("frontal", "--views", help="chexpert: frontal or all"),
+    events: Optional[list[str]] = typer.Option(None, "--events", help="ehr: an event CSV relative to SOURCE "
+                                               "(repeatable; default: events.csv, chartevents.csv, labevents.csv)"),
     params: Optional[Path] = ParamsOption,
     docs: bool = typer.Option(True, "--docs/--no-docs", help="write GX data docs under SITE_DIR/reports/"),
 ) -> None:
@@ -138,6 +141,8 @@ def site_import(
         elif kind == "chexpert":
             options |= {"csv": csv, "metadata": metadata, "findings": _pairs(findings), "uncertain": uncertain,
                         "views": views}
+        elif kind == "ehr":
+            options |= {"csv": csv, "events": tuple(events) if events else None}
         if role not in ("hospital", "public", "test"):
             raise ImportFailure(f"--role {role!r}: one of hospital, public, test")
         report = import_collection(kind, source, site_dir, **options)

@@ -121,3 +121,67 @@ def write_mimic(root: Path, subjects: int = 10, seed: int = 0) -> tuple[Path, pd
     label_table.to_csv(source / "mimic-cxr-2.0.0-chexpert.csv", index=False)
     meta_table.to_csv(source / "mimic-cxr-2.0.0-metadata.csv", index=False)
     return source, label_table, meta_table
+
+
+# ICU exports: stay i (1..EHR_STAYS) belongs to patient 500 + (i + 1) // 2 (two stays for most patients) and dies
+# when i % 3 == 0. Canonical values: heart rate 70 + i % 10 + hour, temperature 37 + hour / 10 degC, lactate
+# 1.5 + (i % 5) / 10 mmol/L at hours 1 and 3; exported in degF / mg/dL for even stays.
+EHR_STAYS = 40
+EHR_START = pd.Timestamp("2180-07-23 08:00:00")
+
+
+def ehr_outcome(stay: int) -> int:
+    return int(stay % 3 == 0)
+
+
+def ehr_canonical(stay: int) -> dict[tuple[int, str], float]:
+    """(hour, variable) -> the canonical value the events of `stay` encode (heart rate at hour 2: the mean of
+    two measurements)."""
+    values = {(h, "heart_rate"): 70.0 + stay % 10 + h for h in range(6)}
+    values |= {(h, "temperature"): 37.0 + h / 10 for h in range(6)}
+    values |= {(h, "lactate"): 1.5 + (stay % 5) / 10 for h in (1, 3)}
+    return values
+
+
+def write_ehr_wide(root: Path, stays: int = EHR_STAYS) -> Path:
+    """SOURCE/stays.csv with admission values in columns, static covariates and the outcome."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"stay_id": 30000 + i, "patient_id": 500 + (i + 1) // 2, "age": 40 + i, "sex": "MF"[i % 2],
+                   "weight_kg": 60 + i, "heart_rate": 70 + i % 10, "sbp": 110 + i, "lactate": 1.5 + (i % 5) / 10,
+                   "hospital_expire_flag": ehr_outcome(i)} for i in range(1, stays + 1)]
+                 ).to_csv(root / "stays.csv", index=False)
+    return root
+
+
+def write_ehr_long(root: Path, stays: int = EHR_STAYS) -> Path:
+    """SOURCE/stays.csv (intime, outcome, static covariates) + chartevents.csv (itemid, valuenum, valueuom) +
+    labevents.csv (label, value, unit), MIMIC-IV's itemids and labels, mixed units."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stay_rows, chart, lab = [], [], []
+    for i in range(1, stays + 1):
+        stay, intime = 30000 + i, EHR_START + pd.Timedelta(days=i)
+        stay_rows.append({"subject_id": 500 + (i + 1) // 2, "stay_id": stay, "intime": str(intime),
+                          "anchor_age": 40 + i, "gender": "MF"[i % 2], "hospital_expire_flag": ehr_outcome(i)})
+        values = ehr_canonical(i)
+        for (hour, variable), value in values.items():
+            at = intime + pd.Timedelta(hours=hour, minutes=10)
+            if variable == "heart_rate":
+                repeat = [value - 2, value + 2] if hour == 2 else [value]
+                chart += [{"stay_id": stay, "charttime": str(at + pd.Timedelta(minutes=30 * k)), "itemid": 220045,
+                           "valuenum": v, "valueuom": "bpm"} for k, v in enumerate(repeat)]
+            elif variable == "temperature" and i % 2 == 0:
+                chart.append({"stay_id": stay, "charttime": str(at), "itemid": 223761,
+                              "valuenum": round(value * 9 / 5 + 32, 3), "valueuom": "°F"})
+            elif variable == "temperature":
+                chart.append({"stay_id": stay, "charttime": str(at), "itemid": 223762, "valuenum": value,
+                              "valueuom": "°C"})
+            else:
+                lab.append({"stay_id": stay, "charttime": str(at), "label": "Lactate",
+                            "value": round(value * 9.01, 4) if i % 2 == 0 else value,
+                            "unit": "mg/dL" if i % 2 == 0 else "mmol/l"})
+    pd.DataFrame(stay_rows).to_csv(root / "stays.csv", index=False)
+    pd.DataFrame(chart).to_csv(root / "chartevents.csv", index=False)
+    pd.DataFrame(lab).to_csv(root / "labevents.csv", index=False)
+    return root

@@ -21,6 +21,7 @@ from fedkim.data.formats import FormatError
 LONG_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("hour", pa.int16()), ("variable", pa.string()), ("value", pa.float32())]
 )
+LONG_UNIT_SCHEMA = LONG_SCHEMA.append(pa.field("unit", pa.string()))  # an export's values in their own units
 STATIC_SCHEMA = pa.schema(
     [("sample_id", pa.string()), ("variable", pa.string()), ("value", pa.float32()), ("unit", pa.string())]
 )
@@ -51,7 +52,7 @@ UNITS: dict[str, dict[str, tuple[float, float]]] = {
     "heart_rate": {"bpm": (1, 0), "/min": (1, 0), "beats/min": (1, 0)},
     "sbp": {"mmHg": (1, 0), "kPa": (_KPA_TO_MMHG, 0)},
     "dbp": {"mmHg": (1, 0), "kPa": (_KPA_TO_MMHG, 0)},
-    "resp_rate": {"/min": (1, 0), "breaths/min": (1, 0)},
+    "resp_rate": {"/min": (1, 0), "breaths/min": (1, 0), "insp/min": (1, 0)},
     "spo2": {"%": (1, 0)},
     "temperature": {"degC": (1, 0), "°C": (1, 0), "C": (1, 0), "degF": _F_TO_C, "°F": _F_TO_C, "F": _F_TO_C},
     "lactate": {"mmol/L": (1, 0), "mg/dL": (1 / 9.01, 0)},
@@ -67,7 +68,9 @@ Duplicates = Literal["mean", "last", "first", "max", "min"]
 
 
 def write_long(path: Path, frame: pd.DataFrame) -> None:
-    table = pa.Table.from_pandas(frame[list(LONG_SCHEMA.names)], schema=LONG_SCHEMA, preserve_index=False)
+    """sample_id, hour, variable, value, and unit when the frame has that column (else canonical units)."""
+    schema = LONG_UNIT_SCHEMA if "unit" in frame.columns else LONG_SCHEMA
+    table = pa.Table.from_pandas(frame[list(schema.names)], schema=schema, preserve_index=False)
     pq.write_table(table, path)
 
 

@@ -2,6 +2,7 @@
 
     ptbxl     PTB-XL-style ECG: ptbxl_database.csv + WFDB records (fedkim.data.importers.ptbxl)
     chexpert  CheXpert- or MIMIC-CXR-JPG-style chest X-rays: finding CSVs + images (fedkim.data.importers.chexpert)
+    ehr       ICU exports: a stays table (wide admission values) and/or long event tables (fedkim.data.importers.ehr)
 
 Each writes DIR through a staging folder, never modifies SOURCE, finalizes the site (site.yaml) and leaves an
 import report in DIR/reports/import.json; ImportFailure (nothing written) when the import cannot go on.
@@ -13,9 +14,10 @@ from pathlib import Path
 
 from fedkim.data.importers.chexpert import import_chexpert
 from fedkim.data.importers.common import IMPORT_REPORT, ImportFailure, ImportReport, Problem, check_new_dir
+from fedkim.data.importers.ehr import import_ehr
 from fedkim.data.importers.ptbxl import import_ptbxl
 
-KINDS = {"ptbxl": import_ptbxl, "chexpert": import_chexpert}
+KINDS = {"ptbxl": import_ptbxl, "chexpert": import_chexpert, "ehr": import_ehr}
 
 __all__ = ["IMPORT_REPORT", "KINDS", "ImportFailure", "ImportReport", "Problem", "import_collection"]
 

@@ -57,7 +57,8 @@ class ImportReport:
         self.skip(reason)
 
     def skip(self, reason: str, n: int = 1) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + n
+        if n:
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
 
     def to_json(self) -> dict:
         return {"kind": self.kind, "source": self.source, "options": self.options, "rows_read": self.rows_read,
