@@ -4,7 +4,6 @@ without rows, and static covariates, through the gate, the loader and the clinic
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +18,12 @@ from fedkim.data.loaders import ClinicalDataset, collate
 from fedkim.data.synth.icu import BASELINE
 from fedkim.data.validate import validate_site
 from fedkim.site.model import ClinicalEncoder, global_model
-from tests.helpers.sites import build_site, refinalize, write_clinical_rows
+from tests.helpers.sites import CLINICAL_N, refinalize, write_clinical_rows
 
-N = 6
+N = CLINICAL_N
 TRAIN = "clinical/train.parquet"
 LACTATE = list(VARIABLES).index("lactate")
 
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return build_site(tmp_path_factory.mktemp("template"), n_per_class=N, modalities=("clinical",))
-
-
-@pytest.fixture
-def site(template, tmp_path) -> Path:
-    return Path(shutil.copytree(template, tmp_path / "site"))
 
 
 def rewrite(site: Path, change, rel: str = TRAIN) -> pd.DataFrame:

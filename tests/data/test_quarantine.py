@@ -4,7 +4,6 @@ and evaluation, never changed), the counts are judged on what remains, and each 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,13 @@ from fedkim.data.validate.report import ACTIONS, SAMPLE_RULES
 from fedkim.site.model import global_model
 from fedkim.site.train import train_site
 from tests.helpers import small_params_dict, write_params
-from tests.helpers.sites import build_site, refinalize
+from tests.helpers.sites import CLINICAL_N, refinalize
 
-N = 6  # per (task, split, label): the default minimum is 5
+N = CLINICAL_N
 TINY_SITE = SiteTrainingParams(epochs=1, batch_size=8, token_dim=16, clinical_heads=2, head_hidden=8,
                                device="cpu", decode_cache_mb=0)
 DATA = DataParams()
 
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory) -> Path:
-    return build_site(tmp_path_factory.mktemp("template"), n_per_class=N, modalities=("clinical",))
-
-
-@pytest.fixture
-def site(template, tmp_path) -> Path:
-    return Path(shutil.copytree(template, tmp_path / "site"))
 
 
 def out_of_range(site: Path, samples: list[str]) -> None:

@@ -25,6 +25,7 @@ from fedkim.data.formats.text import write_jsonl
 from fedkim.data.siteformat import finalize_site, read_manifest, write_index
 
 TASKS = load_catalogue().tasks  # the shipped catalogue
+CLINICAL_N = 6  # stays per (task, split, label) of the clinical test sites: one above the default minimum
 
 TRAIN_TASK = {"image": "lung_opacity", "ecg": "ecg_abnormal", "clinical": "mortality"}
 VITALS = ("heart_rate", "sbp", "dbp", "resp_rate", "spo2", "temperature")  # hourly; labs every 6 h
