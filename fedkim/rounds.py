@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedkim.central.evaluate import evaluate, gate_table
+from fedkim.central.evaluate import CALIBRATION, evaluate, gate_table
 from fedkim.central.inject import inject
 from fedkim.central.model import CentralModel
 from fedkim.central.variants import VARIANTS, build_central
@@ -323,9 +323,11 @@ def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: Ce
     key = round_key(round_id, "evaluation", "metrics.json")
     if store.exists(key):
         return get_json(store, key)
+    calibration: dict = {}
     metrics = evaluate(model, split_dir(params, "test"), params.eval, params.site, params.data,
-                       public_dir=split_dir(params, "public"), progress=progress)
+                       public_dir=split_dir(params, "public"), progress=progress, calibration=calibration)
     metrics["gate"] = gate_table(model)
+    metrics[CALIBRATION] = calibration  # what the served model decides with (the bundle's calibration.json)
     put_json(store, key, metrics)
     return metrics
 

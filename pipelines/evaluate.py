@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     validate_split_step(params, "test")  # SplitGateError: the stage fails naming the split and the rules
     metrics = evaluate_step(params, store, round_id, load_central(params, store, round_id, injected=True))
 
-    write_json(args.metrics, {"round_id": round_id, **{k: v for k, v in metrics.items() if k != "gate"}})
+    write_json(args.metrics, {"round_id": round_id, **{k: v for k, v in metrics.items() if k not in ("gate", "calibration")}})
     catalogue = catalogue_of(params.data)
     args.tasks.parent.mkdir(parents=True, exist_ok=True)
     with args.tasks.open("w", newline="") as f:

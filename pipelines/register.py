@@ -32,7 +32,7 @@ def tracked_round(params: Params, store, round_id: str, metrics: dict) -> tuple[
     of what the round produced (weights and figures): the same round finds its run and version again, while new
     params, data or code give a new id (and so a new version)."""
     produced = {key: store.sha256(round_key(round_id, *key.split("/"))) for key in PRODUCED}
-    figures = {k: v for k, v in metrics.items() if k != "seconds"}
+    figures = {k: v for k, v in metrics.items() if k not in ("seconds", "calibration")}
     settings = settings_digest(params)
     return f"dvc-{round_id}-{short_digest({'params': settings, 'files': produced, 'metrics': figures})[:8]}", settings
 

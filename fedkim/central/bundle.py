@@ -5,6 +5,8 @@
     encoders.safetensors     the injected modality encoders (and task heads)
     adapters/<task>/         per catalogue task: the mixture for its (task, modality) pair as a plain peft LoRA
     catalogue.yaml           the task catalogue the model was trained with (its tasks, questions and answers)
+    calibration.json         per task what evaluation decided its answers with (threshold, option priors): the
+                             served model decides the same way
     MODEL_CARD.md            what it is, where it came from, how it scores, what it must not be used for
     bundle.json              schema version, variant, round id, sites, the gate's reference descriptions, sha256
                              of every other file
@@ -38,6 +40,7 @@ from fedkim.federation.package import current_code_version
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
 CATALOGUE = "catalogue.yaml"
+CALIBRATION_FILE = "calibration.json"
 TAG_INPUT, TAG_OUTPUT = "fm_tags.input_embeddings", "fm_tags.output_embeddings"
 
 
@@ -77,6 +80,8 @@ def save_bundle(model: CentralModel, params: Params, folder: str | Path, *, vari
     if model.m3oe is not None:
         for task in exported:
             model.m3oe.export_peft(staging / "adapters" / task, *model.gate_mode.pair(catalogue[task]))
+    (staging / CALIBRATION_FILE).write_text(json.dumps(
+        {"eval": params.eval.model_dump(mode="json"), "tasks": (metrics or {}).get("calibration") or {}}, indent=2))
     (staging / "MODEL_CARD.md").write_text(model_card(params, variant=variant, round_id=round_id, sites=sites,
                                                       metrics=metrics, has_adapters=(staging / "adapters").is_dir(),
                                                       catalogue=catalogue))
@@ -217,6 +222,18 @@ def catalogue_file(folder: str | Path) -> Path | None:
     without one). params' data.catalogue names a file on the machine that trained it."""
     stored = Path(folder) / CATALOGUE
     return stored if stored.is_file() else None
+
+
+def read_calibration(folder: str | Path) -> dict:
+    """{task: calibration record} (fedkim.central.evaluate.calibration_record) of a verified bundle; {} for a
+    bundle saved without evaluation's calibration (its answers are then decided label-free)."""
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())["tasks"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path}: not a calibration file ({exc.__class__.__name__}: {exc})") from None
 
 
 def load_bundle(folder: str | Path) -> tuple[CentralModel, Params]:

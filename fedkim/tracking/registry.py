@@ -63,12 +63,19 @@ def per_task(metrics: dict) -> dict[str, dict[str, float]]:
             for t, m in metrics.get("tasks", {}).items()}
 
 
+# What loading and answering with the pyfunc imports (fedkim's own imports along the chain; a test keeps the list
+# complete): the model, its tokenizer, the bundle's files, and the site format's readers of the query's inputs.
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "pandas", "numpy", "pyarrow",
+                    "pyyaml", "pydantic", "mlflow", "pillow", "pydicom", "wfdb", "scipy", "scikit-learn",
+                    "matplotlib", "rich", "boto3", "botocore")
+
+
 def requirements() -> list[str]:
-    """Pins of the served model's Python dependencies, as installed here."""
+    """Pins of the served model's Python dependencies, as installed here (requirements.lock.txt's pins)."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("torch", "transformers", "peft", "safetensors", "pandas", "pyyaml", "pydantic", "mlflow"):
+    for package in SERVING_PACKAGES:
         try:
             pins.append(f"{package}=={version(package).split('+')[0]}")  # no local label (+cpu): see stack notes
         except PackageNotFoundError:
