@@ -118,7 +118,8 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
             evaluate=lambda model: evaluate_task(params, store, round_id, model, progress=progress), register=register_task,
             timer=timer, validate=(lambda model: evaluate_task(params, store, round_id, model, progress=progress,
                                                                split="validation"))
-            if "validation" in splits else None)
+            if "validation" in splits else None,
+            outcomes=[*sites.values(), *(SiteOutcome(name, "gated", validation=s) for name, s in splits.items())])
         finish_round(store, round_id)
         shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve an unfinished injection
 

@@ -96,7 +96,7 @@ def log_and_register(params: Params, store, round_id: str, tracked_id: str, dige
         tracking.log_sites(parent, sites)
         logged = tracking.log_round(parent, params, tracked_id, sites=fingerprints, inject=injected,
                                     evaluate=lambda model: metrics,
-                                    validate=(lambda model: decided_on) if decided_on else None)
+                                    validate=(lambda model: decided_on) if decided_on else None, outcomes=sites)
     return logged.version
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import RunTag
 
+from fedkim.central.datacard import data_record
 from fedkim.config import Params
 from fedkim.data.catalogue import catalogue_of
 from fedkim.members import SERVER_SPLITS
@@ -75,7 +76,8 @@ class LoggedRound:
 def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
               inject: Callable[[], tuple[Any, dict]], evaluate: Callable[[Any], dict],
               register: Callable[..., tuple[Any, PromotionResult]] | None = None,
-              timer: Timer = _untimed, validate: Callable[[Any], dict] | None = None) -> LoggedRound:
+              timer: Timer = _untimed, validate: Callable[[Any], dict] | None = None,
+              outcomes: Iterable[SiteOutcome] = ()) -> LoggedRound:
     """Run `inject` () -> (model, injection summary) and `evaluate` (model) -> metrics inside the round's injection
     run (loss curve, evaluation, gate, comparison with the champion), then bundle, register and judge the model
     with `register` (default register_round; an orchestrator may pass it wrapped as its own task).
@@ -84,7 +86,8 @@ def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
     A finished injection run of an earlier try of this round is kept instead of adding another; a round id already
     registered gets its version back, judged once. `timer` times the phases inject, evaluate, tracking, register.
     `validate` (model) -> metrics on the server's validation split: promotion decides on them (logged as val.*);
-    None (a federation without one): on the test metrics."""
+    None (a federation without one): on the test metrics. `outcomes`: the sites' and server splits' outcomes
+    (their gate summaries), for the bundle's data card."""
     done = find_child_run(parent, "injection")
     if done is not None and done.info.status == "FINISHED":
         with timer("inject"):
@@ -110,25 +113,29 @@ def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
                 run.compare_with_champion(decided_on or metrics, tasks=catalogue.train)
         run_id = run.run_id
     with timer("register"):
+        card = data_record(params, outcomes, sites if isinstance(sites, dict) else dict.fromkeys(sites, ""))
         version, decision = (register or register_round)(model, params, run_id, round_id, metrics, sites,
-                                                         decided_on=decided_on)
+                                                         decided_on=decided_on, data=card)
         registered = registry_outcome(version, decision)
     return LoggedRound(model, injection, metrics, run_id, version, decision, registered, decided_on)
 
 
 def register_round(model, params: Params, run_id: str, round_id: str, metrics: dict,
-                   sites: dict[str, str] | list[str], decided_on: dict | None = None):
+                   sites: dict[str, str] | list[str], decided_on: dict | None = None, data: dict | None = None):
     """Bundle the injected model, register it (alias challenger) and run the promotion gate on `decided_on` (the
     validation split's metrics; None: the test split's `metrics`). A round id already registered gets its version
-    back, judged once. Returns (version, PromotionResult)."""
-    from fedkim.central.bundle import save_bundle
+    back, judged once. `data`: the data card's record (fedkim.central.datacard), written into the bundle and
+    logged on the injection run under data_card/. Returns (version, PromotionResult)."""
+    from fedkim.central.bundle import DATA_CARD, DATA_CARD_JSON, save_bundle
 
     split = "validation" if decided_on is not None else "test"
     version = find_version(round_id)
     if version is None:
         with tempfile.TemporaryDirectory(prefix="fedkim-bundle-") as tmp:
             folder = save_bundle(model, params, Path(tmp) / "bundle", round_id=round_id, sites=sites,
-                                 metrics=metrics)
+                                 metrics=metrics, data=data)
+            for name in (DATA_CARD, DATA_CARD_JSON):
+                client().log_artifact(run_id, str(folder / name), "data_card")
             version = register(folder, run_id, round_id, metrics, decided_on=decided_on, split=split)
     return version, promote(version, decided_on or metrics, tasks=catalogue_of(params.data).train, split=split)
 
