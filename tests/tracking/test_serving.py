@@ -171,3 +171,34 @@ print(json.dumps({n: found[n] for n in names if n in found and n != "fedkim"}))
     assert {line.split("==")[0] for line in listed.read_text().split()} >= set(pins)
     assert yaml.safe_load(open(f"{logged}/MLmodel"))["signature"]["inputs"]
     assert np.isfinite(served["metrics"]["tasks"]["lung_opacity"]["threshold"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_rest_answers_equal_the_in_process_pyfunc(served):
+    """`mlflow models serve` on 127.0.0.1: a dataframe_records request with image bytes and a query's own zero-shot
+    task gets the in-process pyfunc's answers."""
+    import urllib.request
+
+    from tests.helpers.servers import mlflow_model_server
+
+    query = data_query(split_dir(served["params"], "test"), ["lung_opacity", "cxr_vqa"], 2).drop(columns=["answer"])
+    query = pd.concat([query, pd.DataFrame([{
+        "task": "rib_fracture", "modality": "image", "image": query["image"][0], "options": "No|Yes",
+        "task_description": "Detect a fractured rib on a chest radiograph.", "question": "Is there a rib fracture?"}])],
+        ignore_index=True)
+    records = json.loads(query.to_json(orient="records"))
+    expected = served["pyfunc"].predict(query)
+    model_dir = mlflow.artifacts.download_artifacts(f"models:/{served['version'].name}/{served['version'].version}",
+                                                    dst_path=str(served["folder"] / "model"))
+    env = {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    with mlflow_model_server(model_dir, env) as url:
+        request = urllib.request.Request(f"{url}/invocations", data=json.dumps({"dataframe_records": records}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            predictions = json.loads(answer.read())["predictions"]
+    assert [p["answer"] for p in predictions] == list(expected["answer"])
+    assert [p["task"] for p in predictions] == list(expected["task"])
+    assert predictions[-1]["calibration"].startswith("label-free")
+    for got, want in zip(predictions, expected["scores"]):
+        assert got["scores"] == pytest.approx(want, abs=0)
