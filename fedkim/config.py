@@ -85,6 +85,8 @@ class Sizes(Strict):
     val_fraction: float = Field(0.2, ge=0.05, le=0.5)
     public: int = Field(64, ge=8, le=100_000, description="server public split, per training task")
     test: int = Field(160, ge=8, le=100_000, description="test split, per task")
+    validation: int = Field(64, ge=8, le=100_000, description="server validation split (promotion decides on it), "
+                                                               "per training task")
 
 
 class Difficulty(Strict):
@@ -382,7 +384,8 @@ def _resolve_paths(params: Params, base: Path) -> Params:
     store = params.store.model_copy(update={"root": absolute(params.store.root)})
     members = [_absolute_source(m, absolute) for m in params.federation.members]
     splits = params.federation.splits
-    splits = splits.model_copy(update={n: _absolute_source(getattr(splits, n), absolute) for n in SERVER_SPLITS})
+    splits = splits.model_copy(update={n: _absolute_source(getattr(splits, n), absolute) for n in SERVER_SPLITS
+                                       if getattr(splits, n) is not None})
     federation = params.federation.model_copy(update={"work_dir": absolute(params.federation.work_dir),
                                                       "members": members, "splits": splits})
     comparison = params.report.comparison

@@ -20,7 +20,7 @@ from fedkim.params_base import ConfigError, Modality, Strict
 if TYPE_CHECKING:
     from fedkim.config import Params
 
-SERVER_SPLITS = ("public", "test")  # the server's own directories; no member may take these ids
+SERVER_SPLITS = ("public", "test", "validation")  # the server's own directories; no member may take these ids
 
 
 def site_pool(site_id: str) -> str:
@@ -68,10 +68,31 @@ class MemberSpec(DataSource):
 
 
 class ServerSplits(Strict):
-    """The server's own splits: `public` (injection, calibration) and `test` (evaluation)."""
+    """The server's own splits: `public` (injection, calibration), `test` (the reported figures) and `validation`
+    (the figures promotion decides on; null: generated when a member is generated, else none, and promotion then
+    decides on `test` and says so)."""
 
     public: DataSource = DataSource()
     test: DataSource = DataSource()
+    validation: DataSource | None = None
+
+
+def split_source(params: Params, split: str) -> DataSource | None:
+    """A server split's source; None for a validation split the federation does not have (see ServerSplits)."""
+    source = getattr(params.federation.splits, split)
+    if source is None and any(m.data == "generated" for m in params.federation.members):
+        return DataSource()
+    return source
+
+
+def server_splits(params: Params) -> tuple[str, ...]:
+    """The server splits this federation has (public and test always; validation where it has one)."""
+    return tuple(n for n in SERVER_SPLITS if split_source(params, n) is not None)
+
+
+def decision_split(params: Params) -> str:
+    """The split promotion decides on: validation, else (a federation without one) test."""
+    return "validation" if "validation" in server_splits(params) else "test"
 
 
 def check_member_ids(members: list[MemberSpec]) -> list[MemberSpec]:
@@ -95,7 +116,7 @@ def check_profiles(params: Params) -> Params:
             what = "a provided member" if site_id in params.member_ids() else "not a member"
             raise ValueError(f"data.sites.{site_id}: a generator profile, but {site_id!r} is {what}; profiles "
                              f"are for the generated members of federation.members ({sorted(generated)})")
-    splits = [n for n in SERVER_SPLITS if getattr(params.federation.splits, n).data == "generated"]
+    splits = [n for n in server_splits(params) if split_source(params, n).data == "generated"]
     if splits and not generated:
         raise ValueError(f"federation.splits.{splits[0]}: generated, but no member is generated (the server's "
                          "generated splits draw from the generated members' acquisition): provide it")
@@ -117,10 +138,13 @@ def site_dir(params: Params, site_id: str) -> Path:
 
 
 def split_dir(params: Params, split: str) -> Path:
-    """A server split's directory (`public` or `test`): <data.root>/<split> when generated, else its `path`."""
+    """A server split's directory (`public`, `test`, `validation`): <data.root>/<split> when generated, else its
+    `path`."""
     if split not in SERVER_SPLITS:
         raise ConfigError(f"{split!r} is not a server split; splits: {list(SERVER_SPLITS)}")
-    source = getattr(params.federation.splits, split)
+    source = split_source(params, split)
+    if source is None:
+        raise ConfigError(f"federation.splits.{split}: this federation has none (no generated member): provide it")
     return params.data.root / split if source.data == "generated" else Path(source.path)
 
 
@@ -129,7 +153,7 @@ def provided_dirs(params: Params) -> dict[str, Path]:
     found = {f"federation.members.{m.id}": Path(m.path) for m in params.federation.members if m.data == "provided"}
     for name in SERVER_SPLITS:
         source = getattr(params.federation.splits, name)
-        if source.data == "provided":
+        if source is not None and source.data == "provided":
             found[f"federation.splits.{name}"] = Path(source.path)
     return found
 

@@ -126,7 +126,7 @@ def write_report(folder: Path, summary: dict, metrics: dict, injection: dict, *,
              f"Prefect flow run `{summary.get('prefect_flow_run_id') or '-'}`)",
              f"- Registered: `{model.get('name')}` v{model.get('version')} with alias(es) "
              f"{', '.join(model.get('aliases') or []) or 'none'}; promotion: {model.get('decision')} "
-             f"({model.get('reason')})",
+             f"on the {model.get('decided_on') or 'test'} split ({model.get('reason')})",
              f"- MLflow round run: `{summary.get('mlflow_run_id')}`" + (f"; UI: `{mlflow_ui}`" if mlflow_ui else ""),
              f"- Store: `{summary.get('store')}`", "",
              "## Sites", "", "| site | status | samples | detail |", "|---|---|---|---|"]

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedkim.central.evaluate import evaluate, gate_table
+from fedkim.central.evaluate import CALIBRATION, evaluate, gate_table
 from fedkim.central.inject import inject
 from fedkim.central.model import CentralModel
 from fedkim.central.variants import VARIANTS, build_central
@@ -191,7 +191,8 @@ def validate_site_step(params: Params, site_id: str, *, write_docs: bool = True)
 
 
 def validate_split_step(params: Params, split: str) -> dict:
-    """The gate on a server split (`public` before injection, `test` before evaluation): its summary, or
+    """The gate on a server split (`public` before injection, `test` and `validation` before evaluation): its
+    summary, or
     SplitGateError naming the split and the failed rules. Report files are not written into the split."""
     summary = gate_summary(_gate(split_dir(params, split), params, write_docs=False))
     if not summary["success"]:
@@ -319,13 +320,19 @@ def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: P
 
 
 def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: CentralModel, *,
-                  progress: bool = False) -> dict:
-    key = round_key(round_id, "evaluation", "metrics.json")
+                  progress: bool = False, split: str = "test") -> dict:
+    """The injected model's metrics on a server split: `test` (the reported figures, with the gate table and the
+    calibration the served model decides with) or `validation` (the figures promotion decides on)."""
+    key = round_key(round_id, "evaluation", "metrics.json" if split == "test" else f"{split}_metrics.json")
     if store.exists(key):
         return get_json(store, key)
-    metrics = evaluate(model, split_dir(params, "test"), params.eval, params.site, params.data,
-                       public_dir=split_dir(params, "public"), progress=progress)
-    metrics["gate"] = gate_table(model)
+    calibration: dict = {}
+    metrics = evaluate(model, split_dir(params, split), params.eval, params.site, params.data,
+                       public_dir=split_dir(params, "public"), progress=progress, split=split,
+                       calibration=calibration, tasks=None if split == "test" else catalogue_of(params.data).train)
+    if split == "test":
+        metrics["gate"] = gate_table(model)
+        metrics[CALIBRATION] = calibration  # what the served model decides with (the bundle's calibration.json)
     put_json(store, key, metrics)
     return metrics
 

@@ -1,7 +1,8 @@
 """Flow `fedkim` (deployment `fedkim/round`): one federated round, wired from the library's idempotent steps.
 
     start round -> per site (flows/dispatch.py): data gate -> training + package upload -> aggregation (screening,
-    quorum) -> injection, evaluation, bundle, registry version and promotion gate (fedkim.tracking.log_round)
+    quorum) -> injection, evaluation (test: reported; validation: decides), bundle, registry version and promotion
+    gate (fedkim.tracking.log_round)
     -> finish -> round report (fedkim.report)
 
 Re-running a round id reuses what the store and MLflow already hold (no retraining, no second parent run, no
@@ -26,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 from fedkim import tracking
 from fedkim.config import ConfigError, parse_overrides
 from fedkim.federation.store import open_store
+from fedkim.members import server_splits
 from fedkim.orchestration import (REPORTED, check_round_id, completed_summary, load_settings, mlflow_ui_command,
                                   quorum_failure, reporting, round_record, summary_lines, with_sites)
 from fedkim.report import write_round_report
@@ -103,7 +105,7 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
 
         try:  # the server's own splits pass the gate before injection and evaluation use them
             with timer("gate"):
-                splits = {name: split_gate_task(params, name) for name in ("public", "test")}
+                splits = {name: split_gate_task(params, name) for name in server_splits(params)}
         except SplitGateError as exc:
             put_json(store, manifest_key, record | {"status": "failed", "error": str(exc)}, overwrite=True)
             raise
@@ -114,7 +116,10 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
             parent, params, round_id, sites={s: sites[s].data_fingerprint for s in aggregate.accepted},
             inject=lambda: inject_task(params, store, round_id, work_dir, progress=progress),
             evaluate=lambda model: evaluate_task(params, store, round_id, model, progress=progress), register=register_task,
-            timer=timer)
+            timer=timer, validate=(lambda model: evaluate_task(params, store, round_id, model, progress=progress,
+                                                               split="validation"))
+            if "validation" in splits else None,
+            outcomes=[*sites.values(), *(SiteOutcome(name, "gated", validation=s) for name, s in splits.items())])
         finish_round(store, round_id)
         shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve an unfinished injection
 

@@ -2,7 +2,8 @@
 
 Reads <store>/rounds/<round>/{sites,aggregate,central,evaluation}/; logs a round run (nested runs per site and for
 the injection: loss curve, evaluation, gate, comparison with the champion), saves the model bundle, registers it
-as `tracking.registered_model` with alias `challenger`, promotes it to `champion` when it beats the champion, and
+as `tracking.registered_model` with alias `challenger`, promotes it to `champion` when it beats the champion on the
+validation split (evaluation/validation_metrics.json; the test split's for a federation without one), and
 writes --out (registry.json: version, aliases, decision).
 
 MLflow keys a round by its id (one run and one registered version per id) and refuses one id with two sets of
@@ -20,6 +21,7 @@ from fedkim.config import Params
 from fedkim.data.catalogue import catalogue_of
 from fedkim.digests import settings_digest, short_digest
 from fedkim.errors import run_stage
+from fedkim.members import server_splits
 from fedkim.federation.store import package_prefix
 from fedkim.rounds import SiteOutcome, get_json, load_central, read_manifest_from_store, round_key
 from pipelines.common import params_path, parser, setup, write_json
@@ -32,7 +34,7 @@ def tracked_round(params: Params, store, round_id: str, metrics: dict) -> tuple[
     of what the round produced (weights and figures): the same round finds its run and version again, while new
     params, data or code give a new id (and so a new version)."""
     produced = {key: store.sha256(round_key(round_id, *key.split("/"))) for key in PRODUCED}
-    figures = {k: v for k, v in metrics.items() if k != "seconds"}
+    figures = {k: v for k, v in metrics.items() if k not in ("seconds", "calibration")}
     settings = settings_digest(params)
     return f"dvc-{round_id}-{short_digest({'params': settings, 'files': produced, 'metrics': figures})[:8]}", settings
 
@@ -49,19 +51,29 @@ def main(argv: list[str] | None = None) -> None:
     version = tracking.find_version(tracked_id)  # this round's outputs were registered before: log nothing twice
     if version is None:
         version = log_and_register(params, store, round_id, tracked_id, digest, metrics)
-    decision = tracking.promote(version, metrics, tasks=catalogue_of(params.data).train)
+    decided_on = validation_metrics(params, store, round_id)
+    decision = tracking.promote(version, decided_on or metrics, tasks=catalogue_of(params.data).train,
+                                split="validation" if decided_on else "test")
 
     aliases = next((row["aliases"] for row in tracking.registry_show(version.name)
                     if row["version"] == int(version.version)), [])
     write_json(args.out, {
         "round_id": round_id, "tracked_round_id": tracked_id, "params_digest": digest,
         "registered_model": version.name, "version": int(version.version), "aliases": aliases,
-        "decision": decision.decision, "reason": decision.reason, "champion": decision.champion,
+        "decision": decision.decision, "decided_on": "validation" if decided_on else "test",
+        "reason": decision.reason, "champion": decision.champion,
         "previous_champion": decision.previous_champion, "run_id": version.run_id,
         "round_run_id": version.tags.get(tracking.ROUND_RUN_TAG, ""), "tracking_uri": params.tracking.uri,
     })
     print(f"round {round_id} ({tracked_id}): {version.name} v{version.version} {aliases}, {decision.decision}: "
           f"{decision.reason}")
+
+
+def validation_metrics(params: Params, store, round_id: str) -> dict | None:
+    """The evaluate stage's metrics on the validation split (promotion decides on them); None without one."""
+    if "validation" not in server_splits(params):
+        return None
+    return get_json(store, round_key(round_id, "evaluation", "validation_metrics.json"))
 
 
 def log_and_register(params: Params, store, round_id: str, tracked_id: str, digest: str, metrics: dict):
@@ -74,6 +86,8 @@ def log_and_register(params: Params, store, round_id: str, tracked_id: str, dige
              for m in manifests]
     fingerprints = {s.site_id: s.data_fingerprint for s in sites}
 
+    decided_on = validation_metrics(params, store, round_id)
+
     def injected():
         return (load_central(params, store, round_id, injected=True),
                 get_json(store, round_key(round_id, "central", "inject.json")))
@@ -81,7 +95,8 @@ def log_and_register(params: Params, store, round_id: str, tracked_id: str, dige
     with tracking.round_run(params, tracked_id, sites=fingerprints, params_hash=digest) as parent:
         tracking.log_sites(parent, sites)
         logged = tracking.log_round(parent, params, tracked_id, sites=fingerprints, inject=injected,
-                                    evaluate=lambda model: metrics)
+                                    evaluate=lambda model: metrics,
+                                    validate=(lambda model: decided_on) if decided_on else None, outcomes=sites)
     return logged.version
 
 

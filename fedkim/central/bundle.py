@@ -5,7 +5,11 @@
     encoders.safetensors     the injected modality encoders (and task heads)
     adapters/<task>/         per catalogue task: the mixture for its (task, modality) pair as a plain peft LoRA
     catalogue.yaml           the task catalogue the model was trained with (its tasks, questions and answers)
+    calibration.json         per task what evaluation decided its answers with (threshold, option priors): the
+                             served model decides the same way
     MODEL_CARD.md            what it is, where it came from, how it scores, what it must not be used for
+    DATA_CARD.md             the data behind it: sites (fingerprints, samples per task), the gate's verdicts per
+    data_card.json           site and server split, the task catalogue (fedkim.central.datacard)
     bundle.json              schema version, variant, round id, sites, the gate's reference descriptions, sha256
                              of every other file
 
@@ -28,6 +32,7 @@ import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
+from fedkim.central.datacard import data_card, data_record
 from fedkim.central.model import TAGS, CentralModel
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.config import ConfigError, Params, format_validation_error
@@ -38,6 +43,8 @@ from fedkim.federation.package import current_code_version
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
 CATALOGUE = "catalogue.yaml"
+CALIBRATION_FILE = "calibration.json"
+DATA_CARD, DATA_CARD_JSON = "DATA_CARD.md", "data_card.json"
 TAG_INPUT, TAG_OUTPUT = "fm_tags.input_embeddings", "fm_tags.output_embeddings"
 
 
@@ -48,14 +55,15 @@ class BundleError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------- saving
 def save_bundle(model: CentralModel, params: Params, folder: str | Path, *, variant: str = "fedkim",
                 round_id: str | None = None, sites: list[str] | dict[str, str] | None = None,
-                metrics: dict | None = None, adapters: bool | str | None = None) -> Path:
+                metrics: dict | None = None, adapters: bool | str | None = None, data: dict | None = None) -> Path:
     """Write the bundle to `folder` (replaced as a whole, so no stale file survives) and return it.
 
     sites: the site ids that contributed (or site id -> data fingerprint). metrics: `evaluate()`'s dict, for the
     model card. adapters: which (task, modality) pairs get a merged peft adapter — "all", "train" (the training
     tasks), "none"/False; default `tracking.bundle_adapters`. Each is rank (P+S)·r on every adapted linear
     (about 127 MB for SmolLM2 with 12 + 1 shared experts of rank 8), so the default keeps to the training tasks;
-    the others can be exported from the bundle's M3OE weights at any time."""
+    the others can be exported from the bundle's M3OE weights at any time. data: the data card's record
+    (fedkim.central.datacard.data_record; None: one from `sites` alone)."""
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -77,6 +85,11 @@ def save_bundle(model: CentralModel, params: Params, folder: str | Path, *, vari
     if model.m3oe is not None:
         for task in exported:
             model.m3oe.export_peft(staging / "adapters" / task, *model.gate_mode.pair(catalogue[task]))
+    data = data if data is not None else data_record(params, fingerprints=sites)
+    (staging / DATA_CARD_JSON).write_text(json.dumps(data, indent=2))
+    (staging / DATA_CARD).write_text(data_card(data))
+    (staging / CALIBRATION_FILE).write_text(json.dumps(
+        {"eval": params.eval.model_dump(mode="json"), "tasks": (metrics or {}).get("calibration") or {}}, indent=2))
     (staging / "MODEL_CARD.md").write_text(model_card(params, variant=variant, round_id=round_id, sites=sites,
                                                       metrics=metrics, has_adapters=(staging / "adapters").is_dir(),
                                                       catalogue=catalogue))
@@ -217,6 +230,18 @@ def catalogue_file(folder: str | Path) -> Path | None:
     without one). params' data.catalogue names a file on the machine that trained it."""
     stored = Path(folder) / CATALOGUE
     return stored if stored.is_file() else None
+
+
+def read_calibration(folder: str | Path) -> dict:
+    """{task: calibration record} (fedkim.central.evaluate.calibration_record) of a verified bundle; {} for a
+    bundle saved without evaluation's calibration (its answers are then decided label-free)."""
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())["tasks"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path}: not a calibration file ({exc.__class__.__name__}: {exc})") from None
 
 
 def load_bundle(folder: str | Path) -> tuple[CentralModel, Params]:

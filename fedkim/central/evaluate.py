@@ -66,10 +66,13 @@ def select_tasks(catalogue: Catalogue, which: str) -> tuple[str, ...]:
 
 @torch.no_grad()
 def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: SiteTrainingParams, data: DataParams,
-             *, public_dir: str | Path, tasks: tuple[str, ...] | None = None, progress: bool = False) -> dict:
-    """Metrics per task of data's catalogue on `test_dir`'s test split; `public_dir` (the server's public split)
+             *, public_dir: str | Path, tasks: tuple[str, ...] | None = None, progress: bool = False,
+             split: str = "test", calibration: dict | None = None, picks: dict | None = None) -> dict:
+    """Metrics per task of data's catalogue on `test_dir`'s `split`; `public_dir` (the server's public split)
     calibrates them label-free. The model is switched to the catalogue: its gate keeps the reference descriptions
-    it was trained against, so a catalogue with more zero-shot tasks leaves the known ones as trained."""
+    it was trained against, so a catalogue with more zero-shot tasks leaves the known ones as trained.
+    `calibration`: a dict filled with what each task was decided with (`calibration_record`), for serving;
+    `picks`: a dict filled with each task's answers ({task: {sample id: answer}})."""
     started = time.perf_counter()
     catalogue = catalogue_of(data)
     unknown = [t for t in tasks or () if t not in catalogue]
@@ -84,7 +87,7 @@ def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: Sit
     with Progress("evaluation", len(chosen), logger=log, bar=progress, every=0) as bar:  # a line per task
         for task in chosen:
             bar.update(task)
-            dataset = task_dataset(Path(test_dir), task, "test", site, data, limit=p.max_per_task)
+            dataset = task_dataset(Path(test_dir), task, split, site, data, limit=p.max_per_task)
             if len(dataset) == 0:
                 bar.advance()
                 continue
@@ -96,7 +99,10 @@ def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: Sit
             elif p.calibration == "public_median":
                 priors = option_priors(model, public, dataset, task, p, site, data, device)
             result = out["tasks"][task] = evaluate_task(model, dataset, task, p, device, threshold=threshold,
-                                                        priors=priors)
+                                                        priors=priors, picks=None if picks is None else
+                                                        picks.setdefault(task, {}))
+            if calibration is not None:
+                calibration[task] = calibration_record(result, priors, text_only=catalogue[task].inputs == ("text",))
             figure = "F1" if result["kind"] == "binary" else "accuracy"
             bar.advance(description=f"{task} {figure} {result['primary']:.3f}")
     out |= summarise(out["tasks"])
@@ -114,6 +120,7 @@ def yes_no_scores(model: CentralModel, dataset, task: str, batch_size: int, devi
     return scores
 
 
+CALIBRATION = "calibration"  # the metrics key a round stores calibration_record()s under (not a figure)
 OWN_INPUTS = "own_inputs"  # threshold sentinel: the median score of the evaluated inputs themselves
 
 
@@ -195,12 +202,13 @@ def _questions(dataset, task: Task):
 
 
 def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device, *,
-                  threshold: float | str | None = None, priors: dict[tuple, torch.Tensor] | None = None) -> dict:
+                  threshold: float | str | None = None, priors: dict[tuple, torch.Tensor] | None = None,
+                  picks: dict | None = None) -> dict:
     """One task's metrics. threshold: a yes/no decision threshold, OWN_INPUTS (the median of these inputs'
-    scores) or None (log p(Yes) > log p(No))."""
+    scores) or None (log p(Yes) > log p(No)). picks: filled with {sample id: the answer decided}."""
     spec = model.catalogue[task]
     negative, positive = spec.answers[:2]  # of a binary task
-    scores, predicted, raw_predicted, truth, generated, forms = [], [], [], [], [], []
+    scores, predicted, raw_predicted, truth, generated, forms, ids = [], [], [], [], [], [], []
     text_scored = False
     for batch in DataLoader(dataset, batch_size=p.batch_size, shuffle=False, collate_fn=collate):
         batch = to_device(batch, device)
@@ -220,6 +228,7 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
             if spec.kind == "binary":
                 scores.append(float(row[opts.index(positive)] - row[opts.index(negative)]))
         truth += list(batch["answer"])
+        ids += list(batch["sample_id"])
         if p.generate:
             generated += model.generate(batch, task)
     result = {"n": len(truth), "kind": spec.kind, "role": spec.role}
@@ -230,6 +239,7 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
         if threshold == OWN_INPUTS:
             threshold = float(np.median(scores))
         yhat = raw if threshold is None else (np.array(scores) > threshold).astype(int)
+        predicted = [positive if v else negative for v in yhat.tolist()]
         result |= {"accuracy": accuracy_score(y, yhat), "f1": f1_score(y, yhat, zero_division=0),
                    "mcc": matthews_corrcoef(y, yhat),
                    "auroc": roc_auc_score(y, scores) if len(set(y.tolist())) == 2 else math.nan,
@@ -245,10 +255,24 @@ def evaluate_task(model: CentralModel, dataset, task: str, p: EvalParams, device
                    "chance": float(np.mean([1 / len(f) for f in forms])),
                    "confusion": confusion(truth, predicted), "by_options": by_option_set(forms, truth, predicted)}
         result["primary"] = result["accuracy"]
+    if picks is not None:
+        picks.update(zip(ids, predicted))
     if generated:
         result["generation_exact_match"] = float(np.mean([g.strip().lower().startswith(t.lower())
                                                           for g, t in zip(generated, truth)]))
     return {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in result.items()}
+
+
+def calibration_record(result: dict, priors: dict[tuple, torch.Tensor] | None, *, text_only: bool) -> dict:
+    """How a task's answers were decided, in JSON: a binary task's threshold on log p(positive) − log p(negative)
+    (the resolved number, whatever its source); a question task's option priors per (question, options) asked,
+    subtracted from the options' log-probabilities before the pick. `text_only`: the priors were asked of the
+    content-free input, so they depend on the option set only."""
+    if result["kind"] == "binary":
+        return {"kind": "binary", "threshold": float(result["threshold"]), "source": result["calibration_source"]}
+    return {"kind": result["kind"], "text_only": text_only,
+            "priors": [{"question": q, "options": list(o), "log_prior": [float(v) for v in prior.tolist()]}
+                       for (q, o), prior in (priors or {}).items()]}
 
 
 def confusion(truth: list[str], predicted: list[str]) -> dict[str, dict[str, int]]:

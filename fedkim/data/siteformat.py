@@ -26,7 +26,7 @@ SITE_FILE = "site.yaml"
 INDEX_FILE = "index.parquet"
 REPORTS_DIR = "reports"
 
-SPLITS = ("train", "val", "public", "test")
+SPLITS = ("train", "val", "public", "test", "validation")
 PATH_COLUMNS = ("image_path", "ecg_path", "clinical_path", "text_path")
 INDEX_SCHEMA = pa.schema(
     [
@@ -51,7 +51,7 @@ class SiteManifest(BaseModel):
 
     format_version: int = FORMAT_VERSION
     site_id: str
-    role: Literal["hospital", "public", "test"] = "hospital"
+    role: Literal["hospital", "public", "test", "validation"] = "hospital"
     description: str = ""
     modalities: list[str]
     counts: dict[str, dict[str, int]] = Field(description="task -> split -> number of samples")

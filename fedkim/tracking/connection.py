@@ -20,6 +20,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 KIND, ROUND, SITE = "fedkim.kind", "fedkim.round_id", "fedkim.site_id"
 PARAMS_HASH, GIT_SHA, PARENT = "fedkim.params_hash", "fedkim.git_sha", "mlflow.parentRunId"
 DECISION, REASON, COMPARED = "fedkim.promotion.decision", "fedkim.promotion.reason", "fedkim.promotion.compared_to"
+SPLIT_TAG = "fedkim.promotion.split"  # the server split whose figures the decision (and fedkim.metrics) are on
 METRICS_TAG, ROUND_RUN_TAG = "fedkim.metrics", "fedkim.round_run_id"
 SUMMARY = ("train_mean_f1", "zeroshot_mean", "mean_auroc")
 

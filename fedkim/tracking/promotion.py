@@ -1,7 +1,8 @@
 """The promotion gate: does a newly registered version take `champion` from the current one?
 
 Rule (`decide`, a pure function): the score is the mean primary figure (F1 for the yes/no tasks) over the training
-tasks on the evaluation split. The challenger takes `champion` when there is no champion, or when its score beats
+tasks on the split promotion decides on (the server's `validation` split; `test` only for a federation without
+one, and the reason says which). The test split's figures are reported, never decided on. The challenger takes `champion` when there is no champion, or when its score beats
 the champion's by more than TOLERANCE (1e-6), or when the scores tie within TOLERANCE and its mean AUROC over the
 same tasks is higher by more than TOLERANCE. Otherwise the champion stays. `promote` applies the rule to the
 registry: a version's decision is recorded once, in its tags; asking again returns the recorded decision (a re-run
@@ -13,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from fedkim.tracking.connection import CHAMPION, COMPARED, DECISION, REASON, ROUND_RUN_TAG, client
+from fedkim.tracking.connection import CHAMPION, COMPARED, DECISION, REASON, ROUND_RUN_TAG, SPLIT_TAG, client
 from fedkim.tracking.registry import champion_figures, champion_version, per_task, registered_name
 
 TOLERANCE = 1e-6
@@ -72,10 +73,11 @@ def training_tasks(metrics: dict) -> tuple[str, ...]:
 
 
 def promote(version, metrics: dict, *, tasks: tuple[str, ...] | None = None,
-            name: str | None = None) -> PromotionResult:
+            name: str | None = None, split: str | None = None) -> PromotionResult:
     """Move `champion` to `version` when it beats the current champion (rule in the module docstring); tag the
-    version with the decision and a reason that quotes the figures. tasks: the training tasks of the catalogue in
-    force (None: those the metrics record as training tasks)."""
+    version with the decision and a reason that quotes the figures. metrics: `evaluate()` on the deciding split
+    (`split`, named in the reason and in the tag fedkim.promotion.split). tasks: the training tasks of the catalogue
+    in force (None: those the metrics record as training tasks)."""
     tasks = training_tasks(metrics) if tasks is None else tasks
     registry = client()
     name = version.name if getattr(version, "name", None) else registered_name(name)
@@ -89,18 +91,21 @@ def promote(version, metrics: dict, *, tasks: tuple[str, ...] | None = None,
         return _record(registry, version, "promoted", version, None, "already the champion")
     mine = figures(per_task(metrics), tasks)
     theirs = figures(champion_figures(current), tasks) if current is not None else None
-    promoted, reason = decide(mine, theirs, int(version.version), int(current.version) if current else None, tasks)
+    promoted, reason = decide(mine, theirs, int(version.version), int(current.version) if current else None, tasks,
+                              split)
     if promoted:
         registry.set_registered_model_alias(name, CHAMPION, version.version)
+    if split:
+        registry.set_model_version_tag(version.name, version.version, SPLIT_TAG, split)
     return _record(registry, version, "promoted" if promoted else "kept", version if promoted else current, current,
                    reason)
 
 
 def decide(mine: Figures, theirs: Figures | None, version: int, champion: int | None,
-           tasks: tuple[str, ...]) -> tuple[bool, str]:
+           tasks: tuple[str, ...], split: str | None = None) -> tuple[bool, str]:
     """(promote?, reason) for challenger v`version` scoring `mine` against champion v`champion` scoring `theirs`
-    (None: there is no champion). Pure: the rule of the module docstring, nothing read or written."""
-    over = f"over {len(tasks)} training task(s)"
+    (None: there is no champion) on `split`. Pure: the rule of the module docstring, nothing read or written."""
+    over = f"over {len(tasks)} training task(s)" + (f" on the {split} split" if split else "")
     if mine.missing:  # the figures average the tasks that were evaluated; say which were not
         over += f" ({', '.join(mine.missing)} not evaluated)"
     if not math.isfinite(mine.primary):

@@ -17,7 +17,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from fedkim.tracking.connection import (CHALLENGER, CHAMPION, DECISION, METRICS_TAG, PARENT, REASON, ROUND,
-                                        ROUND_RUN_TAG, SUMMARY, client, current, quoted)
+                                        ROUND_RUN_TAG, SPLIT_TAG, SUMMARY, client, current, quoted)
 from fedkim.tracking.serving import FedKIMPyfunc, serving_signature
 
 
@@ -63,12 +63,19 @@ def per_task(metrics: dict) -> dict[str, dict[str, float]]:
             for t, m in metrics.get("tasks", {}).items()}
 
 
+# What loading and answering with the pyfunc imports (fedkim's own imports along the chain; a test keeps the list
+# complete): the model, its tokenizer, the bundle's files, and the site format's readers of the query's inputs.
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "pandas", "numpy", "pyarrow",
+                    "pyyaml", "pydantic", "mlflow", "pillow", "pydicom", "wfdb", "scipy", "scikit-learn",
+                    "matplotlib", "rich", "boto3", "botocore")
+
+
 def requirements() -> list[str]:
-    """Pins of the served model's Python dependencies, as installed here."""
+    """Pins of the served model's Python dependencies, as installed here (requirements.lock.txt's pins)."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("torch", "transformers", "peft", "safetensors", "pandas", "pyyaml", "pydantic", "mlflow"):
+    for package in SERVING_PACKAGES:
         try:
             pins.append(f"{package}=={version(package).split('+')[0]}")  # no local label (+cpu): see stack notes
         except PackageNotFoundError:
@@ -76,9 +83,12 @@ def requirements() -> list[str]:
     return pins
 
 
-def register(bundle_folder: str | Path, run_id: str, round_id: str, metrics: dict, *, name: str | None = None):
+def register(bundle_folder: str | Path, run_id: str, round_id: str, metrics: dict, *, name: str | None = None,
+             decided_on: dict | None = None, split: str = "test"):
     """Log the bundle as a pyfunc model on `run_id` (the injection run), register it, alias it `challenger` and
-    tag it with the round id and its figures. A round id that already has a version gets that version back."""
+    tag it with the round id and its figures: the summary of `metrics` (the test split's, reported) and, in
+    fedkim.metrics, the per-task figures promotion compares (`decided_on`, the `split` it decides on; None: the
+    test figures). A round id that already has a version gets that version back."""
     from mlflow.models import Model
 
     from fedkim.central.bundle import verify_bundle
@@ -94,7 +104,7 @@ def register(bundle_folder: str | Path, run_id: str, round_id: str, metrics: dic
                      metadata={"fedkim.round_id": str(round_id), "requires": "the fedkim package importable"})
     parent = client().get_run(run_id).data.tags.get(PARENT, "")
     tags = {ROUND: str(round_id), ROUND_RUN_TAG: parent, DECISION: "pending",
-            METRICS_TAG: json.dumps(per_task(metrics), separators=(",", ":"))}
+            METRICS_TAG: json.dumps(per_task(decided_on or metrics), separators=(",", ":")), SPLIT_TAG: split}
     tags |= {f"fedkim.{k}": f"{metrics[k]:.6f}" for k in SUMMARY if isinstance(metrics.get(k), (int, float))}
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     client().set_registered_model_alias(name, CHALLENGER, version.version)
@@ -119,6 +129,7 @@ def registry_show(name: str | None = None) -> list[dict]:
             "round_id": v.tags.get(ROUND, ""), "run_id": v.run_id or "", "round_run_id": v.tags.get(ROUND_RUN_TAG, ""),
             **{k: _float(v.tags.get(f"fedkim.{k}")) for k in SUMMARY},
             "decision": v.tags.get(DECISION, "pending"), "reason": v.tags.get(REASON, ""),
+            "decided_on": v.tags.get(SPLIT_TAG, "test"),
             "created": pd.Timestamp(v.creation_timestamp, unit="ms").isoformat(timespec="seconds"),
         })
     return rows

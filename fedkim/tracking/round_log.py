@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from mlflow.entities import RunTag
 
+from fedkim.central.datacard import data_record
 from fedkim.config import Params
 from fedkim.data.catalogue import catalogue_of
 from fedkim.members import SERVER_SPLITS
-from fedkim.tracking.connection import ROUND, client
+from fedkim.tracking.connection import ROUND, SPLIT_TAG, client
 from fedkim.tracking.promotion import PromotionResult, promote
 from fedkim.tracking.registry import champion_figures, find_version, register
 from fedkim.tracking.runs import find_child_run, injection_run, log_site
@@ -64,30 +65,36 @@ class LoggedRound:
 
     model: Any
     injection: dict
-    metrics: dict
+    metrics: dict  # the test split's: reported
     injection_run_id: str
     version: Any  # the registered mlflow ModelVersion
     decision: PromotionResult
-    registered: dict  # name, version, aliases, decision, reason, champion_version, compared_with
+    registered: dict  # name, version, aliases, decision, decided_on, reason, champion_version, compared_with
+    decided_on: dict | None = None  # the validation split's metrics promotion decided on (None: the test's)
 
 
 def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
               inject: Callable[[], tuple[Any, dict]], evaluate: Callable[[Any], dict],
               register: Callable[..., tuple[Any, PromotionResult]] | None = None,
-              timer: Timer = _untimed) -> LoggedRound:
+              timer: Timer = _untimed, validate: Callable[[Any], dict] | None = None,
+              outcomes: Iterable[SiteOutcome] = ()) -> LoggedRound:
     """Run `inject` () -> (model, injection summary) and `evaluate` (model) -> metrics inside the round's injection
     run (loss curve, evaluation, gate, comparison with the champion), then bundle, register and judge the model
     with `register` (default register_round; an orchestrator may pass it wrapped as its own task).
 
     `sites`: {site id: data fingerprint} of the sites whose packages went into the model (the bundle records them).
     A finished injection run of an earlier try of this round is kept instead of adding another; a round id already
-    registered gets its version back, judged once. `timer` times the phases inject, evaluate, tracking, register."""
+    registered gets its version back, judged once. `timer` times the phases inject, evaluate, tracking, register.
+    `validate` (model) -> metrics on the server's validation split: promotion decides on them (logged as val.*);
+    None (a federation without one): on the test metrics. `outcomes`: the sites' and server splits' outcomes
+    (their gate summaries), for the bundle's data card."""
     done = find_child_run(parent, "injection")
     if done is not None and done.info.status == "FINISHED":
         with timer("inject"):
             model, injection = inject()
         with timer("evaluate"):
             metrics = evaluate(model)
+            decided_on = validate(model) if validate else None
         run_id = done.info.run_id
     else:
         with injection_run(parent) as run:
@@ -97,30 +104,40 @@ def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
                 run.log_injection(injection["losses"], injection["lrs"], injection["tasks"])
             with timer("evaluate"):
                 metrics = evaluate(model)
+                decided_on = validate(model) if validate else None
             with timer("tracking"):
                 catalogue = catalogue_of(params.data)
                 run.log_evaluation(metrics, catalogue)
-                run.compare_with_champion(metrics, tasks=catalogue.train)
+                if decided_on is not None:
+                    run.log_validation(decided_on)
+                run.compare_with_champion(decided_on or metrics, tasks=catalogue.train)
         run_id = run.run_id
     with timer("register"):
-        version, decision = (register or register_round)(model, params, run_id, round_id, metrics, sites)
+        card = data_record(params, outcomes, sites if isinstance(sites, dict) else dict.fromkeys(sites, ""))
+        version, decision = (register or register_round)(model, params, run_id, round_id, metrics, sites,
+                                                         decided_on=decided_on, data=card)
         registered = registry_outcome(version, decision)
-    return LoggedRound(model, injection, metrics, run_id, version, decision, registered)
+    return LoggedRound(model, injection, metrics, run_id, version, decision, registered, decided_on)
 
 
 def register_round(model, params: Params, run_id: str, round_id: str, metrics: dict,
-                   sites: dict[str, str] | list[str]):
-    """Bundle the injected model, register it (alias challenger) and run the promotion gate. A round id already
-    registered gets its version back, judged once. Returns (version, PromotionResult)."""
-    from fedkim.central.bundle import save_bundle
+                   sites: dict[str, str] | list[str], decided_on: dict | None = None, data: dict | None = None):
+    """Bundle the injected model, register it (alias challenger) and run the promotion gate on `decided_on` (the
+    validation split's metrics; None: the test split's `metrics`). A round id already registered gets its version
+    back, judged once. `data`: the data card's record (fedkim.central.datacard), written into the bundle and
+    logged on the injection run under data_card/. Returns (version, PromotionResult)."""
+    from fedkim.central.bundle import DATA_CARD, DATA_CARD_JSON, save_bundle
 
+    split = "validation" if decided_on is not None else "test"
     version = find_version(round_id)
     if version is None:
         with tempfile.TemporaryDirectory(prefix="fedkim-bundle-") as tmp:
             folder = save_bundle(model, params, Path(tmp) / "bundle", round_id=round_id, sites=sites,
-                                 metrics=metrics)
-            version = register(folder, run_id, round_id, metrics)
-    return version, promote(version, metrics, tasks=catalogue_of(params.data).train)
+                                 metrics=metrics, data=data)
+            for name in (DATA_CARD, DATA_CARD_JSON):
+                client().log_artifact(run_id, str(folder / name), "data_card")
+            version = register(folder, run_id, round_id, metrics, decided_on=decided_on, split=split)
+    return version, promote(version, decided_on or metrics, tasks=catalogue_of(params.data).train, split=split)
 
 
 def registry_outcome(version, decision: PromotionResult) -> dict:
@@ -134,7 +151,7 @@ def registry_outcome(version, decision: PromotionResult) -> dict:
         champion = {"version": decision.previous_champion, "round_id": previous.tags.get(ROUND),
                     "tasks": champion_figures(previous)}
     return {"name": version.name, "version": int(version.version), "aliases": sorted(fresh.aliases),
-            "decision": decision.decision, "reason": decision.reason, "champion_version": decision.champion,
+            "decision": decision.decision, "decided_on": fresh.tags.get(SPLIT_TAG, "test"), "reason": decision.reason, "champion_version": decision.champion,
             "compared_with": champion}
 
 

@@ -237,6 +237,16 @@ class InjectionRun:
         if metrics.get("gate"):
             self.log_gate(metrics["gate"], catalogue)
 
+    def log_validation(self, metrics: dict) -> None:
+        """The validation split's figures (those promotion decides on): val.<task>.<metric>, val.<summary> and
+        validation_metrics.json, beside the test split's eval.*."""
+        values = numeric_items(metrics.get("tasks", {}), "val")
+        values |= {f"val.{k}": float(metrics[k]) for k in SUMMARY
+                   if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])}
+        _log_values(self.run_id, values)
+        client().log_text(self.run_id, json.dumps(metrics, indent=2, sort_keys=True, default=float),
+                          "validation_metrics.json")
+
     def compare_with_champion(self, metrics: dict, *, tasks: tuple[str, ...] | None = None) -> dict:
         """Deltas (this run − current champion) per task and for the promotion score; logged as vs_champion.*
         metrics and champion_comparison.json. Without a champion, only the JSON (champion: null) is written.

@@ -37,7 +37,7 @@ def params_at(tmp_path, root, **extra):
 def test_layout_and_manifests(small_federation):
     root = small_federation.root
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
-    assert names == ["public", "site-a", "site-b", "site-c", "site-d", "test"]
+    assert names == ["public", "site-a", "site-b", "site-c", "site-d", "test", "validation"]
     for manifest in small_federation.sites:
         site_dir = root / manifest.site_id
         index = read_index(site_dir)
@@ -60,6 +60,8 @@ def test_zero_shot_tasks_only_in_test_and_sites_hold_only_their_modalities(small
         assert set(index["modality"]) == set(spec.modalities)
         assert set(index["split"]) == {"train", "val"}
     assert set(read_index(root / "public")["task"]) == set(TRAIN_TASKS)
+    validation = read_index(root / "validation")  # promotion decides on the training tasks here
+    assert set(validation["task"]) == set(TRAIN_TASKS) and set(validation["split"]) == {"validation"}
     test = read_index(root / "test")
     assert set(test["task"]) == set(TASKS) and set(test["split"]) == {"test"}
     assert set(ZERO_SHOT_TASKS) <= set(test["task"])
@@ -112,7 +114,8 @@ def test_changed_params_replace_a_generated_federation_atomically(tmp_path):
     second = generate_federation(params_at(tmp_path, root, **_two_sites(), **{"data.seed": 9}))
     assert first.params_hash != second.params_hash and not second.cached
     assert yaml.safe_load((root / "federation.yaml").read_text())["params_hash"] == second.params_hash
-    assert sorted(p.name for p in root.iterdir()) == ["federation.yaml", "public", "site-x", "site-y", "test"]
+    assert sorted(p.name for p in root.iterdir()) == ["federation.yaml", "public", "site-x", "site-y", "test",
+                                                      "validation"]
 
 
 def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path):

@@ -13,7 +13,8 @@ from tests.helpers import small_params_dict
 
 ALL = ["image", "ecg", "clinical"]
 # As small as the generator allows: these tests are about which folders it touches, not about the data.
-TINY_DATA = {"data.sizes": {"site_train": 8, "val_fraction": 0.25, "public": 8, "test": 8}, "data.image_size": 32,
+TINY_DATA = {"data.sizes": {"site_train": 8, "val_fraction": 0.25, "public": 8, "test": 8, "validation": 8},
+             "data.image_size": 32,
              "data.ecg_seconds": 2}
 
 
@@ -52,9 +53,9 @@ def test_provided_sites_inside_and_beside_the_root_survive_regeneration(tmp_path
     members = [{"id": "site-x", "modalities": ALL}, provided("charite", inside), provided("rigshospitalet", beside)]
 
     first = generate_federation(params_with(tmp_path, members))
-    assert [m.site_id for m in first.sites] == ["site-x", "public", "test"]
+    assert [m.site_id for m in first.sites] == ["site-x", "public", "test", "validation"]
     record = yaml.safe_load((tmp_path / "fed" / FEDERATION_FILE).read_text())
-    assert record["directories"] == ["site-x", "public", "test"]  # only what it generated
+    assert record["directories"] == ["site-x", "public", "test", "validation"]  # only what it generated
     second = generate_federation(params_with(tmp_path, members, **{"data.seed": 9}))  # params change: regenerate
     assert not second.cached and second.params_hash != first.params_hash
     assert generate_federation(params_with(tmp_path, members, **{"data.seed": 9})).cached
@@ -63,7 +64,7 @@ def test_provided_sites_inside_and_beside_the_root_survive_regeneration(tmp_path
         assert snapshot(folder) == files, folder  # every byte and mtime
     assert (tmp_path / "fed" / "notes" / "todo.txt").read_text() == "unknown to fedkim"
     assert sorted(p.name for p in (tmp_path / "fed").iterdir()) == [
-        "charite", FEDERATION_FILE, "notes", "public", "site-x", "test"]  # no staging or old copies left
+        "charite", FEDERATION_FILE, "notes", "public", "site-x", "test", "validation"]  # no staging or old copies left
 
 
 def test_a_member_that_becomes_provided_keeps_its_folder(tmp_path):
@@ -77,7 +78,7 @@ def test_a_member_that_becomes_provided_keeps_its_folder(tmp_path):
     generate_federation(params_with(tmp_path, [members[0], provided("site-y", site_y, ["ecg"])]))
     assert snapshot(site_y) == files and not (tmp_path / "fed" / "site-z").exists()
     assert yaml.safe_load((tmp_path / "fed" / FEDERATION_FILE).read_text())["directories"] == [
-        "site-x", "public", "test"]
+        "site-x", "public", "test", "validation"]
 
 
 @pytest.mark.parametrize("where", ["site-x/nested", "public", "."])
@@ -104,3 +105,25 @@ def test_generated_splits_need_a_generated_member(tmp_path):
 
     with pytest.raises(ConfigError, match=r"federation\.splits\.public: generated, but no member is generated"):
         params_with(tmp_path, [provided("a1", tmp_path / "a1", ALL)])
+
+
+def test_the_validation_split_leaves_the_other_directories_byte_identical(tmp_path):
+    """The validation split is a directory of its own with its own random streams: generating it (the default)
+    or not (provided elsewhere) writes the same members, public and test bytes."""
+    from fedkim.data.catalogue import load_catalogue
+    from fedkim.data.siteformat import read_index
+
+    members = [{"id": "site-x", "modalities": ALL}]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with_it = generate_federation(params_with(tmp_path / "a", members))
+    elsewhere = tmp_path / "real-validation"
+    elsewhere.mkdir()
+    splits = {"validation": {"data": "provided", "path": str(elsewhere)}}
+    without = generate_federation(params_with(tmp_path / "b", members, **{"federation.splits": splits}))
+    assert [m.site_id for m in without.sites] == ["site-x", "public", "test"]
+    prints = {m.site_id: m.fingerprint for m in with_it.sites}
+    assert {m.site_id: m.fingerprint for m in without.sites} == {k: v for k, v in prints.items() if k != "validation"}
+    index = read_index(tmp_path / "a" / "fed" / "validation")
+    assert set(index["task"]) == set(load_catalogue().train) and set(index["split"]) == {"validation"}
+    assert index.groupby("task").size().eq(8).all() and not list(elsewhere.iterdir())

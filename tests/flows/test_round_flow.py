@@ -125,8 +125,12 @@ def test_a_simulation_round_registers_a_version_and_writes_its_report(clean_roun
     parent = runs(folder, "1", "round")
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     # The server's splits passed the gate before injection and evaluation; logged as the sites' gates are.
-    assert stored["splits"]["public"]["success"] and stored["splits"]["test"]["success"]
-    assert {r.data.tags["fedkim.site_id"] for r in runs(folder, "1", "split")} == {"public", "test"}
+    assert all(stored["splits"][s]["success"] for s in ("public", "test", "validation"))
+    assert {r.data.tags["fedkim.site_id"] for r in runs(folder, "1", "split")} == {"public", "test", "validation"}
+    # promotion decided on the validation split; the test split's figures are the reported ones
+    assert model["decided_on"] == "validation" and "on the validation split" in model["reason"]
+    injection = runs(folder, "1", "injection")[0].data.metrics
+    assert "val.lung_opacity.primary" in injection and "eval.lung_opacity.primary" in injection
     assert parent[0].data.tags["fedkim.registered_version"] == "1"
     assert len(runs(folder, "1", "site")) == 4 and len(runs(folder, "1", "injection")) == 1
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A federation small enough for tests: same sites and knobs as the default, fewer and shorter samples.
 SMALL = {
-    "data.sizes": {"site_train": 24, "val_fraction": 0.25, "public": 12, "test": 12},
+    "data.sizes": {"site_train": 24, "val_fraction": 0.25, "public": 12, "test": 12, "validation": 12},
     "data.image_size": 64,
     "data.ecg_seconds": 6,
     "data.workers": 1,

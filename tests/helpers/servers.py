@@ -30,3 +30,46 @@ def prefect_server(home) -> Iterator[str]:
     with temporary_settings({PREFECT_HOME: home}):
         with prefect_test_harness(server_startup_timeout=180):
             yield PREFECT_API_URL.value()
+
+
+@contextmanager
+def mlflow_model_server(model_dir, env: dict, timeout: float = 300) -> Iterator[str]:
+    """`mlflow models serve` of a local model folder on a free port of 127.0.0.1 (in this environment); yields its
+    URL once /ping answers; stops the server afterwards."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir), "--env-manager", "local",
+               "--host", "127.0.0.1", "-p", str(port)]
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlflow models serve exited {process.returncode}: "
+                                   f"{process.stdout.read().decode(errors='replace')[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=5) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mlflow models serve did not answer /ping within {timeout} s")
+            time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedkim.data.catalogue import load_catalogue
 from tests.helpers import REPO, TINY, keep_members, small_params_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -130,6 +131,9 @@ def test_repro_runs_every_stage_and_records_the_round(repo):
 
     registry = json.loads((repo / "reports" / "registry.json").read_text())
     assert registry["version"] == 1 and registry["decision"] == "promoted"
+    assert registry["decided_on"] == "validation"  # the test split's figures are reported, never decided on
+    validation = json.loads((repo / "reports" / "validation_metrics.json").read_text())
+    assert set(validation["tasks"]) == set(load_catalogue().train) and "calibration" not in metrics
     assert set(registry["aliases"]) == {"champion", "challenger"}
     assert (repo / "mlruns" / "mlflow.db").is_file()
 

@@ -17,6 +17,7 @@ from fedkim.cli import app
 from fedkim.config import load_params
 from fedkim.data.catalogue import SHIPPED, load_catalogue
 from fedkim.data.siteformat import finalize_site, read_index, write_index
+from fedkim.tracking.query_inputs import DATA_DIR_ENV
 from tests.helpers import TINY, small_params_dict
 from tests.helpers.models import trained_model
 
@@ -112,7 +113,8 @@ def test_fedkim_evaluate_names_what_is_wrong(registered):
     assert nothing.exit_code == 2 and "models:/fedkim-foundation@no-such-alias" in nothing.output
 
 
-def test_the_served_model_answers_a_task_it_has_never_seen(registered):
+def test_the_served_model_answers_a_task_it_has_never_seen(registered, monkeypatch):
+    monkeypatch.setenv(DATA_DIR_ENV, str(registered["test_dir"]))  # path inputs: only inside the folder allowed
     tracking.configure(registered["params"].tracking, registered["folder"])
     served = mlflow.pyfunc.load_model("models:/fedkim-foundation@champion")
     rows = registered["rows"]

@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 
 from fedkim import tracking
 from fedkim.central.bundle import save_bundle
-from fedkim.central.evaluate import gate_table
+from fedkim.central.evaluate import by_text, choice_text_logprobs, gate_table
 from fedkim.cli import app
 from fedkim.config import load_params
 from fedkim.data.catalogue import load_catalogue
 from fedkim.data.siteformat import read_index
+from fedkim.tracking.query_inputs import DATA_DIR_ENV
 from tests.helpers import TINY, small_params_dict
 from tests.helpers.models import batch_of, trained_model
 
@@ -195,8 +196,9 @@ def test_comparison_with_the_previous_champion(rounds):
 
 
 @pytest.mark.slow
-def test_champion_pyfunc_answers_real_samples(rounds, store, model):
+def test_champion_pyfunc_answers_real_samples(rounds, store, model, monkeypatch):
     params = store["params"]
+    monkeypatch.setenv(DATA_DIR_ENV, str(params.data.root))  # path inputs: only inside the folder allowed
     test_dir = params.data.root / "test"
     index = read_index(test_dir)
     chosen = ["lung_opacity", "ecg_abnormal", "mortality", "ecg_noise_qa", "medical_qa"]
@@ -208,11 +210,14 @@ def test_champion_pyfunc_answers_real_samples(rounds, store, model):
 
     served = mlflow.pyfunc.load_model("models:/fedkim-foundation@champion")
     answers = served.predict(query)
-    assert list(answers.columns) == ["task", "answer", "scores"] and list(answers["task"]) == list(query["task"])
+    assert list(answers.columns) == ["task", "answer", "scores", "calibration"]
+    assert list(answers["task"]) == list(query["task"])
     for task in chosen:
         batch = batch_of(params, task, "test", "test", n=2)
         options = batch.get("options") or [list(TASKS[task].answers)] * 2
-        expected = model.option_logprobs(batch, task, options)
+        questions = batch.get("question") or [TASKS[task].question] * 2
+        expected = (choice_text_logprobs(model, batch, task, questions, options) if by_text(batch, params.eval)
+                    else model.option_logprobs(batch, task, options))
         for i, sample in enumerate(batch["sample_id"]):
             row = answers[query["sample_id"] == sample].iloc[0]
             assert list(row["scores"]) == options[i]

@@ -31,7 +31,7 @@ import yaml
 
 from fedkim.config import DataParams, Params, SiteSpec, params_hash
 from fedkim.data.catalogue import Catalogue, catalogue_of
-from fedkim.members import SERVER_SPLITS, provided_dirs
+from fedkim.members import provided_dirs, server_splits, split_source
 from fedkim.data.formats.clinical import write_long
 from fedkim.data.formats.ecg import write_wfdb
 from fedkim.data.formats.image import write_dicom, write_png
@@ -105,7 +105,7 @@ def data_hash(params: Params) -> str:
 
 
 def _generated_splits(params: Params) -> list[str]:
-    return [n for n in SERVER_SPLITS if getattr(params.federation.splits, n).data == "generated"]
+    return [n for n in server_splits(params) if split_source(params, n).data == "generated"]
 
 
 def generate_federation(params: Params, *, force: bool = False, progress: bool = False) -> GenerationResult:
@@ -242,6 +242,10 @@ def _plan(data: DataParams, catalogue: Catalogue, sites: list[SiteSpec], splits:
         test_tasks = {name: data.sizes.test for name in catalogue.tasks}
         jobs.append(_Job("test", "test", f"held-out test split: all {len(catalogue.tasks)} tasks, zero-shot tasks only here",
                          everything, test_tasks, 0.5, False))
+    if "validation" in splits:  # its own directory and RNG streams (keyed by its name): the others do not move
+        validation_tasks = {name: data.sizes.validation for name in catalogue.train}
+        jobs.append(_Job("validation", "validation", "server validation split: training tasks, every condition; "
+                         "promotion decides on it", everything, validation_tasks, 0.5, False))
     return jobs
 
 
@@ -284,7 +288,7 @@ def _splits(rng, labels: np.ndarray, job: _Job, data: DataParams) -> list[str]:
 def _write_task(out: Path, job: _Job, data: DataParams, bank: BeatBank, task, n: int, rng) -> list[dict]:
     labels = _labels(rng, n, job.prevalence if task.kind == "binary" else 0.5)
     splits = _splits(rng, labels, job, data)
-    noisy = job.role != "test" and data.difficulty.label_noise > 0
+    noisy = job.role not in ("test", "validation") and data.difficulty.label_noise > 0  # held-out labels are clean
     rows, long_frames, questions = [], [], []
     for i, (label, split) in enumerate(zip(labels, splits)):
         sample_id = f"{job.dir_name}-{task.name}-{i:05d}"
