@@ -200,6 +200,12 @@ def validate_split_step(params: Params, split: str) -> dict:
     return summary
 
 
+def split_quarantine(params: Params, split: str) -> list[str]:
+    """The samples of a server split that its gate quarantined (left out of injection and evaluation); the gate's
+    report is reused when it ran in this process."""
+    return _gate(split_dir(params, split), params, write_docs=False).quarantined
+
+
 def package_validation(summary: dict) -> ValidationSummary:
     """What a knowledge package says of its site's gate, from the gate's summary (fedkim.data.validate)."""
     return ValidationSummary(success=summary["success"], findings=len(summary["findings"]))
@@ -309,7 +315,8 @@ def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: P
         return load_central(params, store, round_id, injected=True), get_json(store, done)
     model = model if model is not None else load_central(params, store, round_id, injected=False)
     result = inject(model, split_dir(params, "public"), params.inject, params.site, params.data,
-                    round_id=str(round_id), checkpoint_dir=Path(work_dir) / "checkpoints", progress=progress)
+                    round_id=str(round_id), checkpoint_dir=Path(work_dir) / "checkpoints", progress=progress,
+                    exclude=split_quarantine(params, "public"))
     model.to("cpu")
     summary = {"round_id": str(round_id), "losses": result.losses, "lrs": result.lrs, "tasks": result.tasks,
                "seconds": round(result.seconds, 1), "steps": len(result.losses)}
@@ -329,7 +336,8 @@ def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: Ce
     calibration: dict = {}
     metrics = evaluate(model, split_dir(params, split), params.eval, params.site, params.data,
                        public_dir=split_dir(params, "public"), progress=progress, split=split,
-                       calibration=calibration, tasks=None if split == "test" else catalogue_of(params.data).train)
+                       calibration=calibration, tasks=None if split == "test" else catalogue_of(params.data).train,
+                       exclude=[*split_quarantine(params, split), *split_quarantine(params, "public")])
     if split == "test":
         metrics["gate"] = gate_table(model)
         metrics[CALIBRATION] = calibration  # what the served model decides with (the bundle's calibration.json)

@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -67,12 +68,14 @@ def select_tasks(catalogue: Catalogue, which: str) -> tuple[str, ...]:
 @torch.no_grad()
 def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: SiteTrainingParams, data: DataParams,
              *, public_dir: str | Path, tasks: tuple[str, ...] | None = None, progress: bool = False,
-             split: str = "test", calibration: dict | None = None, picks: dict | None = None) -> dict:
+             split: str = "test", calibration: dict | None = None, picks: dict | None = None,
+             exclude: Collection[str] = ()) -> dict:
     """Metrics per task of data's catalogue on `test_dir`'s `split`; `public_dir` (the server's public split)
     calibrates them label-free. The model is switched to the catalogue: its gate keeps the reference descriptions
     it was trained against, so a catalogue with more zero-shot tasks leaves the known ones as trained.
     `calibration`: a dict filled with what each task was decided with (`calibration_record`), for serving;
-    `picks`: a dict filled with each task's answers ({task: {sample id: answer}})."""
+    `picks`: a dict filled with each task's answers ({task: {sample id: answer}}); `exclude`: sample ids the data
+    gate quarantined in the test and public folders, left out."""
     started = time.perf_counter()
     catalogue = catalogue_of(data)
     unknown = [t for t in tasks or () if t not in catalogue]
@@ -87,17 +90,17 @@ def evaluate(model: CentralModel, test_dir: str | Path, p: EvalParams, site: Sit
     with Progress("evaluation", len(chosen), logger=log, bar=progress, every=0) as bar:  # a line per task
         for task in chosen:
             bar.update(task)
-            dataset = task_dataset(Path(test_dir), task, split, site, data, limit=p.max_per_task)
+            dataset = task_dataset(Path(test_dir), task, split, site, data, limit=p.max_per_task, exclude=exclude)
             if len(dataset) == 0:
                 bar.advance()
                 continue
             threshold, priors = None, None
             if catalogue[task].kind == "binary" and p.calibration == "public_median":
-                threshold = calibrate_threshold(model, public, task, p, site, data, device)
+                threshold = calibrate_threshold(model, public, task, p, site, data, device, exclude=exclude)
                 if threshold is None:
                     threshold = OWN_INPUTS  # no public inputs of this task's form: its own unlabelled inputs
             elif p.calibration == "public_median":
-                priors = option_priors(model, public, dataset, task, p, site, data, device)
+                priors = option_priors(model, public, dataset, task, p, site, data, device, exclude=exclude)
             result = out["tasks"][task] = evaluate_task(model, dataset, task, p, device, threshold=threshold,
                                                         priors=priors, picks=None if picks is None else
                                                         picks.setdefault(task, {}))
@@ -135,7 +138,7 @@ def input_form(task: str, data: DataParams, read_hours: int | None = None) -> tu
 
 
 def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, data: DataParams, limit: int,
-                       read_hours: int | None = None):
+                       read_hours: int | None = None, exclude: Collection[str] = ()):
     """Unlabelled public inputs of the form the model reads for the task, taken evenly from the training tasks
     that have it (a zero-shot task has no public samples of its own, but its modality does); None when there are
     none."""
@@ -143,14 +146,15 @@ def calibration_inputs(public_dir: Path, task: str, site: SiteTrainingParams, da
     donors = [t for t in catalogue_of(data).train if input_form(t, data, read_hours) == form] if form[0] else []
     if not donors or not public_dir.is_dir():
         return None
-    parts = [task_dataset(public_dir, t, None, site, data, limit=max(1, limit // len(donors))) for t in donors]
+    parts = [task_dataset(public_dir, t, None, site, data, limit=max(1, limit // len(donors)), exclude=exclude)
+             for t in donors]
     parts = [d for d in parts if len(d)]
     return ConcatDataset(parts) if parts else None
 
 
 def calibrate_threshold(model: CentralModel, public_dir: Path, task: str, p: EvalParams, site: SiteTrainingParams,
-                        data: DataParams, device) -> float | None:
-    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples, model.clinical_hours)
+                        data: DataParams, device, exclude: Collection[str] = ()) -> float | None:
+    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples, model.clinical_hours, exclude)
     if inputs is None or len(inputs) < 2:
         return None  # nothing to calibrate on: fall back to log p(Yes) > log p(No)
     return float(np.median(yes_no_scores(model, inputs, task, p.batch_size, device)))
@@ -171,10 +175,11 @@ class _Asked(Dataset):
 
 
 def option_priors(model: CentralModel, public_dir: Path, dataset, task: str, p: EvalParams,
-                  site: SiteTrainingParams, data: DataParams, device) -> dict[tuple, torch.Tensor]:
+                  site: SiteTrainingParams, data: DataParams, device,
+                  exclude: Collection[str] = ()) -> dict[tuple, torch.Tensor]:
     """(question, options) -> mean log-probability of each option over calibration inputs (see the module
     docstring). Only the questions' text is read from the test samples, never their answers."""
-    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples, model.clinical_hours)
+    inputs = calibration_inputs(public_dir, task, site, data, p.calibration_samples, model.clinical_hours, exclude)
     if inputs is None and any(i != "text" for i in model.catalogue[task].inputs):
         return {}  # no public inputs of this modality: score uncalibrated
     priors, computed = {}, {}

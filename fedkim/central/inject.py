@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +44,12 @@ class InjectResult:
     resumed: bool = False
 
 
-def _batches(public_dir: Path, p: InjectParams, site: SiteTrainingParams, data: DataParams, seed: int):
+def _batches(public_dir: Path, p: InjectParams, site: SiteTrainingParams, data: DataParams, seed: int,
+             exclude: Collection[str] = ()):
     """(task, batch) pairs for one pass over the public split, in the configured task order."""
     loaders = {}
     for task in task_order(catalogue_of(data)):
-        dataset = task_dataset(public_dir, task, None, site, data)
+        dataset = task_dataset(public_dir, task, None, site, data, exclude=exclude)
         if len(dataset):
             loaders[task] = DataLoader(dataset, batch_size=p.batch_size, shuffle=True, collate_fn=collate,
                                        generator=torch.Generator().manual_seed(seed + len(loaders)))
@@ -63,7 +65,9 @@ def warmup_decay(total: int, warmup: float):
 
 
 def inject(model: CentralModel, public_dir: str | Path, p: InjectParams, site: SiteTrainingParams, data: DataParams,
-           *, round_id: str = "0", checkpoint_dir: Path | None = None, progress: bool = False) -> InjectResult:
+           *, round_id: str = "0", checkpoint_dir: Path | None = None, progress: bool = False,
+           exclude: Collection[str] = ()) -> InjectResult:
+    """Train the model's injected parts on the public split (`exclude`: samples its data gate quarantined)."""
     started = time.perf_counter()
     ckpt = Path(checkpoint_dir) / f"inject-{round_id}.pt" if checkpoint_dir else None
     if ckpt is not None and ckpt.is_file():  # resume: this round's injection already finished
@@ -82,7 +86,8 @@ def inject(model: CentralModel, public_dir: str | Path, p: InjectParams, site: S
             layer.train()
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=p.lr, betas=(0.9, 0.95), weight_decay=p.weight_decay)
-    plan = [pair for epoch in range(p.epochs) for pair in _batches(Path(public_dir), p, site, data, p.seed + epoch)]
+    plan = [pair for epoch in range(p.epochs)
+            for pair in _batches(Path(public_dir), p, site, data, p.seed + epoch, exclude)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(len(plan), p.warmup))
     result = InjectResult(str(round_id))
     with Progress(f"round {round_id} injection", len(plan), logger=log, bar=progress) as bar:

@@ -4,7 +4,6 @@ import shutil
 
 import pytest
 import torch
-import yaml
 
 from fedkim.digests import sha256_file
 from fedkim.federation.store import LocalStore, package_key, package_prefix
@@ -23,6 +22,7 @@ from fedkim.rounds import (
     train_site_step,
 )
 from tests.helpers import TINY, keep_members, small_params_dict, write_params
+from tests.helpers.sites import refinalize
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_a_round_gates_provided_members_and_the_server_splits(small_federation, 
     shutil.copytree(root / "site-b", tmp_path / "hospitals" / "site-b")
     (tmp_path / "hospitals" / "site-b" / "index.parquet").unlink()
     shutil.copytree(root / "public", tmp_path / "server" / "public")
-    next((tmp_path / "server" / "public" / "images").rglob("*.png")).write_bytes(b"not a PNG")
+    next((tmp_path / "server" / "public" / "images").rglob("*.png")).write_bytes(b"not a PNG")  # after site.yaml
     hospitals = snapshot_files(tmp_path / "hospitals")
 
     raw = keep_members(small_params_dict(root, **TINY), ["site-a", "site-b", "site-c"])
@@ -128,11 +128,10 @@ def test_a_round_gates_provided_members_and_the_server_splits(small_federation, 
     params = write_params(tmp_path, raw)
     store = LocalStore(tmp_path / "store")
 
-    with pytest.raises(SplitGateError, match=r"server split 'public' .*data gate failed.*file\.decodes"):
+    with pytest.raises(SplitGateError, match=r"server split 'public' .*data gate failed.*manifest\.fingerprint"):
         run_round(params, store, "1", tmp_path / "work")
-    raw["federation"]["splits"] = {}  # the generated public split of data.root
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    summary = run_round(write_params(tmp_path, raw), store, "1", tmp_path / "work")
+    refinalize(tmp_path / "server" / "public")  # the export re-made: now one undecodable image, quarantined
+    summary = run_round(params, store, "1", tmp_path / "work")  # injection and calibration leave it out
 
     sites = {s["site_id"]: s for s in summary["sites"]}
     assert sites["site-a"]["status"] == "reused" and sites["site-c"]["status"] == "reused"  # trained before
@@ -141,6 +140,7 @@ def test_a_round_gates_provided_members_and_the_server_splits(small_federation, 
     gate = summary["data_gate"]
     assert gate["site-a"]["success"] and gate["site-a"]["stats"]["expectations"] > 0
     assert gate["public"]["success"] and gate["test"]["success"] and not gate["site-b"]["success"]
+    assert gate["public"]["quarantined"]["samples"] == 1 and gate["test"]["quarantined"]["samples"] == 0
     manifest = read_manifest_from_store(store, package_prefix("1", "site-a"))
     assert manifest.validation_summary.success and manifest.validation_summary.findings == 0
     assert snapshot_files(tmp_path / "hospitals") == hospitals  # the gate wrote nothing into provided directories
