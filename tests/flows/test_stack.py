@@ -83,7 +83,7 @@ def project(small_federation, tmp_path) -> Path:
     """A project on a private copy of two sites of the federation (the gate writes into site folders)."""
     federation = tmp_path / "federation"
     federation.mkdir()
-    for part in ["federation.yaml", "public", "test", *SITES]:
+    for part in ["federation.yaml", "public", "validation", "test", *SITES]:
         source = small_federation.root / part
         (shutil.copytree if source.is_dir() else shutil.copy)(source, federation / part)
     params = write_project(tmp_path / "project", federation)
