@@ -11,7 +11,7 @@ import typer
 site_app = typer.Typer(help="A site folder: create its skeleton, finalize it, import a collection into it.",
                        no_args_is_help=True)
 ParamsOption = typer.Option(None, "--params", "-p", help="params.yaml whose data.gate thresholds apply")
-RoleOption = typer.Option("hospital", "--role", help="hospital, public or test")
+RoleOption = typer.Option("hospital", "--role", help="hospital, public, test or validation")
 
 
 def _fail(message: str) -> None:
@@ -58,15 +58,15 @@ def site_init(
 def site_finalize(
     site_dir: Path = typer.Argument(..., help="a site folder whose index.parquet and files are complete"),
     site_id: Optional[str] = typer.Option(None, "--id", help="site id (default: site.yaml's, if any)"),
-    role: Optional[str] = typer.Option(None, "--role", help="hospital, public or test (default: site.yaml's, "
-                                                            "else hospital)"),
+    role: Optional[str] = typer.Option(None, "--role", help="hospital, public, test or validation (default: "
+                                                            "site.yaml's, else hospital)"),
     description: Optional[str] = typer.Option(None, "--description"),
     params: Optional[Path] = ParamsOption,
     docs: bool = typer.Option(True, "--docs/--no-docs", help="write GX data docs under SITE_DIR/reports/"),
 ) -> None:
     """Write site.yaml (counts, modalities, fingerprint), then run the data gate. Exit 1 when it fails."""
     from fedkim.cli import console
-    from fedkim.data.siteformat import SITE_FILE, SiteFormatError, finalize_site, read_manifest
+    from fedkim.data.siteformat import ROLES, SITE_FILE, SiteFormatError, finalize_site, read_manifest
 
     if not site_dir.is_dir():
         _fail(f"{site_dir}: not a directory")
@@ -80,8 +80,8 @@ def site_finalize(
     if not site_id:
         _fail(f"{site_dir}: no site.yaml to take the id from; give --id")
     role = role or (previous.role if previous else "hospital")
-    if role not in ("hospital", "public", "test"):
-        _fail(f"--role {role!r}: one of hospital, public, test")
+    if role not in ROLES:
+        _fail(f"--role {role!r}: one of {', '.join(ROLES)}")
     description = description if description is not None else (previous.description if previous else "")
     try:
         manifest = finalize_site(site_dir, site_id=site_id, role=role, description=description)
@@ -126,9 +126,9 @@ def site_import(
 ) -> None:
     """Import a collection into a new site folder, finalize it and run the data gate (exit 1 when it fails)."""
     from fedkim.cli import _params, console
-    from fedkim.data.importers import ImportFailure, import_collection
-
     from fedkim.data.catalogue import catalogue_of
+    from fedkim.data.importers import ImportFailure, import_collection
+    from fedkim.data.siteformat import ROLES
 
     cfg = _params(params)  # bad params: exit 2 before anything is written
     options = {"site_id": site_id or site_dir.name, "role": role, "description": description, "link": link,
@@ -143,8 +143,8 @@ def site_import(
                         "views": views}
         elif kind == "ehr":
             options |= {"csv": csv, "events": tuple(events) if events else None}
-        if role not in ("hospital", "public", "test"):
-            raise ImportFailure(f"--role {role!r}: one of hospital, public, test")
+        if role not in ROLES:
+            raise ImportFailure(f"--role {role!r}: one of {', '.join(ROLES)}")
         report = import_collection(kind, source, site_dir, **options)
     except ImportFailure as exc:
         _fail(str(exc))

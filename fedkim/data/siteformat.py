@@ -27,6 +27,9 @@ INDEX_FILE = "index.parquet"
 REPORTS_DIR = "reports"
 
 SPLITS = ("train", "val", "public", "test", "validation")
+# A hospital's samples are split train / val; a server split's folder holds one split named after its role.
+SERVER_ROLES = ("public", "test", "validation")
+ROLES = ("hospital", *SERVER_ROLES)
 PATH_COLUMNS = ("image_path", "ecg_path", "clinical_path", "text_path")
 INDEX_SCHEMA = pa.schema(
     [

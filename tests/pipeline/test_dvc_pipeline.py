@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -209,6 +210,44 @@ def test_exp_run_varies_the_injection_only(repo, env):
     registry = json.loads((repo / "reports" / "registry.json").read_text())
     assert registry["version"] == 2 and registry["round_id"] == "1"
     assert registry["tracked_round_id"].startswith("dvc-1-") and "challenger" in registry["aliases"]
+
+
+def test_a_provided_member_inside_the_data_root_is_gated_and_never_removed_or_cached(repo, env):
+    """A hospital's folder placed inside data.root joins as a provided member: rerunning `generate` (DVC would
+    delete a cached, non-persistent out first) leaves every byte and mtime of it, nothing of it reaches the DVC
+    cache, its validate stage gates it, and a failing gate stops `dvc repro` there."""
+    from fedkim.data.siteformat import finalize_site
+
+    repo, _ = repo
+    root = repo / "data" / "federation"
+    hospital = root / "hospital-x"
+    shutil.copytree(root / SITES[1], hospital)
+    finalize_site(hospital, site_id="hospital-x", role="hospital", description="a provided export")
+    files = {p.relative_to(hospital): (p.read_bytes(), p.stat().st_mtime_ns) for p in hospital.rglob("*")
+             if p.is_file()}
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    source = next(m for m in raw["federation"]["members"] if m["id"] == SITES[1])
+    raw["federation"]["members"].append({"id": "hospital-x", "description": "a provided export", "data": "provided",
+                                         "path": "data/federation/hospital-x", "modalities": source["modalities"]})
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    out = dvc("repro", "--force", "--single-item", "generate", cwd=repo, env=env)
+    assert "Running stage 'generate'" in out
+    assert {p.relative_to(hospital): (p.read_bytes(), p.stat().st_mtime_ns) for p in hospital.rglob("*")
+            if p.is_file()} == files
+    cached = {p.parent.name + p.name for p in (repo / ".dvc" / "cache").rglob("*") if p.is_file()}
+    index_md5 = hashlib.md5((hospital / "index.parquet").read_bytes()).hexdigest()
+    assert index_md5 not in cached  # hospital data never enters the DVC cache (nor a remote)
+
+    stage = f"validate@{len(raw['federation']['members']) - 1}"
+    dvc("repro", "--single-item", stage, cwd=repo, env=env)
+    report = json.loads((repo / "reports" / "validation" / "hospital-x.json").read_text())
+    assert report["success"] and report["site_id"] == "hospital-x"
+
+    next(hospital.rglob("*.parquet")).write_bytes(b"not parquet")  # changed data: the fingerprint no longer holds
+    failed = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode != 0 and "FAIL hospital-x" in failed.stdout + failed.stderr
 
 
 # ------------------------------------------------------------------------------- stage scripts, in process
