@@ -48,3 +48,12 @@ def make_params(small_federation, tmp_path_factory):
 def params(make_params):
     """The tiny FM over the small federation (tests.helpers.TINY)."""
     return make_params(**TINY)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real Prefect server on 127.0.0.1 for the session (started by the first test that asks for it)."""
+    from tests.helpers.servers import prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")):
+        yield

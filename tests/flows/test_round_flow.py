@@ -22,7 +22,6 @@ from fedkim.federation.store import LocalStore, package_key, package_prefix
 from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_round
 from flows.round import fedkim_flow
 from tests.helpers import TINY, small_params_dict
-from tests.helpers.servers import prefect_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -30,12 +29,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 # federation has fewer than the default 5 samples per (task, split, label): the gate's minimum follows it.
 FAST = {**TINY, "federation.retries": 1, "federation.retry_delay_s": 0, "federation.site_timeout_s": 600,
         "data.gate.min_samples_per_class": 1}
-
-
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory):
-    with prefect_server(tmp_path_factory.mktemp("prefect-home")):
-        yield
 
 
 @pytest.fixture(scope="module")
