@@ -295,12 +295,13 @@ def registry_show(params: Optional[Path] = ParamsOption) -> None:
         console.print(f"no versions of {cfg.tracking.registered_model} in {uri}", highlight=False)
         return
     table = Table(title=f"{cfg.tracking.registered_model} ({uri})")
-    for column in ("version", "aliases", "round", "decision", "train F1", "AUROC", "lineage (run → round run)"):
+    for column in ("version", "aliases", "round", "decision", "decided on", "train F1", "AUROC",
+                   "lineage (run → round run)"):
         table.add_column(column, overflow="fold")  # run ids are copied from here: wrap them, never cut them
     for row in rows:
         figures = [f"{row[k]:.3f}" if row[k] is not None else "–" for k in ("train_mean_f1", "mean_auroc")]
         table.add_row(str(row["version"]), ", ".join(row["aliases"]) or "–", row["round_id"], row["decision"],
-                      *figures, f"{row['run_id'] or '?'} → {row['round_run_id'] or '?'}")
+                      row["decided_on"], *figures, f"{row['run_id'] or '?'} → {row['round_run_id'] or '?'}")
     Console().print(table)  # sized now (COLUMNS, terminal), not when the module was imported
 
 

@@ -1,7 +1,8 @@
 """`fedkim deploy`: the Prefect deployments of this federation, built from params.yaml's member list.
 
     fedkim/round              flow `fedkim` on the central pool: a daily 02:00 UTC schedule, inactive until
-                              resumed; one round at a time (limit 1, further runs ENQUEUE)
+                              resumed (a redeploy keeps it resumed); one round at a time (limit 1, further
+                              runs ENQUEUE)
     fedkim-site/<member id>   flow `fedkim-site` on the member's work pool (federation.members[].work_pool,
                               default site-<id>), one run at a time
 
@@ -65,12 +66,12 @@ class CheckoutDirectory:
         return {"prefect.deployments.steps.set_working_directory": {"directory": self.directory}}
 
 
-def build_deployments(params: Params) -> list[tuple[RunnerDeployment, str]]:
+def build_deployments(params: Params, schedule_active: bool = False) -> list[tuple[RunnerDeployment, str]]:
     """(deployment, work pool) of the round and of each member, in params order."""
     round_ = RunnerDeployment.from_flow(
         fedkim_flow, name="round", description="One federated round (gate, local training, aggregation, "
                                                "injection, evaluation, registry).",
-        schedules=[Cron(ROUND_CRON, timezone="UTC", active=False, slug="daily")],
+        schedules=[Cron(ROUND_CRON, timezone="UTC", active=schedule_active, slug="daily")],
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         job_variables=OFFLINE_JOB, work_pool_name=CENTRAL_POOL)
     built = [(_from_checkout(round_, ROUND_ENTRYPOINT), CENTRAL_POOL)]
@@ -92,9 +93,15 @@ def _from_checkout(deployment: RunnerDeployment, entrypoint: str) -> RunnerDeplo
 
 def deploy(params: Params) -> list[str]:
     """Create or update every deployment, and any missing work pool (a process pool; an existing pool keeps what
-    its owner configured); returns the deployments' names (flow/deployment)."""
-    built = build_deployments(params)
+    its owner configured); returns the deployments' names (flow/deployment). A daily schedule an operator resumed
+    stays active."""
     with get_client(sync_client=True) as client:
+        try:
+            existing = client.read_deployment_by_name(f"{fedkim_flow.name}/round")
+            active = any(s.active for s in existing.schedules if s.slug == "daily")
+        except ObjectNotFound:
+            active = False
+        built = build_deployments(params, schedule_active=active)
         for pool in dict.fromkeys(pool for _, pool in built):
             try:
                 client.read_work_pool(pool)

@@ -189,6 +189,8 @@ def test_a_round_as_the_prefect_flow_registers_a_version_that_answers_the_new_ta
     assert card["data"]["provided"] == list(SITES) and card["data"]["generated"] == []
     assert card["tasks"]["train"] == ["lung_opacity", CONDUCTION, "mortality"]
     assert card["tasks"]["zero_shot"] == [BLUNTING]
+    model_card = next(Path(model_dir).rglob("MODEL_CARD.md")).read_text()
+    assert "## Evaluation (provided test split)" in model_card and "provided by ecg-hospital" in model_card
     icu = card["sites"]["icu-hospital"]["gate"]
     assert icu["success"] and icu["quarantined"] == len(IMPLAUSIBLE)  # the rest of the site trained
     assert icu["quarantined_per_rule"] == {"clinical.physiological_range": len(IMPLAUSIBLE)}

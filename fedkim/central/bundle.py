@@ -39,6 +39,7 @@ from fedkim.config import ConfigError, Params, format_validation_error
 from fedkim.data.catalogue import catalogue_of
 from fedkim.digests import sha256_file
 from fedkim.federation.package import current_code_version
+from fedkim.members import split_source
 
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
@@ -156,7 +157,7 @@ def model_card(params: Params, *, variant: str, round_id: str | None, sites: dic
         f"- Round: {round_id or 'not recorded'}",
         f"- Sites that contributed: {', '.join(sorted(sites)) or 'not recorded'}",
         f"- Per-task peft adapters: {'adapters/<task>/' if has_adapters else 'not exported'}", "",
-        "## Evaluation (synthetic test split)", "",
+        f"## Evaluation ({_provenance(params, 'test')} test split)", "",
     ]
     lines += _metrics_table(metrics) if metrics and metrics.get("tasks") else ["No evaluation recorded.", ""]
     lines += [
@@ -165,12 +166,25 @@ def model_card(params: Params, *, variant: str, round_id: str | None, sites: dic
         f"{len(catalogue.tasks)} catalogue tasks ({len(catalogue.train)} trained, {len(catalogue.zero_shot)} "
         "zero-shot) on inputs in the fedkim site format.", "",
         "## Limitations", "",
-        "- Trained and evaluated only on synthetic, offline data (procedural radiographs, simulated ECGs and ICU "
-        "series, generated questions); the figures say nothing about real patients.",
+        "- " + _data_limitation(params),
         "- **Not for clinical use**: not validated, not a medical device, not to inform any diagnosis or treatment.",
         "- Zero-shot tasks were never trained on; their figures can sit at chance.", "",
     ]
     return "\n".join(lines)
+
+
+def _provenance(params: Params, split: str) -> str:
+    source = split_source(params, split)
+    return "provided" if source is not None and source.data == "provided" else "synthetic"
+
+
+def _data_limitation(params: Params) -> str:
+    provided = [m.id for m in params.federation.members if m.data == "provided"]
+    if not provided and _provenance(params, "test") == "synthetic":
+        return ("Trained and evaluated only on synthetic, offline data (procedural radiographs, simulated ECGs and "
+                "ICU series, generated questions); the figures say nothing about real patients.")
+    return (f"Trained on data provided by {', '.join(provided) or 'no member'} (DATA_CARD.md: fingerprints, counts, "
+            "the gate's verdicts); the figures hold for the test split described there, not for other populations.")
 
 
 def _metrics_table(metrics: dict) -> list[str]:

@@ -21,6 +21,8 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedkim.members import SERVER_SPLITS
+
 FORMAT_VERSION = 1
 SITE_FILE = "site.yaml"
 INDEX_FILE = "index.parquet"
@@ -28,8 +30,7 @@ REPORTS_DIR = "reports"
 
 SPLITS = ("train", "val", "public", "test", "validation")
 # A hospital's samples are split train / val; a server split's folder holds one split named after its role.
-SERVER_ROLES = ("public", "test", "validation")
-ROLES = ("hospital", *SERVER_ROLES)
+ROLES = ("hospital", *SERVER_SPLITS)
 PATH_COLUMNS = ("image_path", "ecg_path", "clinical_path", "text_path")
 INDEX_SCHEMA = pa.schema(
     [

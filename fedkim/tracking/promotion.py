@@ -92,7 +92,7 @@ def promote(version, metrics: dict, *, tasks: tuple[str, ...] | None = None,
     mine = figures(per_task(metrics), tasks)
     theirs = figures(champion_figures(current), tasks) if current is not None else None
     promoted, reason = decide(mine, theirs, int(version.version), int(current.version) if current else None, tasks,
-                              split)
+                              split, current.tags.get(SPLIT_TAG, "test") if current is not None else None)
     if promoted:
         registry.set_registered_model_alias(name, CHAMPION, version.version)
     if split:
@@ -102,12 +102,15 @@ def promote(version, metrics: dict, *, tasks: tuple[str, ...] | None = None,
 
 
 def decide(mine: Figures, theirs: Figures | None, version: int, champion: int | None,
-           tasks: tuple[str, ...], split: str | None = None) -> tuple[bool, str]:
+           tasks: tuple[str, ...], split: str | None = None, champion_split: str | None = None) -> tuple[bool, str]:
     """(promote?, reason) for challenger v`version` scoring `mine` against champion v`champion` scoring `theirs`
-    (None: there is no champion) on `split`. Pure: the rule of the module docstring, nothing read or written."""
+    (None: there is no champion) on `split` (the champion's figures: on `champion_split`, when that differs).
+    Pure: the rule of the module docstring, nothing read or written."""
     over = f"over {len(tasks)} training task(s)" + (f" on the {split} split" if split else "")
     if mine.missing:  # the figures average the tasks that were evaluated; say which were not
         over += f" ({', '.join(mine.missing)} not evaluated)"
+    if theirs is not None and split and champion_split and champion_split != split:  # an older champion's figures
+        over += f" (champion v{champion}'s figures are on the {champion_split} split)"
     if not math.isfinite(mine.primary):
         return False, f"v{version} has no finite primary figure {over}; champion unchanged"
     if theirs is None:

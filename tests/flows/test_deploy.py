@@ -60,6 +60,9 @@ def test_deploy_makes_the_round_and_one_deployment_per_member_and_follows_the_me
     assert {p: pools[p] for p in ("central", "site-a", "site-d")} == dict.fromkeys(("central", "site-a", "site-d"),
                                                                                   "process")
 
+    with get_client(sync_client=True) as client:  # an operator resumes the daily schedule
+        client.update_deployment_schedule(round_.id, schedule.id, active=True)
+
     # A hospital joins: one member entry (provided data, its own pool name), then the same command again.
     raw["federation"]["members"].append({"id": "charite", "modalities": ["image"], "data": "provided",
                                          "path": "hospitals/charite", "work_pool": "berlin"})
@@ -70,3 +73,4 @@ def test_deploy_makes_the_round_and_one_deployment_per_member_and_follows_the_me
     assert set(updated) == set(found) | {"fedkim-site/charite"}
     assert updated["fedkim-site/charite"].work_pool_name == "berlin" and pools["berlin"] == "process"
     assert updated["fedkim/round"].id == round_.id and len(updated["fedkim/round"].schedules) == 1  # updated
+    assert updated["fedkim/round"].schedules[0].active  # the redeploy kept the operator's resumed schedule

@@ -23,6 +23,13 @@ def test_a_better_mean_primary_is_promoted():
     assert promoted and "v3 mean primary 0.7000" in reason and "beats champion v1 (mean primary 0.6000" in reason
 
 
+def test_a_champion_whose_figures_are_on_another_split_is_named_so():
+    promoted, reason = decide(Figures(0.7, 0.8), Figures(0.6, 0.7), 2, 1, TASKS, "validation", "test")
+    assert promoted and reason.endswith("on the validation split (champion v1's figures are on the test split)")
+    same = decide(Figures(0.7, 0.8), Figures(0.6, 0.7), 2, 1, TASKS, "validation", "validation")[1]
+    assert "figures are on" not in same
+
+
 def test_a_worse_mean_primary_is_kept_whatever_its_auroc():
     promoted, reason = decide(Figures(0.5, 0.99), Figures(0.6, 0.7), 2, 1, TASKS)
     assert not promoted and "does not beat champion v1" in reason and reason.endswith("champion stays v1")

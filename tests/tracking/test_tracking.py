@@ -241,6 +241,7 @@ def test_registry_show_and_cli(rounds, store):
                                 env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "challenger, champion" in result.output and "kept" in result.output
+    assert "decided on" in result.output and rows[2]["decided_on"] in {"test", "validation"}
     assert rounds["2"]["run_id"] in result.output and rounds["2"]["parent_id"] in result.output
 
 

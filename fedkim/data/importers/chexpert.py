@@ -24,7 +24,7 @@ from fedkim.data.formats.image import decode_image
 from fedkim.data.catalogue import Catalogue
 from fedkim.data.importers.common import (ImportFailure, ImportReport, check_tasks, clean_id, csv_line, inside,
                                           patient_split, place, read_csv, staging, write_site)
-from fedkim.data.siteformat import SERVER_ROLES
+from fedkim.members import SERVER_SPLITS
 
 MIMIC_LABELS = "mimic-cxr-2.0.0-chexpert.csv"
 MIMIC_METADATA = "mimic-cxr-2.0.0-metadata.csv"
@@ -114,7 +114,7 @@ def import_chexpert(source: Path, dest: Path, *, site_id: str, role: str = "hosp
             relative = image.file.relative_to(source.resolve()).as_posix()
             place(image.file, stage / "images" / relative, link)
             report.files_copied += 1
-            split = role if role in SERVER_ROLES else patient_split(image.patient, val_fraction)
+            split = role if role in SERVER_SPLITS else patient_split(image.patient, val_fraction)
             rows += [{"sample_id": f"{task}-{image.key}", "task": task, "modality": "image", "split": split,
                       "label": value, "answer": "Yes" if value else "No", "image_path": f"images/{relative}"}
                      for task, value in labels.items()]

@@ -21,7 +21,7 @@ from fedkim.data.catalogue import Catalogue
 from fedkim.data.formats.clinical import STATIC, STATIC_FILE, UNITS, VARIABLES, write_long, write_static
 from fedkim.data.importers.common import (ImportFailure, ImportReport, check_tasks, clean_id, csv_line,
                                           patient_split, read_csv, staging, write_site)
-from fedkim.data.siteformat import SERVER_ROLES
+from fedkim.members import SERVER_SPLITS
 
 STAYS_CSV = "stays.csv"
 EVENT_CSVS = ("events.csv", "chartevents.csv", "labevents.csv")  # read when present and no --events is given
@@ -184,7 +184,7 @@ def _stays(stays, name, source, rules, role, val_fraction, needs_intime, report)
         if failed:
             report.problem(name, line, *failed)
             continue
-        split = role if role in SERVER_ROLES else patient_split(patient, val_fraction)
+        split = role if role in SERVER_SPLITS else patient_split(patient, val_fraction)
         kept[stay] = (split, label, intime)
         for column, variable, unit in values + covariates:
             text = row[column].strip()

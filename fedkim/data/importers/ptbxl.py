@@ -22,7 +22,7 @@ from fedkim.data.formats.ecg import header_facts, read_ecg, unknown_units
 from fedkim.data.catalogue import Catalogue
 from fedkim.data.importers.common import (ImportFailure, ImportReport, Problem, check_tasks, clean_id, csv_line,
                                           inside, patient_split, place, read_csv, staging, write_site)
-from fedkim.data.siteformat import SERVER_ROLES
+from fedkim.members import SERVER_SPLITS
 
 DATABASE_CSV = "ptbxl_database.csv"
 STATEMENTS_CSV = "scp_statements.csv"
@@ -185,7 +185,7 @@ def _usable_records(source, table, report, csv, file_column, known, role, split,
             report.problem(csv, line, "scp_codes", f"unknown SCP code(s) {unknown}", "unknown code")
             continue
         patient = clean_id(row["patient_id"])
-        if role in SERVER_ROLES:
+        if role in SERVER_SPLITS:
             split_name = role
         elif split == "patients":
             split_name = patient_split(patient, val_fraction)
