@@ -70,6 +70,9 @@ SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "safetensors"
                     "matplotlib", "rich", "boto3", "botocore")
 
 
+FEDKIM_CODE = Path(__file__).resolve().parents[1]  # the fedkim package, shipped inside each logged model (code/)
+
+
 def requirements() -> list[str]:
     """Pins of the served model's Python dependencies, as installed here (requirements.lock.txt's pins)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -101,7 +104,8 @@ def register(bundle_folder: str | Path, run_id: str, round_id: str, metrics: dic
     info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
                      python_model=FedKIMPyfunc(), artifacts={"bundle": str(bundle_folder)},
                      pip_requirements=requirements(), signature=serving_signature(),
-                     metadata={"fedkim.round_id": str(round_id), "requires": "the fedkim package importable"})
+                     code_paths=[str(FEDKIM_CODE)],  # the model answers where only its requirements are installed
+                     metadata={"fedkim.round_id": str(round_id)})
     parent = client().get_run(run_id).data.tags.get(PARENT, "")
     tags = {ROUND: str(round_id), ROUND_RUN_TAG: parent, DECISION: "pending",
             METRICS_TAG: json.dumps(per_task(decided_on or metrics), separators=(",", ":")), SPLIT_TAG: split}

@@ -4,6 +4,7 @@ import base64
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -171,6 +172,43 @@ print(json.dumps({n: found[n] for n in names if n in found and n != "fedkim"}))
     assert {line.split("==")[0] for line in listed.read_text().split()} >= set(pins)
     assert yaml.safe_load(open(f"{logged}/MLmodel"))["signature"]["inputs"]
     assert np.isfinite(served["metrics"]["tasks"]["lung_opacity"]["threshold"])
+
+
+@pytest.mark.slow
+def test_the_logged_model_answers_where_fedkim_is_not_installed(served, tmp_path):
+    """The model carries fedkim's code (code/): a Python with only the pinned dependencies (this venv's
+    site-packages without site processing, so without the editable fedkim) loads it and answers as here."""
+    import os
+    import sysconfig
+
+    model_dir = mlflow.artifacts.download_artifacts(f"models:/{served['version'].name}/{served['version'].version}",
+                                                    dst_path=str(tmp_path / "model"))
+    assert (Path(model_dir) / "code" / "fedkim" / "tracking" / "serving.py").is_file()
+    query = data_query(split_dir(served["params"], "test"), ["lung_opacity", "ecg_abnormal"], 2).drop(
+        columns=["answer", "sample_id"])
+    query.to_json(tmp_path / "query.json", orient="records")
+    script = f"""
+import json, sys
+sys.path.append({sysconfig.get_paths()["purelib"]!r})
+try:
+    import fedkim
+except ImportError:
+    pass
+else:
+    raise SystemExit("fedkim is importable without the model: " + fedkim.__file__)
+import mlflow.pyfunc, pandas as pd
+model = mlflow.pyfunc.load_model({model_dir!r})
+answers = model.predict(pd.read_json({str(tmp_path / "query.json")!r}, orient="records", dtype=False))
+import fedkim
+print(json.dumps({{"answers": list(answers["answer"]), "fedkim": fedkim.__file__}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["fedkim"].startswith(str(Path(model_dir).resolve()))
+    assert result["answers"] == list(served["pyfunc"].predict(query)["answer"])
 
 
 @pytest.mark.slow
