@@ -646,40 +646,43 @@ def test_gate_summary_of_a_passing_site(copy_site):
     }
 
 
-def test_gate_summary_and_reason_leave_the_examples_at_the_site(copy_site):
+PATIENT = "DOE_JOHN_19700101_MRN4711"  # what a hospital export can put in a file name or a sample id
+
+
+def test_gate_summary_and_reason_carry_rule_ids_and_counts_only(copy_site):
+    """An identifier planted in a file name and a sample id: the site's own report names them, what leaves the
+    site (the summary uploaded to the store and logged centrally, the reason in logs) never does."""
     site = copy_site("image")
     image = first(site, "image_path")
-    truncate(site / image)
+    planted = f"{Path(image).parent.as_posix()}/{PATIENT}.png"
+    (site / image).rename(site / planted)
+    truncate(site / planted)
+    edit_index(site, lambda frame: frame.replace({"image_path": {image: planted}}))
     edit_index(site, set_cell("split", "trian"))
     edit_index(site, set_cell("task", "lung_opacityy", row=1))
+    edit_index(site, set_cell("sample_id", f"{PATIENT}-scan", row=3))
     edit_index(site, set_cell("sample_id", first(site, "sample_id"), row=2), finalize=False)
     report = check(site)
+    assert PATIENT in report.summary() and PATIENT in report.model_dump_json()  # the site's own report
     summary = gate_summary(report)
     assert json.loads(json.dumps(summary)) == summary  # what goes to the store is plain JSON
     assert summary["site_id"] == "site-t" and summary["success"] is False
     assert [f["rule"] for f in summary["findings"]] == [
         "index.duplicate_ids", "index.split_values", "index.task_known", "file.decodes", "counts.per_class",
         "manifest.fingerprint"] == [f.rule for f in report.findings]
-    assert summary["findings"][3] == {"rule": "file.decodes", "action": "quarantine", "file": image,
-                                      "column": "decodes", "message": "file does not decode", "count": 1}
+    assert summary["findings"][3] == {"rule": "file.decodes", "action": "quarantine", "count": 1}
     assert summary["quarantined"] == {"samples": 1, "per_rule": {"file.decodes": 1}}
     assert summary["stats"] == {k: report.stats[k] for k in ("samples", "files_checked", "expectations",
                                                                "seconds")}
-    text = json.dumps(summary)
-    examples = [e for f in report.findings for e in f.examples]
-    assert examples and not any(e in text for e in examples)  # sample ids and values stay at the site
-    unnamed = json.dumps([{k: v for k, v in f.items() if k != "file"} for f in summary["findings"]]
-                         + [summary["quarantined"]])  # file paths may carry an id, as before
-    assert report.quarantined and not any(sample in unnamed for sample in report.quarantined)
-    assert "examples" not in text and "truncated" not in text
-    assert gate_reason(summary) == (  # the blocking findings only
+    text = json.dumps(summary) + gate_reason(summary)
+    assert PATIENT not in text and "png" not in text and "index.parquet" not in text
+    assert not any(sample in text for sample in report.quarantined) and "examples" not in text
+    assert gate_reason(summary) == (  # the blocking findings only, each with what its rule checks
         "data gate failed, 5 blocking finding(s): "
-        "index.duplicate_ids (index.parquet): sample_id appears more than once; "
-        f"index.split_values (index.parquet): split must be one of {list(SPLITS)}; "
-        "index.task_known (index.parquet): task not in the catalogue; "
-        # the quarantined sample's id is also the duplicated one: both rows are left out
-        "counts.per_class (index.parquet): fewer than 5 samples for a (task, split, label) (after 2 quarantined)"
-        "; and 1 more")
+        f"index.duplicate_ids (2 found): {RULES['index.duplicate_ids']}; "
+        f"index.split_values (1 found): {RULES['index.split_values']}; "
+        f"index.task_known (1 found): {RULES['index.task_known']}; "
+        f"counts.per_class (1 found): {RULES['counts.per_class']}; and 1 more")
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

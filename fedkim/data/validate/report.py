@@ -72,11 +72,11 @@ class ValidationReport(BaseModel):
 
 
 def gate_summary(report: ValidationReport) -> dict:
-    """What the central side may see of a gate report: rule, action, file, column, message and count of each
-    finding, and the number of quarantined samples per rule. The examples and sample ids stay at the site, in
-    its validation.json."""
-    findings = [{"rule": f.rule, "action": f.action, "file": f.file, "column": f.column, "message": f.message,
-                 "count": f.count} for f in report.findings]
+    """What the central side may see of a gate report: rule ids and counts only (each finding's rule, action and
+    count; the quarantined samples per rule). File names, columns, messages, examples and sample ids can carry
+    patient identifiers (a hospital's export names files after patients): they stay at the site, in its
+    validation.json and its own console."""
+    findings = [{"rule": f.rule, "action": f.action, "count": f.count} for f in report.findings]
     per_rule: dict[str, int] = {}
     for rules in report.quarantine.values():
         for rule in rules:
@@ -89,10 +89,9 @@ def gate_summary(report: ValidationReport) -> dict:
 
 
 def gate_reason(summary: dict) -> str:
-    """One line naming the blocking rules and files, for the round summary and the report."""
+    """One line naming the blocking rules, their counts and what each checks, for the round summary and logs."""
     blocking = [f for f in summary["findings"] if f.get("action", "block") == "block"]
-    parts = [f"{f['rule']}" + (f" ({f['file']})" if f.get("file") else "") + f": {f['message']}"
-             for f in blocking[:4]]
+    parts = [f"{f['rule']} ({f.get('count', 1)} found): {RULES.get(f['rule'], 'unknown rule')}" for f in blocking[:4]]
     more = len(blocking) - len(parts)
     return (f"data gate failed, {len(blocking)} blocking finding(s): " + "; ".join(parts)
             + (f"; and {more} more" if more > 0 else ""))
