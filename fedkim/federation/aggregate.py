@@ -130,7 +130,7 @@ def coordinate_trimmed_mean(global_state: Mapping[str, torch.Tensor], packages: 
     contributors: dict[str, set[str]] = {}
     for key, holders in _holders_by_key(global_state, packages):
         k = len(holders)
-        dropped = (k - 1) // 2 if trim is None else math.floor(trim * k)
+        dropped = (k - 1) // 2 if trim is None else math.floor(trim * k + 1e-9)  # 0.29 x 100 is 28.99...
         stacked = torch.stack([value.to(_acc_dtype(value.dtype)) for _, value in holders])
         averages[key] = stacked.sort(dim=0).values[dropped:k - dropped].mean(dim=0)
         contributors.setdefault(key_modality(key, catalogue), set()).update(m.site_id for m, _ in holders)
