@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from fedkim.digests import short_digest
+from fedkim.aggregation_params import AggregationSettings
 from fedkim.gate_rules import GateParams
 from fedkim.members import (SERVER_SPLITS, MemberSpec, ServerSplits, apply_site_dir_env, check_member_ids,
                             check_profiles, find_member)
@@ -169,8 +170,8 @@ class SiteTrainingParams(Strict):
         return self
 
 
-class FederationParams(Strict):
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+class FederationParams(Strict, AggregationSettings):  # + max_weight_share, norm_multiple, trim_fraction
+    strategy: Literal["fedavg", "fedprox", "fedadam", "median", "trimmed_mean"] = "fedavg"
     rounds: int = Field(1, ge=1)
     quorum: int = Field(2, ge=1)
     max_update_norm: float = Field(1e3, gt=0)

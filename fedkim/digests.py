@@ -41,4 +41,6 @@ def settings_digest(params) -> str:
     if catalogue is not None:  # (None, the shipped catalogue, leaves the digest as it always was)
         payload["data"]["catalogue_sha256"] = sha256_file(catalogue)
     payload["federation"] = {k: dumped["federation"][k] for k in FEDERATION_KEYS}
+    # The aggregation bounds count only when set away from their defaults, so default digests stay as they were.
+    payload["federation"] |= params.federation.non_default()
     return short_digest(payload)

@@ -86,15 +86,16 @@ def federated_round(params: Params, store: LocalStore, round_id: str, cache: Sit
     process. A member that fails the gate is left out with its reason (the quorum decides)."""
     start_round(params, store, round_id, seed=seed)
     trainer = cache.trainer(params) if cache else None
-    outcomes, excluded = [], {}
+    outcomes, excluded, summaries = [], {}, {}
     for site_id in params.member_ids():
         summary, left_out = gated_site(params, site_id)
+        summaries[site_id] = summary
         if left_out is not None:
             excluded[site_id] = left_out.reason
             continue
         outcomes.append(train_site_step(params, store, round_id, site_id, seed=seed, trainer=trainer,
                                         validation=package_validation(summary)))
-    aggregated = aggregate_step(params, store, round_id, [o.site_id for o in outcomes])
+    aggregated = aggregate_step(params, store, round_id, [o.site_id for o in outcomes], gate_summaries=summaries)
     sites = {o.site_id: {"sample_counts": o.sample_counts, "metrics": o.metrics, "seconds": o.seconds}
              for o in outcomes}
     return RoundRecord(round_id, sites, aggregated.rejected, excluded=excluded)

@@ -6,7 +6,9 @@ Store layout of a round (keys relative to the store root):
     rounds/<r>/global/encoders.safetensors       the global model the sites start from
     rounds/<r>/sites/<site>/...                  each site's knowledge package (manifest.json + tensors)
     rounds/<r>/validation/<site>.json            each site's data gate summary (orchestrated rounds)
-    rounds/<r>/aggregate/encoders.safetensors    the screened, aggregated model  (+ aggregate.json)
+    rounds/<r>/aggregate/encoders.safetensors    the screened, aggregated model  (+ aggregate.json: accepted,
+                                                 rejected with reasons, weights, capped counts' findings)
+    rounds/<r>/aggregate/server_optimizer.safetensors  FedAdam's moments after this round (fedadam only)
     rounds/<r>/central/trainable.safetensors     M3OE experts, gate, projectors after injection (+ inject.json)
     rounds/<r>/central/encoders.safetensors      encoders after injection: what goes back to the sites
     rounds/<r>/evaluation/metrics.json           per-task metrics of the injected model
@@ -25,7 +27,7 @@ import math
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -40,15 +42,17 @@ from fedkim.config import Params
 from fedkim.data.catalogue import catalogue_of
 from fedkim.data.siteformat import SITE_FILE, compute_fingerprint
 from fedkim.data.validate import gate_reason, gate_summary
-from fedkim.federation.aggregate import aggregate
+from fedkim.federation.aggregate import ServerOptimizerState, aggregate
 from fedkim.federation.checks import screen_packages
 from fedkim.federation.package import ValidationSummary, read_manifest, write_package
 from fedkim.federation.store import ArtifactStore, package_prefix
+from fedkim.federation.weights import verified_counts
 from fedkim.members import site_dir, split_dir
 from fedkim.site.model import global_model
 from fedkim.site.train import LocalResult, train_site
 
 LATEST_KEY = "rounds/LATEST.json"
+OPTIMIZER_FILE = "server_optimizer.safetensors"  # FedAdam's moments, beside the aggregate
 Trainer = Callable[[Path, dict, int], LocalResult]  # (site folder, global state, seed) -> local training result
 
 
@@ -133,6 +137,7 @@ class AggregateOutcome:
     rejected: dict[str, list[str]]
     strategy: str
     reused: bool = False
+    findings: dict[str, list[str]] = field(default_factory=dict)  # site -> why its weight was capped
 
 
 def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: int = 0) -> str:
@@ -262,12 +267,35 @@ def read_manifest_from_store(store: ArtifactStore, prefix: str, catalogue=None):
         return read_manifest(tmp, catalogue)
 
 
-def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids: list[str]) -> AggregateOutcome:
-    """Collect the reporting sites' packages, screen them, check the quorum and aggregate (runs at the server)."""
+def _gate_summaries(store: ArtifactStore, round_id: str, sites: list[str], given: Mapping | None) -> dict:
+    """Each site's gate summary: the caller's, else the one its site run stored (orchestrated rounds), else None."""
+    keys = {site: validation_key(round_id, site) for site in sites}
+    return {site: (given or {}).get(site) or (get_json(store, key) if store.exists(key) else None)
+            for site, key in keys.items()}
+
+
+def _previous_optimizer(store: ArtifactStore, round_id: str) -> ServerOptimizerState | None:
+    """FedAdam's moments after the last completed round (None: the first FedAdam round starts from zero)."""
+    previous = latest_round(store)
+    key = previous and round_key(previous, "aggregate", OPTIMIZER_FILE)
+    if previous is None or previous == str(round_id) or not store.exists(key):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return ServerOptimizerState.load(store.get_file(key, Path(tmp) / OPTIMIZER_FILE))
+
+
+def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids: list[str], *,
+                   gate_summaries: Mapping[str, dict | None] | None = None) -> AggregateOutcome:
+    """Collect the reporting sites' packages, screen them, check the quorum and aggregate (runs at the server).
+    A site weighs by its sample counts capped by its gate summary (`gate_summaries`, else the one in the store;
+    fedkim.federation.weights) and by `federation.max_weight_share`; FedAdam continues from the last completed
+    round's moments."""
     key = round_key(round_id, "aggregate", "encoders.safetensors")
     if store.exists(key):
         saved = get_json(store, round_key(round_id, "aggregate", "aggregate.json"))
-        return AggregateOutcome(str(round_id), saved["accepted"], saved["rejected"], saved["strategy"], reused=True)
+        return AggregateOutcome(str(round_id), saved["accepted"], saved["rejected"], saved["strategy"], reused=True,
+                                findings=saved.get("weight_findings", {}))
+    fed, catalogue = params.federation, catalogue_of(params.data)
     global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
         folders, missing = [], {}
@@ -277,20 +305,30 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
                 missing[site] = [f"no package in the store at {prefix}/"]
                 continue
             folders.append(store.get_dir(prefix, Path(tmp) / site))
-        accepted, rejected = screen_packages(folders, global_state, max_update_norm=params.federation.max_update_norm,
-                                             expected_round=str(round_id), catalogue=catalogue_of(params.data))
+        accepted, rejected = screen_packages(folders, global_state, max_update_norm=fed.max_update_norm,
+                                             expected_round=str(round_id), catalogue=catalogue,
+                                             norm_multiple=fed.norm_multiple)
         rejected = {**missing, **rejected}
-        if len(accepted) < params.federation.quorum:
+        if len(accepted) < fed.quorum:
             raise QuorumError(f"round {round_id}: {len(accepted)} acceptable package(s), below the quorum of "
-                              f"{params.federation.quorum}; rejected or missing: {rejected}")
-        hparams = {"mu": params.site.fedprox_mu} if params.federation.strategy == "fedprox" else {}
-        result = aggregate(params.federation.strategy, global_state, accepted, catalogue=catalogue_of(params.data),
-                           **hparams)
-    names = [p.manifest.site_id for p in accepted]
+                              f"{fed.quorum}; rejected or missing: {rejected}")
+        names = [p.manifest.site_id for p in accepted]
+        weighing = verified_counts([p.manifest for p in accepted],
+                                   _gate_summaries(store, round_id, names, gate_summaries), catalogue)
+        hparams = {"fedprox": {"mu": params.site.fedprox_mu},
+                   "trimmed_mean": {"trim_fraction": fed.trim_fraction}}.get(fed.strategy, {})
+        optimizer = _previous_optimizer(store, round_id) if fed.strategy == "fedadam" else None
+        result = aggregate(fed.strategy, global_state, accepted, catalogue=catalogue, state=optimizer,
+                           counts=weighing.counts, max_weight_share=fed.max_weight_share, **hparams)
     put_json(store, round_key(round_id, "aggregate", "aggregate.json"),
-             {"accepted": names, "rejected": rejected, "strategy": params.federation.strategy})
+             {"accepted": names, "rejected": rejected, "strategy": fed.strategy, "weights": result.weights,
+              "weight_findings": weighing.findings, "unverified_counts": weighing.unverified})
+    if fed.strategy == "fedadam":
+        with tempfile.TemporaryDirectory() as tmp:
+            store.put_file(round_key(round_id, "aggregate", OPTIMIZER_FILE),
+                           result.optimizer_state.save(Path(tmp) / OPTIMIZER_FILE))
     put_state(store, key, result.state_dict)  # last: marks the aggregation as done
-    return AggregateOutcome(str(round_id), names, rejected, params.federation.strategy)
+    return AggregateOutcome(str(round_id), names, rejected, fed.strategy, findings=weighing.findings)
 
 
 def load_central(params: Params, store: ArtifactStore, round_id: str, *, injected: bool) -> CentralModel:
@@ -368,7 +406,8 @@ def run_round(params: Params, store: ArtifactStore, round_id: str, work_dir: Pat
                                                              validation=package_validation(summary)),
                                              validation=summary))
     with timer("aggregate"):
-        agg = aggregate_step(params, store, round_id, [s.site_id for s in sites if s.status != "excluded"])
+        agg = aggregate_step(params, store, round_id, [s.site_id for s in sites if s.status != "excluded"],
+                             gate_summaries={s.site_id: s.validation for s in sites})
     with timer("inject"):
         splits = {"public": validate_split_step(params, "public")}
         model, injection = inject_step(params, store, round_id, work_dir, progress=progress)

@@ -8,6 +8,8 @@ from fedkim.federation.aggregate import (
     fedadam,
     fedavg,
     fedprox,
+    median,
+    trimmed_mean,
 )
 from fedkim.federation.checks import CheckResult, check_package, screen_packages
 from fedkim.federation.package import (
@@ -34,6 +36,7 @@ from fedkim.federation.store import (
 
 __all__ = [
     "STRATEGIES", "AggregateResult", "ServerOptimizerState", "aggregate", "fedadam", "fedavg", "fedprox",
+    "median", "trimmed_mean",
     "CheckResult", "check_package", "screen_packages",
     "SCHEMA_VERSION", "KnowledgePackage", "PackageError", "PackageManifest", "ValidationSummary",
     "read_package", "write_package",

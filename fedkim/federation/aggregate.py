@@ -4,12 +4,15 @@ Averages are taken **per modality**: a key is averaged over the packages that ca
 site's `sample_counts[modality of the key]`, so a site without ECG data does not dilute the ECG encoder.
 Keys that no package carries keep the global value; non-float tensors (integer buffers such as BatchNorm's
 `num_batches_tracked`) always come from the global state. Call these only with packages that passed
-`screen_packages`.
+`screen_packages`. The weighted strategies (fedavg, fedprox, fedadam) take the counts capped by
+`fedkim.federation.weights`; median and trimmed_mean are coordinate-wise and unweighted, robust to a minority of
+poisoned sites.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from fedkim.data.catalogue import Catalogue
 from fedkim.federation.package import PackageManifest, key_modality
+from fedkim.federation.weights import capped_shares
 
 Packages = Sequence[tuple[PackageManifest, Mapping[str, torch.Tensor]]]
 
@@ -63,42 +67,74 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp16/bf16 sums would lose precision
 
 
-def weighted_average(global_state: Mapping[str, torch.Tensor], packages: Packages,
-                     catalogue: Catalogue | None = None):
-    """Per-modality weighted average of the float keys the packages carry.
+SiteCounts = Mapping[str, Mapping[str, int]]  # site -> modality -> count (fedkim.federation.weights)
 
-    Returns (averages for those keys, modality -> contributing sites, modality -> site -> weight).
-    """
+
+def _holders_by_key(global_state: Mapping[str, torch.Tensor], packages: Packages):
+    """(key, [(manifest, value), ...]) for every float key some package carries, after checking the packages."""
     if not packages:
         raise ValueError("no accepted packages to aggregate")
-    averages: dict[str, torch.Tensor] = {}
-    contributors: dict[str, set[str]] = {}
+    sites = [manifest.site_id for manifest, _ in packages]
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"more than one package per site among {sorted(sites)}; screen packages before aggregating")
     for manifest, state in packages:
         unknown = sorted(set(state) - set(global_state))
         if unknown:
             raise ValueError(f"site {manifest.site_id!r}: key(s) {unknown[:5]} not in the global state; "
                              f"screen packages before aggregating")
     for key, ref in global_state.items():
-        if not ref.is_floating_point():
-            continue
         holders = [(manifest, state[key]) for manifest, state in packages if key in state]
-        if not holders:
-            continue
+        if ref.is_floating_point() and holders:
+            yield key, holders
+
+
+def weighted_average(global_state: Mapping[str, torch.Tensor], packages: Packages,
+                     catalogue: Catalogue | None = None, *, counts: SiteCounts | None = None,
+                     max_weight_share: float = 1.0):
+    """Per-modality weighted average of the float keys the packages carry: each site weighs by its count of the
+    key's modality (`counts`, e.g. capped by `verified_counts`; None: the manifests' sample_counts), no site above
+    `max_weight_share` of a key's weight.
+
+    Returns (averages for those keys, modality -> contributing sites, modality -> site -> weight).
+    """
+    def count(manifest: PackageManifest, modality: str) -> int:
+        source = manifest.sample_counts if counts is None else counts.get(manifest.site_id, {})
+        return source.get(modality, 0)
+
+    averages: dict[str, torch.Tensor] = {}
+    contributors: dict[str, set[str]] = {}
+    for key, holders in _holders_by_key(global_state, packages):
         modality = key_modality(key, catalogue)
-        counts = [manifest.sample_counts.get(modality, 0) for manifest, _ in holders]
-        total = sum(counts)
-        if total <= 0:
+        if sum(count(manifest, modality) for manifest, _ in holders) <= 0:
             raise ValueError(f"{key}: no positive sample_counts[{modality!r}] among its packages")
-        acc = torch.zeros(ref.shape, dtype=_acc_dtype(ref.dtype))
-        for n, (_, value) in zip(counts, holders):
-            acc += value.to(acc.dtype) * (n / total)
+        shares = capped_shares({m.site_id: count(m, modality) for m, _ in holders}, max_weight_share)
+        acc = torch.zeros(global_state[key].shape, dtype=_acc_dtype(global_state[key].dtype))
+        for manifest, value in holders:
+            acc += value.to(acc.dtype) * shares[manifest.site_id]
         averages[key] = acc
         contributors.setdefault(modality, set()).update(m.site_id for m, _ in holders)
     by_site = {m.site_id: m for m, _ in packages}
-    weights = {}
-    for modality, sites in contributors.items():
-        total = sum(by_site[s].sample_counts.get(modality, 0) for s in sites)
-        weights[modality] = {s: by_site[s].sample_counts.get(modality, 0) / total for s in sorted(sites)}
+    weights = {modality: dict(sorted(capped_shares({s: count(by_site[s], modality) for s in sites},
+                                                   max_weight_share).items()))
+               for modality, sites in contributors.items()}
+    return averages, {m: sorted(s) for m, s in contributors.items()}, weights
+
+
+def coordinate_trimmed_mean(global_state: Mapping[str, torch.Tensor], packages: Packages,
+                            catalogue: Catalogue | None = None, *, trim: float | None = None):
+    """Per coordinate, the mean of the packages' values after dropping the floor(trim x k) lowest and highest of
+    the k sites carrying the key; trim=None drops all but the middle one or two: the coordinate-wise median.
+    Unweighted: a site's sample count buys it nothing here. Returns what `weighted_average` returns (each
+    contributor's nominal weight 1/k)."""
+    averages: dict[str, torch.Tensor] = {}
+    contributors: dict[str, set[str]] = {}
+    for key, holders in _holders_by_key(global_state, packages):
+        k = len(holders)
+        dropped = (k - 1) // 2 if trim is None else math.floor(trim * k + 1e-9)  # 0.29 x 100 is 28.99...
+        stacked = torch.stack([value.to(_acc_dtype(value.dtype)) for _, value in holders])
+        averages[key] = stacked.sort(dim=0).values[dropped:k - dropped].mean(dim=0)
+        contributors.setdefault(key_modality(key, catalogue), set()).update(m.site_id for m, _ in holders)
+    weights = {modality: {s: 1 / len(sites) for s in sorted(sites)} for modality, sites in contributors.items()}
     return averages, {m: sorted(s) for m, s in contributors.items()}, weights
 
 
@@ -109,21 +145,24 @@ def _assemble(global_state: Mapping[str, torch.Tensor], updated: Mapping[str, to
 
 
 def fedavg(global_state: Mapping[str, torch.Tensor], packages: Packages, *,
-           catalogue: Catalogue | None = None) -> AggregateResult:
+           catalogue: Catalogue | None = None, counts: SiteCounts | None = None,
+           max_weight_share: float = 1.0) -> AggregateResult:
     """FedAvg (McMahan et al.) with per-modality sample weights (a head weighs by its task's modality in
-    `catalogue`; None: the shipped one)."""
-    averages, contributors, weights = weighted_average(global_state, packages, catalogue)
+    `catalogue`; None: the shipped one); `counts` and `max_weight_share` as in `weighted_average`."""
+    averages, contributors, weights = weighted_average(global_state, packages, catalogue, counts=counts,
+                                                       max_weight_share=max_weight_share)
     return AggregateResult(_assemble(global_state, averages), contributors, weights, strategy="fedavg")
 
 
 def fedprox(global_state: Mapping[str, torch.Tensor], packages: Packages, *,
-            mu: float = 0.0, catalogue: Catalogue | None = None) -> AggregateResult:
+            mu: float = 0.0, catalogue: Catalogue | None = None, counts: SiteCounts | None = None,
+            max_weight_share: float = 1.0) -> AggregateResult:
     """FedProx (Li et al.): identical to FedAvg on the server.
 
     The proximal term mu/2 ||w - w_global||^2 acts in the sites' local training (`site.fedprox_mu`); `mu` is
     accepted here only so the round records it.
     """
-    result = fedavg(global_state, packages, catalogue=catalogue)
+    result = fedavg(global_state, packages, catalogue=catalogue, counts=counts, max_weight_share=max_weight_share)
     result.strategy, result.hparams = "fedprox", {"mu": mu}
     return result
 
@@ -138,6 +177,8 @@ def fedadam(
     beta2: float = 0.99,
     tau: float = 1e-3,
     catalogue: Catalogue | None = None,
+    counts: SiteCounts | None = None,
+    max_weight_share: float = 1.0,
 ) -> AggregateResult:
     """FedAdam (Reddi et al. 2021, Alg. 2): Adam on the pseudo-gradient delta = average - global.
 
@@ -145,7 +186,8 @@ def fedadam(
     Moments start at 0; no bias correction (as in the paper). Keys that no package carries this round are
     left alone, moments included, so a modality nobody reported does not drift on old momentum.
     """
-    averages, contributors, weights = weighted_average(global_state, packages, catalogue)
+    averages, contributors, weights = weighted_average(global_state, packages, catalogue, counts=counts,
+                                                       max_weight_share=max_weight_share)
     state = ServerOptimizerState() if state is None else state
     m, v = dict(state.m), dict(state.v)
     updated = {}
@@ -166,7 +208,27 @@ def fedadam(
                            {"lr": lr, "beta1": beta1, "beta2": beta2, "tau": tau})
 
 
-STRATEGIES = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam}
+def median(global_state: Mapping[str, torch.Tensor], packages: Packages, *,
+           catalogue: Catalogue | None = None) -> AggregateResult:
+    """Coordinate-wise median (Yin et al. 2018) of the sites carrying each key: one poisoned site out of three
+    or more cannot move a coordinate beyond the genuine sites' values."""
+    averages, contributors, weights = coordinate_trimmed_mean(global_state, packages, catalogue)
+    return AggregateResult(_assemble(global_state, averages), contributors, weights, strategy="median")
+
+
+def trimmed_mean(global_state: Mapping[str, torch.Tensor], packages: Packages, *, trim_fraction: float = 0.2,
+                 catalogue: Catalogue | None = None) -> AggregateResult:
+    """Coordinate-wise trimmed mean (Yin et al. 2018): floor(trim_fraction x k) values dropped at each end."""
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    averages, contributors, weights = coordinate_trimmed_mean(global_state, packages, catalogue, trim=trim_fraction)
+    return AggregateResult(_assemble(global_state, averages), contributors, weights, strategy="trimmed_mean",
+                           hparams={"trim_fraction": trim_fraction})
+
+
+STRATEGIES = {"fedavg": fedavg, "fedprox": fedprox, "fedadam": fedadam, "median": median,
+              "trimmed_mean": trimmed_mean}
+WEIGHTING = ("counts", "max_weight_share")  # what the sample-weighted strategies take besides hyperparameters
 
 
 def aggregate(
@@ -176,17 +238,22 @@ def aggregate(
     *,
     state: ServerOptimizerState | None = None,
     catalogue: Catalogue | None = None,
+    counts: SiteCounts | None = None,
+    max_weight_share: float = 1.0,
     **hparams: Any,
 ) -> AggregateResult:
-    """Run one named strategy. `state` is FedAdam's optimizer state (the others pass it through untouched)."""
+    """Run one named strategy. `state` is FedAdam's optimizer state (the others pass it through untouched);
+    `counts` and `max_weight_share` weigh the sample-weighted strategies (the coordinate-wise ones ignore them)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown aggregation strategy {strategy!r}; allowed: {sorted(STRATEGIES)}")
     fn = STRATEGIES[strategy]
-    allowed = [p for p in inspect.signature(fn).parameters
-               if p not in ("global_state", "packages", "state", "catalogue")]
+    parameters = inspect.signature(fn).parameters
+    allowed = [p for p in parameters if p not in ("global_state", "packages", "state", "catalogue", *WEIGHTING)]
     unknown = sorted(set(hparams) - set(allowed))
     if unknown:
         raise ValueError(f"{strategy} takes no hyperparameter(s) {unknown}; allowed: {allowed}")
+    if "counts" in parameters:
+        hparams |= {"counts": counts, "max_weight_share": max_weight_share}
     if strategy == "fedadam":
         return fn(global_state, packages, state=state, catalogue=catalogue, **hparams)
     result = fn(global_state, packages, catalogue=catalogue, **hparams)

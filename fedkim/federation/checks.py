@@ -7,6 +7,7 @@ it is never averaged in. Every check runs, so a site sees all of its problems at
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -35,6 +36,7 @@ class CheckResult:
     site_id: str | None = None
     package: KnowledgePackage | None = None  # the loaded package, when it could be read
     update_norm: float | None = None
+    modality_norms: dict[str, float] = field(default_factory=dict)  # modality -> norm of its part of the update
 
 
 def check_package(
@@ -77,6 +79,7 @@ def check_package(
 
     comparable: list[str] = []  # keys whose values can be compared with the global model
     present: set[str] = set()
+    modality_of: dict[str, str] = {}
     for key, value in state.items():
         if not key.startswith(KEY_PREFIXES):
             reasons.append(f"tensor {key!r}: not an encoder or head parameter (never samples or outputs)")
@@ -85,7 +88,8 @@ def check_package(
             reasons.append(f"tensor {key!r}: unknown key, not in the global model")
             continue
         try:
-            present.add(key_modality(key, catalogue))
+            modality_of[key] = key_modality(key, catalogue)
+            present.add(modality_of[key])
         except KeyError as exc:
             reasons.append(str(exc.args[0]))
         ref = global_state[key]
@@ -106,8 +110,12 @@ def check_package(
             comparable.append(key)
 
     # Integer buffers (BatchNorm step counters) are excluded: the server never takes them from sites.
-    norm = math.sqrt(sum(float((state[k].double() - global_state[k].double()).square().sum())
-                         for k in comparable))
+    squares = {k: float((state[k].double() - global_state[k].double()).square().sum()) for k in comparable}
+    norm = math.sqrt(sum(squares[k] for k in comparable))
+    by_modality: dict[str, float] = {}
+    for key in comparable:
+        if key in modality_of:
+            by_modality[modality_of[key]] = by_modality.get(modality_of[key], 0.0) + squares[key]
     if not norm <= max_update_norm:
         reasons.append(f"update norm {norm:.4g} exceeds max_update_norm {max_update_norm:g}")
 
@@ -117,7 +125,27 @@ def check_package(
             reasons.append(f"sample_counts[{modality!r}] is {count}, "
                            f"must be positive: the package carries {modality} parameters")
     return CheckResult(not reasons, reasons, site_id=manifest.site_id,
-                       package=KnowledgePackage(manifest, dict(state)), update_norm=norm)
+                       package=KnowledgePackage(manifest, dict(state)), update_norm=norm,
+                       modality_norms={m: math.sqrt(v) for m, v in sorted(by_modality.items())})
+
+
+def adaptive_norm_findings(norms: Mapping[str, Mapping[str, float]], multiple: float) -> dict[str, list[str]]:
+    """Sites whose update norm in a modality exceeds `multiple` x the median of that modality's norms this round
+    (site -> reasons). Per modality, because sites hold different modalities: a site's whole-update norm grows
+    with the modalities it trains, while one modality's norm is comparable across the sites holding it. The
+    median is the lower one, so with two sites an oversized update is judged against the genuine one; a zero
+    median (most sites sent that modality unchanged) gives no scale, and no bound."""
+    findings: dict[str, list[str]] = {}
+    for modality in sorted({m for site_norms in norms.values() for m in site_norms}):
+        values = {site: site_norms[modality] for site, site_norms in norms.items() if modality in site_norms}
+        median = statistics.median_low(values.values())
+        bound = multiple * median
+        for site, value in sorted(values.items()):
+            if median > 0 and value > bound:
+                findings.setdefault(site, []).append(
+                    f"site {site!r}: update norm {value:.4g} of its {modality} parameters exceeds {multiple:g} x "
+                    f"the round's median {median:.4g} (bound {bound:.4g}, federation.norm_multiple)")
+    return findings
 
 
 def screen_packages(
@@ -127,11 +155,15 @@ def screen_packages(
     max_update_norm: float,
     expected_round: str | int | None = None,
     catalogue: Catalogue | None = None,
+    norm_multiple: float | None = None,
 ) -> tuple[list[KnowledgePackage], dict[str, list[str]]]:
     """Split packages into (accepted, rejected site_id -> reasons).
 
-    One package per site: when a site sent two, both are rejected.
+    One package per site: when a site sent two, both are rejected. With `norm_multiple`, a package that passed
+    every other check is rejected too when its update is oversized against the round's others
+    (`adaptive_norm_findings`).
     """
+    norms: dict[str, dict[str, float]] = {}
     accepted: list[KnowledgePackage] = []
     rejected: dict[str, list[str]] = {}
     seen: set[str] = set()
@@ -148,5 +180,12 @@ def screen_packages(
             accepted = [p for p in accepted if p.manifest.site_id != site]
         else:
             accepted.append(result.package)
+            norms[site] = result.modality_norms
         seen.add(site)
+    if norm_multiple is not None:
+        oversized = adaptive_norm_findings({p.manifest.site_id: norms[p.manifest.site_id] for p in accepted},
+                                           norm_multiple)
+        accepted = [p for p in accepted if p.manifest.site_id not in oversized]
+        for site, reasons in oversized.items():
+            rejected.setdefault(site, []).extend(reasons)
     return accepted, rejected

@@ -43,3 +43,22 @@ def package_fields(site_id: str = "site-a", round_id: str = "r1", **counts) -> d
     return dict(site_id=site_id, round_id=round_id, sample_counts=counts,
                 task_counts={tasks[m]: n for m, n in counts.items()}, data_fingerprint=FINGERPRINT,
                 validation_summary={"success": True, "findings": 0})
+
+
+def gate_summary(site_id: str, samples: int, quarantined: int = 0) -> dict:
+    """A passing data gate summary in the shape `fedkim.data.validate.gate_summary` gives the server."""
+    return {"site_id": site_id, "success": True, "findings": [],
+            "quarantined": {"samples": quarantined, "per_rule": {"image_blank": quarantined} if quarantined else {}},
+            "stats": {"samples": samples, "files_checked": samples, "expectations": 12, "seconds": 0.1}}
+
+
+def upload_package(store, state: dict, tmp_path, **fields) -> None:
+    """Write a real package (the package writer; `fields` as package_fields gives them) and upload it as a site
+    does: tensors first, manifest last."""
+    from fedkim.federation.package import write_package
+    from fedkim.federation.store import package_prefix
+
+    folder = tmp_path / f"package-{fields['round_id']}-{fields['site_id']}"
+    write_package(folder, state, **fields)
+    for f in sorted(folder.iterdir(), key=lambda f: f.name == "manifest.json"):
+        store.put_file(f"{package_prefix(fields['round_id'], fields['site_id'])}/{f.name}", f)
