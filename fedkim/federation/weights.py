@@ -5,8 +5,8 @@ A site reports its training samples per modality in its manifest; nothing stops 
 keep such a claim from taking over a round:
 
 - the **verified count**: a modality's count is at most the samples its manifest lists for that modality's tasks
-  (`task_counts`), and at most the samples its data gate counted at the site less those it quarantined (the gate
-  summary the round holds; the summary counts samples over all modalities, so this bounds each modality);
+  (`task_counts`), and at most the samples its data gate counted at the site less those it quarantined, and the
+  index rows of that modality the gate checked (the gate summary the round holds: counts only);
 - the **share cap** (`federation.max_weight_share`): no site takes more than that share of a key's weight; the
   excess goes to the others in proportion to their counts.
 
@@ -31,12 +31,20 @@ class SiteWeights:
     unverified: list[str] = field(default_factory=list)  # sites without a gate summary (task counts cap only)
 
 
-def gate_verified_samples(summary: Mapping | None) -> int | None:
-    """The samples a site's gate summary vouches for (counted less quarantined); None without a usable summary."""
+def gate_verified_samples(summary: Mapping | None, modality: str | None = None) -> int | None:
+    """The samples a site's gate summary vouches for (counted less quarantined; for `modality`, at most the
+    index rows of that modality the gate checked); None without a usable summary."""
     try:
-        return int(summary["stats"]["samples"]) - int(summary.get("quarantined", {}).get("samples", 0))
+        verified = int(summary["stats"]["samples"]) - int(summary.get("quarantined", {}).get("samples", 0))
     except (KeyError, TypeError, ValueError):
         return None
+    per_modality = summary["stats"].get("modalities")
+    if modality is not None and isinstance(per_modality, Mapping):
+        try:
+            verified = min(verified, int(per_modality.get(modality, 0)))
+        except (TypeError, ValueError):
+            return None
+    return verified
 
 
 def verified_counts(manifests: Sequence[PackageManifest], gate_summaries: Mapping[str, Mapping | None],
@@ -46,11 +54,12 @@ def verified_counts(manifests: Sequence[PackageManifest], gate_summaries: Mappin
     result = SiteWeights(counts={})
     for manifest in manifests:
         site = manifest.site_id
-        verified = gate_verified_samples(gate_summaries.get(site))
-        if verified is None:
+        summary = gate_summaries.get(site)
+        if gate_verified_samples(summary) is None:
             result.unverified.append(site)
         used = {}
         for modality, reported in manifest.sample_counts.items():
+            verified = gate_verified_samples(summary, modality)
             in_tasks = sum(n for task, n in manifest.task_counts.items() if catalogue[task].modality == modality)
             count = min(reported, in_tasks)
             if reported > in_tasks:

@@ -642,7 +642,7 @@ def test_gate_summary_of_a_passing_site(copy_site):
     report = check(copy_site("image"))
     assert gate_summary(report) == {
         "site_id": "site-t", "success": True, "findings": [], "quarantined": {"samples": 0, "per_rule": {}},
-        "stats": {k: report.stats[k] for k in ("samples", "files_checked", "expectations", "seconds")},
+        "stats": {k: report.stats[k] for k in ("samples", "modalities", "files_checked", "expectations", "seconds")},
     }
 
 
@@ -672,7 +672,7 @@ def test_gate_summary_and_reason_carry_rule_ids_and_counts_only(copy_site):
         "manifest.fingerprint"] == [f.rule for f in report.findings]
     assert summary["findings"][3] == {"rule": "file.decodes", "action": "quarantine", "count": 1}
     assert summary["quarantined"] == {"samples": 1, "per_rule": {"file.decodes": 1}}
-    assert summary["stats"] == {k: report.stats[k] for k in ("samples", "files_checked", "expectations",
+    assert summary["stats"] == {k: report.stats[k] for k in ("samples", "modalities", "files_checked", "expectations",
                                                                "seconds")}
     text = json.dumps(summary) + gate_reason(summary)
     assert PATIENT not in text and "png" not in text and "index.parquet" not in text

@@ -90,6 +90,23 @@ def test_an_inflated_sample_count_is_capped_by_its_gate_and_the_share_cap_with_i
     assert aggregate_step(configure(), store, "1", ["site-a", "site-b", "site-c"]).findings == outcome.findings
 
 
+def test_the_gate_s_per_modality_count_caps_that_modality(configure, store, glob, tmp_path):
+    publish(store, "1", glob)
+    send(store, "1", glob, tmp_path, "site-a", 1, image=20)
+    send(store, "1", glob, tmp_path, "site-b", 2, image=20)
+    send(store, "1", glob, tmp_path, "site-c", 3, image=30)  # its gate saw 12 image rows among 60 samples
+    seen = {"site-a": {"image": 20}, "site-b": {"image": 20}, "site-c": {"image": 12, "ecg": 48}}
+    for site, modalities in seen.items():
+        put_json(store, validation_key("1", site), gate_summary(site, sum(modalities.values()), modalities=modalities))
+
+    outcome = aggregate_step(configure(), store, "1", ["site-a", "site-b", "site-c"])
+
+    (reason,) = outcome.findings["site-c"]
+    assert "sample_counts['image'] = 30" in reason and "12 samples its data gate verified" in reason
+    saved = get_json(store, round_key("1", "aggregate", "aggregate.json"))
+    assert saved["weights"]["image"] == pytest.approx({"site-a": 20 / 52, "site-b": 20 / 52, "site-c": 12 / 52})
+
+
 def test_without_a_gate_summary_the_share_cap_alone_keeps_a_site_from_taking_over(configure, store, glob, tmp_path):
     publish(store, "1", glob)
     states = [send(store, "1", glob, tmp_path, s, i, image=n)

@@ -45,11 +45,12 @@ def package_fields(site_id: str = "site-a", round_id: str = "r1", **counts) -> d
                 validation_summary={"success": True, "findings": 0})
 
 
-def gate_summary(site_id: str, samples: int, quarantined: int = 0) -> dict:
+def gate_summary(site_id: str, samples: int, quarantined: int = 0, modalities: dict | None = None) -> dict:
     """A passing data gate summary in the shape `fedkim.data.validate.gate_summary` gives the server."""
+    stats = {"samples": samples, "files_checked": samples, "expectations": 12, "seconds": 0.1}
     return {"site_id": site_id, "success": True, "findings": [],
             "quarantined": {"samples": quarantined, "per_rule": {"image_blank": quarantined} if quarantined else {}},
-            "stats": {"samples": samples, "files_checked": samples, "expectations": 12, "seconds": 0.1}}
+            "stats": stats | ({"modalities": modalities} if modalities is not None else {})}
 
 
 def upload_package(store, state: dict, tmp_path, **fields) -> None:

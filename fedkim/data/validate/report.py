@@ -73,15 +73,15 @@ class ValidationReport(BaseModel):
 
 def gate_summary(report: ValidationReport) -> dict:
     """What the central side may see of a gate report: rule ids and counts only (each finding's rule, action and
-    count; the quarantined samples per rule). File names, columns, messages, examples and sample ids can carry
-    patient identifiers (a hospital's export names files after patients): they stay at the site, in its
-    validation.json and its own console."""
+    count; the quarantined samples per rule; the samples checked, in all and per modality). File names, columns,
+    messages, examples and sample ids can carry patient identifiers (a hospital's export names files after
+    patients): they stay at the site, in its validation.json and its own console."""
     findings = [{"rule": f.rule, "action": f.action, "count": f.count} for f in report.findings]
     per_rule: dict[str, int] = {}
     for rules in report.quarantine.values():
         for rule in rules:
             per_rule[rule] = per_rule.get(rule, 0) + 1
-    shared = ("samples", "files_checked", "expectations", "seconds")
+    shared = ("samples", "modalities", "files_checked", "expectations", "seconds")  # counts only
     stats = {k: v for k, v in report.stats.items() if k in shared}
     return {"site_id": report.site_id, "success": report.success, "findings": findings,
             "quarantined": {"samples": len(report.quarantine), "per_rule": dict(sorted(per_rule.items()))},
