@@ -365,11 +365,13 @@ def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: P
 
 
 def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: CentralModel, *,
-                  progress: bool = False, split: str = "test") -> dict:
+                  progress: bool = False, split: str = "test", recompute: bool = False) -> dict:
     """The injected model's metrics on a server split: `test` (the reported figures, with the gate table and the
-    calibration the served model decides with) or `validation` (the figures promotion decides on)."""
+    calibration the served model decides with) or `validation` (the figures promotion decides on). recompute: what
+    a decision rests on is computed from the model, never read from the store (an object there may be planted);
+    a stored file that disagrees is left as it is and flagged (`stored_differs`)."""
     key = round_key(round_id, "evaluation", "metrics.json" if split == "test" else f"{split}_metrics.json")
-    if store.exists(key):
+    if store.exists(key) and not recompute:
         return get_json(store, key)
     calibration: dict = {}
     metrics = evaluate(model, split_dir(params, split), params.eval, params.site, params.data,
@@ -379,6 +381,14 @@ def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: Ce
     if split == "test":
         metrics["gate"] = gate_table(model)
         metrics[CALIBRATION] = calibration  # what the served model decides with (the bundle's calibration.json)
+    if store.exists(key):  # recomputed: compare the task figures, keep the stored object untouched
+        try:
+            stored = get_json(store, key)
+        except ValueError:
+            stored = None
+        stored = stored.get("tasks") if isinstance(stored, dict) else None
+        return metrics | {"stored_differs": json.dumps(stored, sort_keys=True)
+                          != json.dumps(json.loads(json.dumps(metrics["tasks"])), sort_keys=True)}
     put_json(store, key, metrics)
     return metrics
 

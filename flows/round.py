@@ -117,7 +117,7 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
             inject=lambda: inject_task(params, store, round_id, work_dir, progress=progress),
             evaluate=lambda model: evaluate_task(params, store, round_id, model, progress=progress), register=register_task,
             timer=timer, validate=(lambda model: evaluate_task(params, store, round_id, model, progress=progress,
-                                                               split="validation"))
+                                                               split="validation", recompute=True))
             if "validation" in splits else None,
             outcomes=[*sites.values(), *(SiteOutcome(name, "gated", validation=s) for name, s in splits.items())])
         finish_round(store, round_id)

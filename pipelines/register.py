@@ -23,7 +23,8 @@ from fedkim.digests import settings_digest, short_digest
 from fedkim.errors import run_stage
 from fedkim.members import server_splits
 from fedkim.federation.store import package_prefix
-from fedkim.rounds import SiteOutcome, get_json, load_central, read_manifest_from_store, round_key
+from fedkim.rounds import (SiteOutcome, evaluate_step, get_json, load_central, read_manifest_from_store,
+                           round_key)
 from pipelines.common import params_path, parser, setup, write_json
 
 PRODUCED = ("aggregate/encoders.safetensors", "central/trainable.safetensors", "central/encoders.safetensors")
@@ -70,10 +71,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def validation_metrics(params: Params, store, round_id: str) -> dict | None:
-    """The evaluate stage's metrics on the validation split (promotion decides on them); None without one."""
+    """The injected model's metrics on the validation split, recomputed here from the model (promotion decides
+    on them; the evaluate stage's stored file is reported, never trusted); None without a validation split."""
     if "validation" not in server_splits(params):
         return None
-    return get_json(store, round_key(round_id, "evaluation", "validation_metrics.json"))
+    model = load_central(params, store, round_id, injected=True)
+    metrics = evaluate_step(params, store, round_id, model, split="validation", recompute=True)
+    if metrics.get("stored_differs"):
+        print(f"warning: rounds/{round_id}/evaluation/validation_metrics.json differs from the model's own "
+              "validation figures; promotion uses the recomputed ones", file=sys.stderr)
+    return metrics
 
 
 def log_and_register(params: Params, store, round_id: str, tracked_id: str, digest: str, metrics: dict):

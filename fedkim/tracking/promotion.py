@@ -2,9 +2,11 @@
 
 Rule (`decide`, a pure function): the score is the mean primary figure (F1 for the yes/no tasks) over the training
 tasks on the split promotion decides on (the server's `validation` split; `test` only for a federation without
-one, and the reason says which). The test split's figures are reported, never decided on. The challenger takes `champion` when there is no champion, or when its score beats
-the champion's by more than TOLERANCE (1e-6), or when the scores tie within TOLERANCE and its mean AUROC over the
-same tasks is higher by more than TOLERANCE. Otherwise the champion stays. `promote` applies the rule to the
+one, and the reason says which). The test split's figures are reported, never decided on. The challenger takes
+`champion` when there is no champion, or when its score beats the champion's by more than TOLERANCE (1e-6) while
+its mean AUROC over the same tasks drops by no more than MAX_AUROC_DROP (0.02: a higher F1 bought with a worse
+ranking of the cases is not an improvement), or when the scores tie within TOLERANCE and its mean AUROC is higher
+by more than TOLERANCE. Otherwise the champion stays, and the reason says which figure held it back. `promote` applies the rule to the
 registry: a version's decision is recorded once, in its tags; asking again returns the recorded decision (a re-run
 round does not re-judge).
 """
@@ -18,6 +20,7 @@ from fedkim.tracking.connection import CHAMPION, COMPARED, DECISION, REASON, ROU
 from fedkim.tracking.registry import champion_figures, champion_version, per_task, registered_name
 
 TOLERANCE = 1e-6
+MAX_AUROC_DROP = 0.02
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,16 @@ def decide(mine: Figures, theirs: Figures | None, version: int, champion: int | 
     if theirs is None:
         return True, f"no champion yet: v{version} becomes champion with {mine.text()} {over}"
     champion_primary = theirs.primary if math.isfinite(theirs.primary) else -math.inf
-    if mine.primary > champion_primary + TOLERANCE:
-        return True, (f"v{version} {mine.text()} beats champion v{champion} ({theirs.text()}) on mean primary "
-                      f"{over}")
-    tie = abs(mine.primary - champion_primary) <= TOLERANCE
     champion_auroc = theirs.auroc if math.isfinite(theirs.auroc) else -math.inf
+    if mine.primary > champion_primary + TOLERANCE:
+        drop = champion_auroc - (mine.auroc if math.isfinite(mine.auroc) else -math.inf)
+        if drop > MAX_AUROC_DROP + TOLERANCE:
+            return False, (f"v{version} {mine.text()} beats champion v{champion} ({theirs.text()}) on mean primary "
+                           f"but its mean AUROC drops by {drop:.4f} (more than {MAX_AUROC_DROP}) {over}; "
+                           f"champion stays v{champion}")
+        return True, (f"v{version} {mine.text()} beats champion v{champion} ({theirs.text()}) on mean primary "
+                      f"with mean AUROC no more than {MAX_AUROC_DROP} lower {over}")
+    tie = abs(mine.primary - champion_primary) <= TOLERANCE
     if tie and math.isfinite(mine.auroc) and mine.auroc > champion_auroc + TOLERANCE:
         return True, (f"v{version} ties champion v{champion} on mean primary {mine.primary:.4f} and wins the "
                       f"tie-break on mean AUROC {mine.auroc:.4f} > {theirs.auroc:.4f} {over}")

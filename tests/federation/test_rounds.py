@@ -11,10 +11,13 @@ from fedkim.rounds import (
     QuorumError,
     SplitGateError,
     aggregate_step,
+    evaluate_step,
     gated_site,
     get_state,
     latest_round,
+    load_central,
     package_validation,
+    put_json,
     read_manifest_from_store,
     round_key,
     run_round,
@@ -99,6 +102,27 @@ def test_a_model_rebuilt_from_the_store_answers_exactly_like_the_injected_one(pa
         batch = batch_of(params, task)
         expected = injected.option_logprobs(batch, task, [["No", "Yes"]] * 4)
         assert torch.allclose(rebuilt.option_logprobs(batch, task, [["No", "Yes"]] * 4), expected, atol=1e-5)
+
+
+def test_the_figures_promotion_decides_on_are_recomputed_not_read_from_the_store(params, tmp_path):
+    """A planted validation_metrics.json with perfect figures: the reporting path reads it, the deciding path
+    (recompute) evaluates the model itself, flags the disagreement and leaves the planted object as it is."""
+    store = LocalStore(tmp_path / "store")
+    run_round(params, store, "1", tmp_path / "work")
+    key = round_key("1", "evaluation", "validation_metrics.json")
+    perfect = {"tasks": {t: {"role": "train", "kind": "binary", "primary": 1.0, "f1": 1.0, "auroc": 1.0}
+                         for t in ("lung_opacity", "covid", "ecg_abnormal", "mortality")}}
+    put_json(store, key, perfect)
+    planted = store.sha256(key)
+    model = load_central(params, store, "1", injected=True)
+
+    assert evaluate_step(params, store, "1", model, split="validation") == perfect  # as stored: reported only
+    fresh = evaluate_step(params, store, "1", model, split="validation", recompute=True)
+    assert fresh["stored_differs"] is True and fresh["tasks"] != perfect["tasks"]
+    assert all(0.0 <= m["f1"] <= 1.0 for m in fresh["tasks"].values()) and set(fresh["tasks"]) == set(perfect["tasks"])
+    assert store.sha256(key) == planted  # never overwritten
+    again = evaluate_step(params, store.__class__(tmp_path / "clean"), "1", model, split="validation", recompute=True)
+    assert again["tasks"] == fresh["tasks"]  # deterministic: the same model gives the same figures
 
 
 def test_a_site_needs_its_gate_summary_to_train(params, tmp_path):

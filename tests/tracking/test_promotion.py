@@ -5,7 +5,7 @@ import math
 import pytest
 
 from fedkim.data.catalogue import load_catalogue
-from fedkim.tracking.promotion import TOLERANCE, Figures, compare, decide, figures
+from fedkim.tracking.promotion import MAX_AUROC_DROP, TOLERANCE, Figures, compare, decide, figures
 
 TRAIN_TASKS = load_catalogue().train  # the shipped catalogue's
 
@@ -18,9 +18,19 @@ def test_the_first_version_becomes_champion():
                                    "over 2 training task(s)")
 
 
-def test_a_better_mean_primary_is_promoted():
-    promoted, reason = decide(Figures(0.7, 0.1), Figures(0.6, 0.9), 3, 1, TASKS)
+def test_a_better_mean_primary_is_promoted_when_auroc_holds():
+    promoted, reason = decide(Figures(0.7, 0.89), Figures(0.6, 0.9), 3, 1, TASKS)
     assert promoted and "v3 mean primary 0.7000" in reason and "beats champion v1 (mean primary 0.6000" in reason
+    assert f"mean AUROC no more than {MAX_AUROC_DROP} lower" in reason
+
+
+def test_a_better_mean_primary_with_a_worse_auroc_is_kept():
+    promoted, reason = decide(Figures(0.7, 0.1), Figures(0.6, 0.9), 3, 1, TASKS)
+    assert not promoted and "mean AUROC drops by 0.8000" in reason and reason.endswith("champion stays v1")
+    edge = 0.9 - MAX_AUROC_DROP  # a drop of exactly the tolerance still promotes
+    assert decide(Figures(0.7, edge), Figures(0.6, 0.9), 3, 1, TASKS)[0]
+    assert not decide(Figures(0.7, edge - 0.001), Figures(0.6, 0.9), 3, 1, TASKS)[0]
+    assert not decide(Figures(0.7, math.nan), Figures(0.6, 0.9), 3, 1, TASKS)[0]  # no AUROC: no evidence it held
 
 
 def test_a_champion_whose_figures_are_on_another_split_is_named_so():
@@ -40,7 +50,7 @@ def test_a_primary_within_the_tolerance_is_a_tie_decided_by_auroc():
     assert not decide(Figures(above, 0.7), Figures(0.6, 0.7), 4, 3, TASKS)[0]
     promoted, reason = decide(Figures(above, 0.8), Figures(0.6, 0.7), 4, 3, TASKS)
     assert promoted and "wins the tie-break on mean AUROC 0.8000 > 0.7000" in reason
-    assert decide(Figures(0.6 + 2 * TOLERANCE, 0.1), Figures(0.6, 0.7), 4, 3, TASKS)[0]  # beyond it: a win
+    assert decide(Figures(0.6 + 2 * TOLERANCE, 0.69), Figures(0.6, 0.7), 4, 3, TASKS)[0]  # beyond it: a win
 
 
 def test_the_auroc_tie_break_also_needs_more_than_the_tolerance():

@@ -68,7 +68,7 @@ def bundle(store, model):
 @pytest.fixture(scope="module")
 def rounds(store, model, bundle):
     """Three rounds: the first sets the champion, a worse second is kept, a better third is promoted."""
-    figures = {"1": (0.6, 0.7), "2": (0.5, 0.9), "3": (0.7, 0.6)}
+    figures = {"1": (0.6, 0.7), "2": (0.5, 0.9), "3": (0.7, 0.69)}  # 3: AUROC within the allowed drop
     out = {}
     for round_id, (primary, auroc) in figures.items():
         metrics = fake_metrics(primary, auroc, model)
