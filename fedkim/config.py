@@ -243,6 +243,7 @@ class InjectParams(Strict):
     weight_decay: float = Field(1e-4, ge=0)
     warmup: float = Field(0.1, ge=0, lt=1, description="share of steps of linear warm-up, then linear decay")
     grad_clip: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(16, ge=1, description="injection steps between checkpoints a crash resumes from")
     task_order: Literal["sequential", "interleaved"] = "sequential"
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"

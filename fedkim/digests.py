@@ -36,6 +36,7 @@ def settings_digest(params) -> str:
     """The digest of the settings that decide a model (see the module docstring); `params`: fedkim.config.Params."""
     dumped = params.model_dump(mode="json")
     payload = {section: dumped[section] for section in WHOLE_SECTIONS}
+    payload["inject"].pop("checkpoint_every", None)  # where a crash resumes from: the same model either way
     payload["data"] = {k: v for k, v in dumped["data"].items() if k not in DATA_IGNORED}
     catalogue = payload["data"].pop("catalogue", None)  # its content decides, not where it lies
     if catalogue is not None:  # (None, the shipped catalogue, leaves the digest as it always was)

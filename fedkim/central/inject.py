@@ -1,7 +1,9 @@
 """Knowledge injection, once per round: the aggregated encoders go into the central model, then experts, gate,
 projectors (and the encoders, by flag) train on the server's public split with warm-up then linear decay.
 
-Seeded and deterministic on CPU; bf16 autocast on CUDA. A checkpoint per round lets a crashed round resume.
+Seeded and deterministic on CPU; bf16 autocast on CUDA. A checkpoint per round lets a crashed round resume; within
+the injection, a step checkpoint every `inject.checkpoint_every` steps (weights, optimizer, schedule, RNG, the
+loss curve so far) lets a crash resume from the last one, with the same result as an uninterrupted run on CPU.
 """
 
 from __future__ import annotations
@@ -90,8 +92,14 @@ def inject(model: CentralModel, public_dir: str | Path, p: InjectParams, site: S
             for pair in _batches(Path(public_dir), p, site, data, p.seed + epoch, exclude)]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_decay(len(plan), p.warmup))
     result = InjectResult(str(round_id))
+    steps = ckpt.with_suffix(".steps.pt") if ckpt is not None else None
+    start = _resume(steps, model, optimizer, schedule, len(plan)) if steps is not None else None
+    if start is not None:
+        start, result = start
+        log.info("round %s injection resumes after step %d of %d", round_id, start, len(plan))
     with Progress(f"round {round_id} injection", len(plan), logger=log, bar=progress) as bar:
-        for task, batch in plan:
+        bar.advance(start or 0)
+        for step, (task, batch) in enumerate(plan[start or 0:], start or 0):
             batch = to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -104,11 +112,39 @@ def inject(model: CentralModel, public_dir: str | Path, p: InjectParams, site: S
             result.losses.append(float(loss.detach()))
             result.tasks.append(task)
             bar.advance(description=f"{task} loss {result.losses[-1]:.3f}")
+            if steps is not None and (step + 1) % p.checkpoint_every == 0 and step + 1 < len(plan):
+                _save(steps, {"step": step + 1, "total": len(plan), "state": model.trainable_state(),
+                              "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                              "rng": torch.get_rng_state(), "result": result})
     model.eval()
     result.seconds = time.perf_counter() - started
     if ckpt is not None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        partial = ckpt.with_suffix(".partial")
-        torch.save({"state": model.trainable_state(), "result": result}, partial)
-        partial.rename(ckpt)
+        _save(ckpt, {"state": model.trainable_state(), "result": result})
+        steps.unlink(missing_ok=True)  # the finished injection's checkpoint supersedes the step checkpoint
     return result
+
+
+def _save(path: Path, payload: dict) -> None:
+    """Write atomically: a crash during the write leaves the previous checkpoint, never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(payload, partial)
+    partial.rename(path)
+
+
+def _resume(path: Path, model: CentralModel, optimizer, schedule, total: int) -> tuple[int, InjectResult] | None:
+    """(steps done, the result so far) from a step checkpoint of this injection, its states restored; None when
+    there is none. A checkpoint of another plan (settings changed since) is set aside, not used."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    if saved.get("total") != total:
+        log.warning("%s: a step checkpoint of %s steps, this injection has %d: starting over", path,
+                    saved.get("total"), total)
+        return None
+    model.load_trainable_state(saved["state"])
+    optimizer.load_state_dict(saved["optimizer"])
+    schedule.load_state_dict(saved["schedule"])
+    torch.set_rng_state(saved["rng"])
+    saved["result"].resumed = True
+    return saved["step"], saved["result"]

@@ -4,6 +4,9 @@ import json
 import logging
 import math
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from fedkim.central.inject import inject, warmup_decay
 from fedkim.data.catalogue import load_catalogue
 from fedkim.central.variants import VARIANTS, build_central
 from fedkim.experiment import run_experiment, run_variant
+from tests.helpers import TINY, small_params_dict, write_params
 from tests.helpers.models import batch_of
 
 CATALOGUE = load_catalogue()  # the shipped catalogue
@@ -472,3 +476,47 @@ def _general_scores(model, batch, task, options):
     picked = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     scores = (picked * (target != -100)).sum(-1).view(len(options), -1)
     return scores
+
+
+CRASHING_INJECTION = """
+import sys
+from fedkim.central.inject import inject
+from fedkim.central.variants import VARIANTS, build_central
+from fedkim.config import load_params
+params = load_params(sys.argv[1])
+model = build_central(params, VARIANTS["fedkim"])
+inject(model, params.data.root / "public", params.inject, params.site, params.data, round_id="1",
+       checkpoint_dir=sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_a_crash_mid_injection_resumes_from_the_last_step_checkpoint_with_the_same_result(small_federation,
+                                                                                          tmp_path):
+    """The injection runs in its own process, killed (SIGKILL) once a step checkpoint exists; the rerun resumes
+    there and ends with the weights and loss curve of an uninterrupted run."""
+    params = write_params(tmp_path, small_params_dict(small_federation.root, **TINY, **{
+        "inject.device": "cpu", "inject.epochs": 20, "inject.checkpoint_every": 3}))
+    folder = tmp_path / "crashed"
+    steps_file = folder / "inject-1.steps.pt"
+    process = subprocess.Popen([sys.executable, "-c", CRASHING_INJECTION, str(tmp_path / "params.yaml"), str(folder)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not steps_file.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert steps_file.exists() and not (folder / "inject-1.pt").exists(), "the injection was not caught mid-way"
+    done = torch.load(steps_file, weights_only=False)["step"]
+
+    whole = build_central(params, VARIANTS["fedkim"])
+    expected = inject(whole, params.data.root / "public", params.inject, params.site, params.data, round_id="1",
+                      checkpoint_dir=tmp_path / "whole")
+    assert 0 < done < len(expected.losses)
+    resumed = build_central(params, VARIANTS["fedkim"])
+    result = inject(resumed, params.data.root / "public", params.inject, params.site, params.data, round_id="1",
+                    checkpoint_dir=folder)
+    assert result.resumed and result.losses == expected.losses and result.tasks == expected.tasks
+    state, again = whole.trainable_state(), resumed.trainable_state()
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    assert (folder / "inject-1.pt").exists() and not steps_file.exists()  # the finished checkpoint replaces it
