@@ -6,7 +6,8 @@
     -> finish -> round report (fedkim.report)
 
 Re-running a round id reuses what the store and MLflow already hold (no retraining, no second parent run, no
-second registry version).
+second registry version). A round id runs once at a time: the flow holds the round's lock in the store before it
+opens the MLflow parent run, so a second trigger is refused (or waits: federation.round_lock).
 
     python -m flows.round [--round-id ID] [--params params.yaml] [--set key=value ...] [--mode federated]
 """
@@ -31,6 +32,8 @@ from fedkim.members import server_splits
 from fedkim.orchestration import (REPORTED, check_round_id, completed_summary, load_settings, mlflow_ui_command,
                                   quorum_failure, reporting, round_record, summary_lines, with_sites)
 from fedkim.report import write_round_report
+from fedkim.round_chain import LatestError
+from fedkim.round_lock import RoundLockedError, round_lock
 from fedkim.rounds import (PhaseTimer, QuorumError, SiteOutcome, SplitGateError, aggregate_step, evaluate_step,
                            finish_round, inject_step, put_json, round_key, start_round, validate_split_step)
 from flows.dispatch import run_sites_here, run_sites_remote
@@ -74,8 +77,10 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
                 mode, record["store"], uri)
 
     timer.seconds["setup"] = round(time.perf_counter() - started, 2)
-    with tracking.round_run(params, round_id, sites=dict.fromkeys(invited, ""),
-                            params_hash=record["params_hash"]) as parent:
+    with round_lock(store, round_id, params.federation.round_lock,
+                    owner=f"prefect flow run {record['prefect_flow_run_id'] or '(none)'}"), \
+            tracking.round_run(params, round_id, sites=dict.fromkeys(invited, ""),
+                               params_hash=record["params_hash"]) as parent:
         with timer("tracking"):
             record["mlflow_run_id"] = parent.info.run_id
             mlflow.set_tags({"fedkim.mode": mode, "fedkim.prefect_flow_run_id": record["prefect_flow_run_id"]})
@@ -155,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                               overrides=overrides, mode=args.mode, progress=not args.no_progress)
     except (QuorumError, SplitGateError) as exc:
         print(f"\nround failed: {exc}", file=sys.stderr)
+        return 1
+    except (RoundLockedError, LatestError) as exc:
+        print(f"\nround not run: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
