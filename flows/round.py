@@ -35,7 +35,8 @@ from fedkim.report import write_round_report
 from fedkim.round_chain import LatestError
 from fedkim.round_lock import RoundLockedError, round_lock
 from fedkim.rounds import (PhaseTimer, QuorumError, SiteOutcome, SplitGateError, aggregate_step, evaluate_step,
-                           finish_round, inject_step, put_json, round_key, start_round, validate_split_step)
+                           finish_round, inject_step, latest_round, put_json, round_key, start_round,
+                           validate_split_step)
 from flows.dispatch import run_sites_here, run_sites_remote
 
 
@@ -125,7 +126,8 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
                                                                split="validation"))
             if "validation" in splits else None,
             outcomes=[*sites.values(), *(SiteOutcome(name, "gated", validation=s) for name, s in splits.items())])
-        finish_round(store, round_id)
+        if not finish_round(store, round_id):  # an old round id again, or one that started from an older LATEST
+            logger.warning("round %s: rounds/LATEST.json stays at round %s", round_id, latest_round(store))
         shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve an unfinished injection
 
         summary = completed_summary(record, sites, aggregate, logged.injection, logged.metrics, logged.registered,
