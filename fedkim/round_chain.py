@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -53,8 +54,6 @@ def base_key(round_id: str) -> str:
 
 
 def _round_id(value, where: str, name: str) -> str:
-    import re
-
     if not isinstance(value, str) or not re.match(ROUND_ID_PATTERN, value):
         raise LatestError(f"{where}: {name!r} must be a round id (text matching {ROUND_ID_PATTERN}), got {value!r}")
     return value
@@ -111,14 +110,13 @@ def read_latest(store, *, finishing: str | None = None) -> Latest | None:
     with the history. `finishing`: the round finish_round is completing; when the history already lists it
     right after LATEST (a crash between the two writes), that is the answer, marked `repaired`."""
     raw = _read(store, LATEST_KEY)
-    after = _history(store, 1 if raw is None else parse_latest(raw, store.uri(LATEST_KEY)).sequence + 1)
-    if raw is None:
+    latest = parse_latest(raw, store.uri(LATEST_KEY)) if raw is not None else None
+    after = _history(store, (latest.sequence if latest else 0) + 1)
+    if latest is None:
         if after is None:
             return None
-        latest = None
         where = f"{store.uri(LATEST_KEY)} is missing but"
     else:
-        latest = parse_latest(raw, store.uri(LATEST_KEY))
         entry = _history(store, latest.sequence) if latest.sequence else {"round_id": latest.round_id}
         if entry is None or entry["round_id"] != latest.round_id:
             raise LatestError(f"{store.uri(LATEST_KEY)}: names round {latest.round_id!r} as completion "
@@ -130,7 +128,8 @@ def read_latest(store, *, finishing: str | None = None) -> Latest | None:
     if after["round_id"] == finishing:
         done = latest.completed if latest else ()
         return Latest(finishing, after["sequence"], (*done, finishing), repaired=True)
-    raise LatestError(f"{where} round {after['round_id']!r} completed after it ({store.uri(history_key(after['sequence']))}): "
+    later = store.uri(history_key((latest.sequence if latest else 0) + 1))
+    raise LatestError(f"{where} round {after['round_id']!r} completed after it ({later}): "
                       f"LATEST points backwards and is not trusted; re-run round {after['round_id']} to finish it, "
                       f"or restore LATEST.json")
 

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from fedkim.params_base import Strict
 
 LOCK_PREFIX = "locks/rounds"
+BREAK_TIMEOUT_S = 60.0  # breaking a lock takes a few store requests; a break marker older than this was abandoned
 log = logging.getLogger(__name__)
 
 
@@ -104,6 +105,9 @@ def _break_stale(store, holder: Holder, why: str) -> None:
     only while the lock still names that holder: a lock taken meanwhile by someone else stays."""
     marker = f"{LOCK_PREFIX}/{holder.round_id}.broken-{holder.token}"
     if not store.create_marker(marker, json.dumps({"pid": os.getpid(), "at": time.time()}).encode()):
+        with contextlib.suppress(ValueError, TypeError, KeyError):  # a breaker that crashed midway: clear it
+            if time.time() - json.loads(store.read_marker(marker) or b"{}")["at"] > BREAK_TIMEOUT_S:
+                store.delete_marker(marker)
         return
     try:
         current = read_holder(store, holder.round_id)
@@ -158,8 +162,9 @@ def round_lock(store, round_id: str, settings: RoundLockParams | None = None, *,
             break
         if time.monotonic() >= deadline:
             waited = f" after waiting {settings.wait_s:.0f} s" if settings.mode == "wait" else ""
+            who = holder.describe() if holder else "another run"
             raise RoundLockedError(
-                f"round {round_id} is already running{waited}: held by {holder.describe() if holder else 'another run'} "
+                f"round {round_id} is already running{waited}: held by {who} "
                 f"(lock {store.uri(lock_key(round_id))}); wait for it to end, or set federation.round_lock: wait")
         log.info("round %s is held by %s; waiting", round_id, holder.describe() if holder else "another run")
         time.sleep(max(0.01, min(settings.poll_s, deadline - time.monotonic())))

@@ -126,7 +126,7 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
                                                                split="validation"))
             if "validation" in splits else None,
             outcomes=[*sites.values(), *(SiteOutcome(name, "gated", validation=s) for name, s in splits.items())])
-        if not finish_round(store, round_id):  # an old round id again, or one that started from an older LATEST
+        if not finish_round(store, round_id):  # an old round id again, or one started from an older LATEST
             logger.warning("round %s: rounds/LATEST.json stays at round %s", round_id, latest_round(store))
         shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve an unfinished injection
 

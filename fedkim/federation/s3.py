@@ -327,41 +327,53 @@ class S3Store(ArtifactStore):
 
     def _claim_then_create(self, key: str, data: bytes) -> bool:
         """create_marker on a server without conditional writes. Each creator first writes a claim of its own
-        (a unique key, so nothing is overwritten), then lists the claims: it goes on only when it sees no other
-        fresh claim and no marker. Of two creators, the one that lists second sees the first one's claim (S3
-        listings are strongly consistent), so at most one creates the marker. Creators that saw each other
-        withdraw and try again after a random pause, so that one of them gets through."""
-        for attempt in range(1, 9):
+        (a unique key, so nothing is overwritten), then lists the claims: it creates the marker only when it sees
+        no other fresh claim and no marker, and removes its claim only afterwards. Of two creators, the one that
+        lists second sees the first one's claim (S3 listings are strongly consistent), so at most one creates the
+        marker. When creators see each other, the one with the smallest claim keeps its claim and looks again
+        while the others withdraw and retry later, so that one of them gets through."""
+        for attempt in range(1, 11):
             outcome = self._claim_once(key, data)
             if outcome is not None:
                 return outcome
-            time.sleep(random.uniform(0.05, 0.25) * attempt)
+            time.sleep(random.uniform(0.1, 0.3) * attempt)
         return False
 
     def _claim_once(self, key: str, data: bytes) -> bool | None:
         """True: created; False: a marker is there; None: other creators are at it."""
-        from botocore.exceptions import ClientError
-
         claims = self._object_key(f"{key}.claims") + "/"
         mine = f"{claims}{uuid.uuid4().hex}"
         with self._translate("put_object", self.uri(key)):
             self.client.put_object(Bucket=self.bucket, Key=mine, Body=b"")
             try:
-                listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=claims).get("Contents", [])
-                stamps = {obj["Key"]: obj["LastModified"] for obj in listed}
-                now = stamps.get(mine) or max(stamps.values())  # the server's clock, not ours
-                others = [k for k, t in stamps.items() if k != mine and (now - t).total_seconds() < CLAIM_TTL_S]
-                for stale in set(stamps) - {mine, *others}:
-                    with contextlib.suppress(ClientError):
-                        self.client.delete_object(Bucket=self.bucket, Key=stale)
-                if self.read_marker(key) is not None:
-                    return False
-                if others:
-                    return None
-                self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data)
-                return True
+                for _ in range(40):  # the smallest claim waits up to ~2 s for the others to withdraw
+                    others = self._other_claims(claims, mine)
+                    if self.read_marker(key) is not None:  # read after the listing: a creator that just
+                        return False                        # withdrew its claim has its marker in place
+                    if not others:
+                        self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data)
+                        return True
+                    if min(others) < mine:
+                        return None
+                    time.sleep(0.05)
+                return None
             finally:
                 self.client.delete_object(Bucket=self.bucket, Key=mine)
+
+    def _other_claims(self, claims: str, mine: str) -> list[str]:
+        """The fresh claims besides ours; claims older than CLAIM_TTL_S (left by a crash) are removed."""
+        from botocore.exceptions import ClientError
+
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=claims).get("Contents", [])
+        stamps = {obj["Key"]: obj["LastModified"] for obj in listed}
+        if mine not in stamps:  # a listing that misses our own claim cannot be trusted to show the others
+            return [""]
+        now = stamps[mine]  # the server's clock, not ours
+        others = [k for k, t in stamps.items() if k != mine and (now - t).total_seconds() < CLAIM_TTL_S]
+        for stale in set(stamps) - {mine, *others}:
+            with contextlib.suppress(ClientError):
+                self.client.delete_object(Bucket=self.bucket, Key=stale)
+        return others
 
     def read_marker(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError

@@ -124,21 +124,28 @@ def test_the_lock_is_released_when_the_round_fails(tmp_path):
     assert store.read_marker(lock_key("1")) is None
 
 
-def test_concurrent_triggers_run_once(store):
-    entered = []
+def test_concurrent_triggers_run_once(store, request):
+    inside, overlaps = [], []
 
     def trigger(i):
         try:
             with round_lock(store, "3", owner=f"trigger {i}"):
-                entered.append(i)
+                inside.append(i)
+                overlaps.append(len(inside))
                 time.sleep(0.5)
+                inside.remove(i)
             return "ran"
         except RoundLockedError as exc:
             return str(exc)
 
     results = race(4, trigger)
-    assert results.count("ran") == 1 and len(entered) == 1
-    assert all("round 3 is already running" in r or "another run" in r for r in results if r != "ran")
+    assert max(overlaps) == 1  # never two holders at once
+    refused = [r for r in results if r != "ran"]
+    assert all(r.startswith("round 3 is already running") for r in refused), refused
+    if "rclone" in request.node.name:  # claims retry with pauses: a late one may run after the first ended
+        assert results.count("ran") >= 1
+    else:
+        assert results.count("ran") == 1
 
 
 def test_wait_mode_waits_for_the_holder_then_gives_up_after_wait_s(tmp_path):
@@ -163,7 +170,8 @@ def test_wait_mode_waits_for_the_holder_then_gives_up_after_wait_s(tmp_path):
 
 def test_a_crashed_holders_lock_is_broken_with_a_warning(tmp_path, caplog):
     store = LocalStore(tmp_path / "store")
-    crash = ("import os, sys; from fedkim.federation.store import LocalStore; from fedkim.round_lock import round_lock\n"
+    crash = ("import os, sys\nfrom fedkim.federation.store import LocalStore\n"
+             "from fedkim.round_lock import round_lock\n"
              "with round_lock(LocalStore(sys.argv[1]), '5', owner='crashing run'):\n    os._exit(3)")
     done = subprocess.run([sys.executable, "-c", crash, str(tmp_path / "store")], cwd=REPO, timeout=120)
     assert done.returncode == 3
@@ -208,3 +216,14 @@ def test_round_lock_settings_accept_a_plain_mode():
     assert FederationParams(round_lock="wait").round_lock.mode == "wait"
     with pytest.raises((ValueError, ConfigError), match="round_lock"):
         FederationParams(round_lock="sometimes")
+
+
+def test_a_break_abandoned_by_a_crashed_breaker_does_not_block_the_round(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    old = {"round_id": "6", "token": "t6", "owner": "lost run", "pid": 1, "host": "other-host",
+           "since": time.time() - 1000}
+    assert store.create_marker(lock_key("6"), json.dumps(old).encode())
+    assert store.create_marker("locks/rounds/6.broken-t6", json.dumps({"pid": 1, "at": time.time() - 600}).encode())
+    with round_lock(store, "6", RoundLockParams(stale_after_s=100), owner="next run") as mine:
+        assert read_holder(store, "6") == mine
+    assert store.read_marker("locks/rounds/6.broken-t6") is None
