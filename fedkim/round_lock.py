@@ -141,7 +141,11 @@ def try_lock(store, round_id: str, owner: str, stale_after_s: float) -> tuple[Ho
 
 def release(store, mine: Holder) -> None:
     """Remove our lock, unless it is no longer ours (broken as stale and taken by someone else)."""
-    current = read_holder(store, mine.round_id)
+    try:
+        current = read_holder(store, mine.round_id)
+    except RoundLockedError as exc:  # replaced by something unreadable: leave it, and the round's own outcome
+        log.warning("%s", exc)
+        return
     if current is not None and current.token == mine.token:
         store.delete_marker(lock_key(mine.round_id))
     else:
@@ -163,9 +167,9 @@ def round_lock(store, round_id: str, settings: RoundLockParams | None = None, *,
         if time.monotonic() >= deadline:
             waited = f" after waiting {settings.wait_s:.0f} s" if settings.mode == "wait" else ""
             who = holder.describe() if holder else "another run"
-            raise RoundLockedError(
-                f"round {round_id} is already running{waited}: held by {who} "
-                f"(lock {store.uri(lock_key(round_id))}); wait for it to end, or set federation.round_lock: wait")
+            hint = "federation.round_lock.wait_s" if settings.mode == "wait" else "federation.round_lock: wait"
+            raise RoundLockedError(f"round {round_id} is already running{waited}: held by {who} "
+                                   f"(lock {store.uri(lock_key(round_id))}); wait for it to end, or set {hint}")
         log.info("round %s is held by %s; waiting", round_id, holder.describe() if holder else "another run")
         time.sleep(max(0.01, min(settings.poll_s, deadline - time.monotonic())))
     try:
