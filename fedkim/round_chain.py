@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fedkim.config import ROUND_ID_PATTERN
 
-LATEST_KEY = "rounds/LATEST.json"
+LATEST_KEY = "rounds/LATEST.json"  # also fedkim.rounds.LATEST_KEY, where callers take it from
 HISTORY_PREFIX = "rounds/_history"  # '_' cannot start a round id (ROUND_ID_PATTERN): no round's keys collide
 log = logging.getLogger(__name__)
 

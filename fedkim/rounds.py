@@ -49,11 +49,12 @@ from fedkim.federation.checks import screen_packages
 from fedkim.federation.package import ValidationSummary, read_manifest, write_package
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.members import site_dir, split_dir
-from fedkim.round_chain import LATEST_KEY, advance, base_key, read_latest
+from fedkim.round_chain import advance, base_key, read_latest
 from fedkim.round_lock import round_lock
 from fedkim.site.model import global_model
 from fedkim.site.train import LocalResult, train_site
 
+LATEST_KEY = "rounds/LATEST.json"
 Trainer = Callable[[Path, dict, int], LocalResult]  # (site folder, global state, seed) -> local training result
 
 

@@ -10,6 +10,7 @@ import logging
 import pytest
 
 from fedkim.federation.store import LocalStore
+from fedkim import round_chain
 from fedkim.round_chain import LatestError, history_key
 from fedkim.rounds import (LATEST_KEY, finish_round, get_json, get_state, latest_round, put_json, put_state,
                            round_key, start_round)
@@ -127,3 +128,7 @@ def test_a_crash_between_history_and_latest_is_repaired_by_finishing_the_round_a
     assert store.sha256(LATEST_KEY) == before
     assert finish_round(store, "2") and latest_round(store) == "2"
     assert get_json(store, LATEST_KEY)["completed"] == ["1", "2"]
+
+
+def test_the_chain_and_the_round_steps_name_the_same_latest_key():
+    assert round_chain.LATEST_KEY == LATEST_KEY == "rounds/LATEST.json"
