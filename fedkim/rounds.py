@@ -10,14 +10,11 @@ Store layout of a round (keys relative to the store root):
     rounds/<r>/central/trainable.safetensors     M3OE experts, gate, projectors after injection (+ inject.json)
     rounds/<r>/central/encoders.safetensors      encoders after injection: what goes back to the sites
     rounds/<r>/evaluation/metrics.json           per-task metrics of the injected model
-    rounds/<r>/global/base.json                  the completed round it started from (fedkim.round_chain)
     rounds/LATEST.json                           the last completed round (where the next one starts)
-    rounds/_history/<n>.json                     the n-th completed round of the chain
-    locks/rounds/<r>.json                        held while round <r> runs (fedkim.round_lock)
 
 Every step first looks for its own output in the store and returns it when present, so re-running a round id
-never trains, uploads or aggregates twice; LATEST only moves forward (fedkim.round_chain), and a round id
-runs once at a time (run_round and the flow hold the round's lock).
+never trains, uploads or aggregates twice. LATEST only moves forward (fedkim.round_chain), and run_round and the
+flow hold the round id's lock while they run (fedkim.round_lock).
 """
 
 from __future__ import annotations
