@@ -24,6 +24,7 @@ from fedkim.members import (SERVER_SPLITS, MemberSpec, ServerSplits, apply_site_
                             check_profiles, find_member)
 from fedkim.members import site_pool as site_pool  # re-exported: the pools' naming rule, used as fedkim.config's
 from fedkim.params_base import ConfigError, Modality, Strict
+from fedkim.round_lock import RoundLockParams
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -188,6 +189,7 @@ class FederationParams(Strict, AggregationSettings):  # + max_weight_share, norm
     work_dir: Path = Field(Path(".cache/rounds"), description="central scratch (injection checkpoints to resume)")
     round_id: str = Field("1", pattern=ROUND_ID_PATTERN,
                           description="the round `dvc repro` runs: names its store keys and seeds its training")
+    round_lock: RoundLockParams = Field(RoundLockParams(), description="a second run of a running round id")
 
     members: list[MemberSpec] = Field(default_factory=list, description="the hospitals of the federation")
     splits: ServerSplits = Field(ServerSplits(), description="the server's public and test splits")

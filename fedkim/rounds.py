@@ -15,7 +15,8 @@ Store layout of a round (keys relative to the store root):
     rounds/LATEST.json                           the last completed round (where the next one starts)
 
 Every step first looks for its own output in the store and returns it when present, so re-running a round id
-never trains, uploads or aggregates twice.
+never trains, uploads or aggregates twice. LATEST only moves forward (fedkim.round_chain), and run_round and the
+flow hold the round id's lock while they run (fedkim.round_lock).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from fedkim.federation.package import ValidationSummary, read_manifest, write_pa
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.federation.weights import verified_counts
 from fedkim.members import site_dir, split_dir
+from fedkim.round_chain import advance, base_key, read_latest
+from fedkim.round_lock import round_lock
 from fedkim.site.model import global_model
 from fedkim.site.train import LocalResult, train_site
 
@@ -153,12 +156,15 @@ def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: in
     if previous is not None and previous != str(round_id):
         state = {**state, **get_state(store, round_key(previous, "aggregate", "encoders.safetensors")),
                  **get_state(store, round_key(previous, "central", "encoders.safetensors"))}
+    put_json(store, base_key(round_id), {"previous": previous}, overwrite=True)  # what finish_round checks
     put_state(store, key, state)
     return key
 
 
 def latest_round(store: ArtifactStore) -> str | None:
-    return get_json(store, LATEST_KEY)["round_id"] if store.exists(LATEST_KEY) else None
+    """The last completed round; LatestError (naming the key) when rounds/LATEST.json cannot be trusted."""
+    latest = read_latest(store)
+    return latest.round_id if latest is not None else None
 
 
 _GATE_REPORTS: dict[tuple, tuple] = {}  # (directory, content, gate params) -> (ValidationReport, docs written)
@@ -393,17 +399,26 @@ def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: Ce
     return metrics
 
 
-def finish_round(store: ArtifactStore, round_id: str) -> None:
-    """Mark the round complete: the next round starts from its encoders."""
-    if latest_round(store) != str(round_id):
-        put_json(store, LATEST_KEY, {"round_id": str(round_id), "finished": time.time()}, overwrite=True)
+def finish_round(store: ArtifactStore, round_id: str) -> bool:
+    """Mark the round complete: the next round starts from its encoders. Only forward: an old round finished
+    again, or one that did not start from the current LATEST, leaves it (fedkim.round_chain). True when moved."""
+    moved = advance(store, round_id)
+    if moved is not None:
+        put_json(store, LATEST_KEY, moved.payload(), overwrite=True)
+    return moved is not None
 
 
 def run_round(params: Params, store: ArtifactStore, round_id: str, work_dir: Path, *,
-              progress: bool = False) -> dict:
+              progress: bool = False, owner: str = "") -> dict:
     """The whole round in plain Python, sites one after another (the orchestration-free baseline): each member's
     data gate, then its training (a member that fails the gate is left out with its reason; the quorum decides);
-    the public split's gate before injection, the test split's before evaluation (SplitGateError stops the round)."""
+    the public split's gate before injection, the test split's before evaluation (SplitGateError stops the round).
+    Holds the round's lock throughout (RoundLockedError when another run holds it; `owner` names this one)."""
+    with round_lock(store, str(round_id), params.federation.round_lock, owner=owner):
+        return _round_steps(params, store, round_id, work_dir, progress=progress)
+
+
+def _round_steps(params: Params, store: ArtifactStore, round_id: str, work_dir: Path, *, progress: bool) -> dict:
     started = time.perf_counter()
     timer = PhaseTimer()
     with timer("start"):

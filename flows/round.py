@@ -6,7 +6,8 @@
     -> finish -> round report (fedkim.report)
 
 Re-running a round id reuses what the store and MLflow already hold (no retraining, no second parent run, no
-second registry version).
+second registry version). A round id runs once at a time: the flow holds the round's lock in the store before it
+opens the MLflow parent run, so a second trigger is refused (or waits: federation.round_lock).
 
     python -m flows.round [--round-id ID] [--params params.yaml] [--set key=value ...] [--mode federated]
 """
@@ -31,8 +32,11 @@ from fedkim.members import server_splits
 from fedkim.orchestration import (REPORTED, check_round_id, completed_summary, load_settings, mlflow_ui_command,
                                   quorum_failure, reporting, round_record, summary_lines, with_sites)
 from fedkim.report import write_round_report
+from fedkim.round_chain import LatestError
+from fedkim.round_lock import RoundLockedError, round_lock
 from fedkim.rounds import (PhaseTimer, QuorumError, SiteOutcome, SplitGateError, aggregate_step, evaluate_step,
-                           finish_round, inject_step, put_json, round_key, start_round, validate_split_step)
+                           finish_round, inject_step, latest_round, put_json, round_key, start_round,
+                           validate_split_step)
 from flows.dispatch import run_sites_here, run_sites_remote
 
 
@@ -74,8 +78,10 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
                 mode, record["store"], uri)
 
     timer.seconds["setup"] = round(time.perf_counter() - started, 2)
-    with tracking.round_run(params, round_id, sites=dict.fromkeys(invited, ""),
-                            params_hash=record["params_hash"]) as parent:
+    with round_lock(store, round_id, params.federation.round_lock,
+                    owner=f"prefect flow run {record['prefect_flow_run_id'] or '(none)'}"), \
+            tracking.round_run(params, round_id, sites=dict.fromkeys(invited, ""),
+                               params_hash=record["params_hash"]) as parent:
         with timer("tracking"):
             record["mlflow_run_id"] = parent.info.run_id
             mlflow.set_tags({"fedkim.mode": mode, "fedkim.prefect_flow_run_id": record["prefect_flow_run_id"]})
@@ -120,7 +126,8 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
                                                                split="validation", recompute=True))
             if "validation" in splits else None,
             outcomes=[*sites.values(), *(SiteOutcome(name, "gated", validation=s) for name, s in splits.items())])
-        finish_round(store, round_id)
+        if not finish_round(store, round_id):  # an old round id again, or one started from an older LATEST
+            logger.warning("round %s: rounds/LATEST.json stays at round %s", round_id, latest_round(store))
         shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve an unfinished injection
 
         summary = completed_summary(record, sites, aggregate, logged.injection, logged.metrics, logged.registered,
@@ -155,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                               overrides=overrides, mode=args.mode, progress=not args.no_progress)
     except (QuorumError, SplitGateError) as exc:
         print(f"\nround failed: {exc}", file=sys.stderr)
+        return 1
+    except (RoundLockedError, LatestError) as exc:
+        print(f"\nround not run: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

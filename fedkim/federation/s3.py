@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import random
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,8 @@ from fedkim.federation.store import (SHA_SUFFIX, ArtifactStore, IntegrityError, 
 _AUTH_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled", "AuthorizationHeaderMalformed"}
 _CHUNK = 1 << 20
+_PRECONDITION_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict")
+CLAIM_TTL_S = 60.0  # a marker claim older than this was left by a crash (a claim lives for a few requests)
 
 
 def _recorded_sha256(metadata: dict[str, str] | None) -> str | None:
@@ -63,6 +68,7 @@ class S3Store(ArtifactStore):
             client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self.client = client
         self._bucket_checked = False
+        self._conditional_writes: bool | None = None  # learnt on the first create_marker
         if create_bucket:
             self.ensure_bucket()
 
@@ -241,7 +247,7 @@ class S3Store(ArtifactStore):
                         body.seek(0)
                         self.client.put_object(Body=body, **args)
                         return self._put_sidecar(key, digest)
-                    if code not in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                    if code not in _PRECONDITION_CODES:
                         raise
         recorded = self._recorded(key, (self._head(key) or {}).get("Metadata"))
         if recorded != digest:
@@ -282,3 +288,106 @@ class S3Store(ArtifactStore):
                     if key and not key.endswith("/") and not key.endswith(SHA_SUFFIX):
                         keys.append(key)
         return sorted(keys)
+
+    # ------------------------------------------------------------------------------------------ markers
+    def create_marker(self, key: str, data: bytes) -> bool:
+        if self._enforces_conditional_writes():
+            from botocore.exceptions import ClientError
+
+            with self._translate("put_object", self.uri(key)):
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data, IfNoneMatch="*")
+                    return True
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") not in _PRECONDITION_CODES:
+                        raise
+                    return False
+        return self._claim_then_create(key, data)
+
+    def _enforces_conditional_writes(self) -> bool:
+        """Does the server refuse a PUT with If-None-Match: * over an existing object? AWS S3, MinIO and moto do;
+        `rclone serve s3` ignores the header and overwrites. One probe per store says which way markers go."""
+        if self._conditional_writes is None:
+            from botocore.exceptions import ClientError
+
+            probe = self._object_key(f"locks/.probe-{uuid.uuid4().hex}")
+            with self._translate("put_object", f"s3://{self.bucket}/{probe}"):
+                self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"1")
+                try:
+                    self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"2", IfNoneMatch="*")
+                    self._conditional_writes = False
+                except ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code")
+                    if code not in (*_PRECONDITION_CODES, "NotImplemented"):
+                        raise
+                    self._conditional_writes = code != "NotImplemented"
+                finally:
+                    self.client.delete_object(Bucket=self.bucket, Key=probe)
+        return self._conditional_writes
+
+    def _claim_then_create(self, key: str, data: bytes) -> bool:
+        """create_marker on a server without conditional writes. Each creator first writes a claim of its own
+        (a unique key, so nothing is overwritten), then lists the claims: it creates the marker only when it sees
+        no other fresh claim and no marker, and removes its claim only afterwards. Of two creators, the one that
+        lists second sees the first one's claim (S3 listings are strongly consistent), so at most one creates the
+        marker. When creators see each other, the one with the smallest claim keeps its claim and looks again
+        while the others withdraw and retry later, so that one of them gets through."""
+        for attempt in range(1, 11):
+            outcome = self._claim_once(key, data)
+            if outcome is not None:
+                return outcome
+            time.sleep(random.uniform(0.1, 0.3) * attempt)
+        return False
+
+    def _claim_once(self, key: str, data: bytes) -> bool | None:
+        """True: created; False: a marker is there; None: other creators are at it."""
+        claims = self._object_key(f"{key}.claims") + "/"
+        mine = f"{claims}{uuid.uuid4().hex}"
+        with self._translate("put_object", self.uri(key)):
+            self.client.put_object(Bucket=self.bucket, Key=mine, Body=b"")
+            try:
+                for _ in range(40):  # the smallest claim waits up to ~2 s for the others to withdraw
+                    others = self._other_claims(claims, mine)
+                    if self.read_marker(key) is not None:  # read after the listing: a creator that just
+                        return False                        # withdrew its claim has its marker in place
+                    if not others:
+                        self.client.put_object(Bucket=self.bucket, Key=self._object_key(key), Body=data)
+                        return True
+                    if min(others) < mine:
+                        return None
+                    time.sleep(0.05)
+                return None
+            finally:
+                self.client.delete_object(Bucket=self.bucket, Key=mine)
+
+    def _other_claims(self, claims: str, mine: str) -> list[str]:
+        """The fresh claims besides ours; claims older than CLAIM_TTL_S (left by a crash) are removed."""
+        from botocore.exceptions import ClientError
+
+        listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=claims).get("Contents", [])
+        stamps = {obj["Key"]: obj["LastModified"] for obj in listed}
+        if mine not in stamps:  # a listing that misses our own claim cannot be trusted to show the others
+            return [""]
+        now = stamps[mine]  # the server's clock, not ours
+        others = [k for k, t in stamps.items() if k != mine and (now - t).total_seconds() < CLAIM_TTL_S]
+        for stale in set(stamps) - {mine, *others}:
+            with contextlib.suppress(ClientError):
+                self.client.delete_object(Bucket=self.bucket, Key=stale)
+        return others
+
+    def read_marker(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        with self._translate("get_object", self.uri(key)):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._object_key(key))
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            with contextlib.closing(response["Body"]) as body:
+                return body.read()
+
+    def delete_marker(self, key: str) -> None:
+        with self._translate("delete_object", self.uri(key)):
+            self.client.delete_object(Bucket=self.bucket, Key=self._object_key(key))

@@ -94,6 +94,21 @@ class ArtifactStore(ABC):
     def sha256(self, key: str) -> str:
         """The sha256 recorded when `key` was uploaded."""
 
+    # Markers: small coordination objects (round locks, the completed-round history), read and written whole,
+    # without a sha256 sidecar and not listed by LocalStore.list. `create_marker` is the one atomic primitive.
+    @abstractmethod
+    def create_marker(self, key: str, data: bytes) -> bool:
+        """Create `key` holding `data` only when no object is there: True when created, False when one was. Two
+        callers racing for one key never both get True."""
+
+    @abstractmethod
+    def read_marker(self, key: str) -> bytes | None:
+        """The marker's bytes, None when there is none."""
+
+    @abstractmethod
+    def delete_marker(self, key: str) -> None:
+        """Remove the marker (nothing when there is none)."""
+
     def _holds_already(self, key: str, recorded: str | None, digest: str, overwrite: bool) -> bool:
         """Does `key`, recorded with sha256 `recorded`, already hold the content of sha256 `digest`? Then an
         upload is a no-op (e.g. a resumed round). Other content raises KeyExistsError unless `overwrite`."""
@@ -205,6 +220,30 @@ class LocalStore(ArtifactStore):
 
     def get_file(self, key: str, dest: str | Path) -> Path:
         return self._deliver(key, dest, self.sha256(key), lambda tmp: shutil.copyfile(self._path(key), tmp))
+
+    def create_marker(self, key: str, data: bytes) -> bool:
+        # A complete temp file hard-linked to its name: link() fails when the name exists (O_EXCL semantics), so
+        # a reader never sees a half-written marker and two creators never both win.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_marker(self, key: str) -> bytes | None:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete_marker(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> list[str]:
         # Walk only the folder the prefix points into; match the rest as a string prefix, like S3.

@@ -1,6 +1,7 @@
 """A round as idempotent steps around a real local store: tiny FM, the small federation."""
 
 import shutil
+import threading
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from fedkim.rounds import (
     start_round,
     train_site_step,
 )
+from fedkim.round_lock import RoundLockedError
 from tests.helpers import TINY, keep_members, small_params_dict, write_params
 from tests.helpers.sites import refinalize
 
@@ -173,3 +175,28 @@ def test_a_round_gates_provided_members_and_the_server_splits(small_federation, 
 def snapshot_files(folder) -> dict:
     return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in folder.rglob("*") if p.is_file()}
+
+
+def test_two_concurrent_runs_of_one_round_id_run_it_once(params, tmp_path):
+    store = LocalStore(tmp_path / "store")
+    barrier, outcomes = threading.Barrier(2), {}
+
+    def trigger(name):
+        barrier.wait()
+        try:
+            outcomes[name] = run_round(params, store, "1", tmp_path / name, owner=name)
+        except RoundLockedError as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=trigger, args=(name,)) for name in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(1800)
+    refused = [o for o in outcomes.values() if isinstance(o, RoundLockedError)]
+    ran = [o for o in outcomes.values() if isinstance(o, dict)]
+    assert len(refused) == 1 and len(ran) == 1
+    holder = "first" if isinstance(outcomes["first"], dict) else "second"
+    assert f"round 1 is already running: held by {holder}, pid" in str(refused[0])
+    assert {s["status"] for s in ran[0]["sites"]} == {"trained"} and latest_round(store) == "1"
+    assert run_round(params, store, "1", tmp_path / "again")["aggregate"]["reused"]  # the lock was released

@@ -20,6 +20,7 @@ from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, Flow
 from fedkim.config import load_params
 from fedkim.federation.store import LocalStore, package_key, package_prefix
 from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_round
+from fedkim.round_lock import RoundLockedError, lock_key, round_lock
 from flows.round import fedkim_flow
 from tests.helpers import TINY, small_params_dict
 
@@ -149,6 +150,36 @@ def test_d_rerunning_a_round_id_reuses_everything(clean_round):
     assert len(versions(folder)) == 1  # no second registry version
     assert len(runs(folder, "1", "round")) == 1  # the parent run was resumed, not duplicated
     assert len(runs(folder, "1", "site")) == 4 and len(runs(folder, "1", "injection")) == 1
+
+
+def test_a_second_trigger_is_refused_before_it_opens_a_run_or_waits_and_reuses_it(clean_round):
+    folder, params, _ = clean_round
+    store = LocalStore(folder / "store")
+    record = get_json(store, round_key("1", "round.json"))
+    with round_lock(store, "1", owner="prefect flow run first"):  # a run of round 1 is going on
+        with pytest.raises(RoundLockedError, match="round 1 is already running: held by prefect flow run first"):
+            fedkim_flow(round_id="1", params_path=str(params))
+    assert get_json(store, round_key("1", "round.json")) == record  # refused before it wrote anything
+    assert len(runs(folder, "1", "round")) == 1
+
+    held = threading.Event()
+
+    def hold():
+        with round_lock(store, "1", owner="prefect flow run first"):
+            held.set()
+            time.sleep(3)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    started = time.monotonic()
+    again = fedkim_flow(round_id="1", params_path=str(params),
+                        overrides={"federation.round_lock.mode": "wait", "federation.round_lock.poll_s": 0.2})
+    holder.join()
+    assert time.monotonic() - started > 2  # it waited for the holder
+    assert again["status"] == "completed" and again["aggregate"]["reused"]
+    assert len(runs(folder, "1", "round")) == 1  # one parent run, resumed
+    assert store.read_marker(lock_key("1")) is None
 
 
 def test_the_flow_computes_exactly_what_run_round_computes(clean_round, tmp_path):

