@@ -184,13 +184,11 @@ class FederationParams(Strict, AggregationSettings):  # + max_weight_share, norm
     retries: int = Field(2, ge=0, le=20, description="extra attempts of a site's training + upload")
     retry_delay_s: float = Field(10.0, ge=0, description="wait before the first retry; doubles at each retry")
     site_start_s: float = Field(300.0, ge=0, description="federated: allowance for a site worker to start a run")
-    parallel_sites: int = Field(1, ge=0, description="simulation: site trainings at once (0: all); 1 makes a "
-                                                     "round bit-reproducible (torch's global RNG is per process)")
+    parallel_sites: int = Field(1, ge=0, description="simulation: site trainings at once (0: all; 1: bit-reproducible)")
     work_dir: Path = Field(Path(".cache/rounds"), description="central scratch (injection checkpoints to resume)")
     round_id: str = Field("1", pattern=ROUND_ID_PATTERN,
                           description="the round `dvc repro` runs: names its store keys and seeds its training")
     round_lock: RoundLockParams = Field(RoundLockParams(), description="a second run of a running round id")
-
     members: list[MemberSpec] = Field(default_factory=list, description="the hospitals of the federation")
     splits: ServerSplits = Field(ServerSplits(), description="the server's public and test splits")
 

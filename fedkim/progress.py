@@ -17,6 +17,7 @@ redrawn after it, so log lines and bars do not overwrite each other.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -201,3 +202,19 @@ def log_to_console(level: int = logging.INFO) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     handler.fedkim_console = True
     logger.addHandler(handler)
+
+
+class PhaseTimer:
+    """Wall seconds per named phase of a round (`with timer("inject"): ...`), for the round summary and the
+    orchestration benchmark's breakdown. A phase entered twice adds up."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 2)

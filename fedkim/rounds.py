@@ -21,10 +21,8 @@ flow hold the round id's lock while they run (fedkim.round_lock).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import tempfile
 import time
 import zlib
@@ -45,10 +43,11 @@ from fedkim.data.siteformat import SITE_FILE, compute_fingerprint
 from fedkim.data.validate import gate_reason, gate_summary
 from fedkim.federation.aggregate import ServerOptimizerState, aggregate
 from fedkim.federation.checks import screen_packages
-from fedkim.federation.package import ValidationSummary, read_manifest, write_package
+from fedkim.federation.package import ValidationSummary, finite_metrics, read_manifest, write_package
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.federation.weights import verified_counts
 from fedkim.members import site_dir, split_dir
+from fedkim.progress import PhaseTimer
 from fedkim.round_chain import advance, base_key, read_latest
 from fedkim.round_lock import round_lock
 from fedkim.site.model import global_model
@@ -445,25 +444,3 @@ def _round_steps(params: Params, store: ArtifactStore, round_id: str, work_dir: 
             "data_gate": {**{s.site_id: s.validation for s in sites}, **splits},
             "injection": {k: v for k, v in injection.items() if k not in ("losses", "lrs", "tasks")},
             "metrics": metrics, "seconds": round(time.perf_counter() - started, 1), "timings": timer.seconds}
-
-
-class PhaseTimer:
-    """Wall seconds per named phase of a round (`with timer("inject"): ...`), for the round summary and the
-    orchestration benchmark's breakdown. A phase entered twice adds up."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = round(self.seconds.get(phase, 0.0) + time.perf_counter() - started, 2)
-
-
-def finite_metrics(metrics: dict) -> dict:
-    """Per-task metrics without NaN/inf (an AUROC of a one-class split): what a manifest or JSON can carry."""
-    return {t: {k: v for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-            for t, m in metrics.items()}

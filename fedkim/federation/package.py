@@ -10,6 +10,7 @@ parameter, so a training loop cannot leak a batch or a prediction vector into th
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import uuid
@@ -234,3 +235,9 @@ def read_package(folder: str | Path, *, verify: bool = True, catalogue: Catalogu
             raise PackageError(f"{folder / TENSORS_FILE}: sha256 {actual} does not match the manifest's "
                                f"tensors_sha256 {manifest.tensors_sha256}")
     return KnowledgePackage(manifest, read_tensors(folder))
+
+
+def finite_metrics(metrics: dict) -> dict:
+    """Per-task metrics without NaN/inf (an AUROC of a one-class split): what a manifest or JSON can carry."""
+    return {t: {k: v for k, v in m.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            for t, m in metrics.items()}

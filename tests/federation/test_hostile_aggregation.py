@@ -10,8 +10,9 @@ from fedkim.federation.aggregate import ServerOptimizerState
 from fedkim.federation.package import PackageManifest, read_package
 from fedkim.federation.store import LocalStore, package_prefix
 from fedkim.federation.weights import capped_shares
-from fedkim.rounds import (OPTIMIZER_FILE, aggregate_step, finish_round, get_json, get_state, put_json, put_state,
-                           round_key, validation_key)
+from fedkim.round_chain import base_key
+from fedkim.rounds import (OPTIMIZER_FILE, aggregate_step, finish_round, get_json, get_state, latest_round, put_json,
+                           put_state, round_key, validation_key)
 from tests.helpers import small_params_dict, write_params
 from tests.helpers.packages import gate_summary, global_state, package_fields, site_state, upload_package
 
@@ -39,7 +40,9 @@ def store(tmp_path):
 
 
 def publish(store, round_id, glob):
+    """The round's global model, and where it started (as start_round records it: finish_round moves LATEST)."""
     put_state(store, round_key(round_id, "global", "encoders.safetensors"), glob)
+    put_json(store, base_key(round_id), {"previous": latest_round(store)})
 
 
 def send(store, round_id, glob, tmp_path, site, seed, scale=0.1, **counts):
