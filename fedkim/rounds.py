@@ -256,7 +256,7 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
                       sample_counts=local.sample_counts, task_counts=local.task_counts,
                       data_fingerprint=local.data_fingerprint, local_metrics=finite_metrics(local.metrics),
                       validation_summary=validation, catalogue=catalogue_of(params.data), round_nonce=nonce)
-        signing.upload_package(params, store, prefix, folder, nonce, _gate_summaries(store, round_id, [site_id]))
+        signing.upload_package(params, store, prefix, folder, nonce, lambda s: _gate_summaries(store, round_id, [s])[s])
     return SiteOutcome(site_id, "trained", sample_counts=local.sample_counts,
                        metrics=finite_metrics(local.metrics), data_fingerprint=local.data_fingerprint,
                        seconds=round(local.seconds, 1))

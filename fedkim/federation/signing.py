@@ -25,7 +25,7 @@ import hashlib
 import json
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -168,12 +168,14 @@ def sign_package(params: Params, folder: Path, *, site_id: str, round_id: str, r
 
 
 def upload_package(params: Params, store: ArtifactStore, prefix: str, folder: Path, round_nonce: str | None,
-                   gate_summaries: Mapping[str, dict | None]) -> None:
+                   gate_summary: Callable[[str], dict | None]) -> None:
     """Upload a site's package folder (named by its site id) to `prefix` (rounds/<r>/sites/<site>): the tensors,
     then the manifest, whose presence marks the package as complete, then (signatures required) the site's
-    signature, last. `gate_summaries`: the summary the site stored for the round, by site (None: none)."""
-    sign_package(params, folder, site_id=folder.name, round_id=prefix.split("/")[1], round_nonce=round_nonce,
-                 gate_summary=gate_summaries.get(folder.name))
+    signature, last. `gate_summary(site)`: the summary the site stored for the round, or None (asked only when
+    signatures are required)."""
+    if required(params):
+        sign_package(params, folder, site_id=folder.name, round_id=prefix.split("/")[1], round_nonce=round_nonce,
+                     gate_summary=gate_summary(folder.name))
     for path in sorted(folder.iterdir(), key=lambda f: (f.name == PACKAGE_SIGNATURE, f.name == MANIFEST_FILE)):
         store.put_file(f"{prefix}/{path.name}", path)
 

@@ -71,7 +71,7 @@ def send(params, store, tmp_path, site, round_id="1", nonce="n" * 32, *, prefix_
     state = site_state(global_state(), {"image"}, seed=len(site))
     write_package(folder, state, **package_fields(site, round_id, image=10), round_nonce=nonce)
     signing.upload_package(params, store, package_prefix(round_id, prefix_site or site), folder, nonce,
-                           {site: gate})
+                           lambda _: gate)
 
 
 def snapshot(store):
@@ -222,6 +222,33 @@ def test_a_package_replayed_from_another_round_is_rejected(params, store, tmp_pa
     assert outcome.accepted == ["site-b"]
     assert rejected_reason(outcome, "site-a") == ("site 'site-a': replayed package: signed for round '1', this is "
                                                   "round '2'")
+
+
+@pytest.mark.integration
+def test_signed_uploads_through_an_s3_store(params, tmp_path, tmp_path_factory):
+    """The same signatures over S3 (a moto server on 127.0.0.1): the objects' recorded sha256 is their metadata."""
+    import uuid
+
+    from fedkim.federation.s3 import S3Store
+    from tests.helpers.servers import fake_s3
+
+    with fake_s3(tmp_path_factory.mktemp("aws")) as endpoint:
+        s3 = S3Store(f"t-{uuid.uuid4().hex[:12]}", prefix="fed", endpoint_url=endpoint, create_bucket=True)
+        publish(params, s3)
+        for site in SITES:
+            send(params, s3, tmp_path, site)
+        key = f"{package_prefix('1', 'site-c')}/manifest.json"
+        edited = tmp_path / "edited.json"
+        manifest = json.loads(s3.get_file(key, tmp_path / "manifest.json").read_text())
+        edited.write_text(json.dumps(manifest | {"sample_counts": {"image": 10**6}}))
+        s3.put_file(key, edited, overwrite=True)  # someone with write access to the bucket
+
+        outcome = aggregate_step(params, s3, "1", SITES)
+
+        assert outcome.accepted == ["site-a", "site-b"]
+        assert "site 'site-c': manifest.json was edited after signing" in rejected_reason(outcome, "site-c")
+        assert signing.verified(params, s3, AGGREGATE, signing.AGGREGATE, "1") is not None
+        assert aggregate_step(params, s3, "1", SITES).reused
 
 
 # ------------------------------------------------------------------------------------------ coordinator side
