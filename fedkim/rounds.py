@@ -332,7 +332,7 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
             store.put_file(round_key(round_id, "aggregate", OPTIMIZER_FILE),
                            result.optimizer_state.save(Path(tmp) / OPTIMIZER_FILE))
     put_state(store, key, result.state_dict)  # last: marks the aggregation as done
-    signing.sign_objects(params, store, key, signing.AGGREGATE, round_id)
+    signing.sign_objects(params, store, key, signing.AGGREGATE, round_id, also=("aggregate.json", OPTIMIZER_FILE))
     return AggregateOutcome(str(round_id), names, rejected, fed.strategy, findings=weighing.findings)
 
 

@@ -97,13 +97,14 @@ def _read_envelope(path: Path) -> tuple[dict, str]:
 
 # ------------------------------------------------------------------------------------------ coordinator side
 def sign_objects(params: Params, store: ArtifactStore, key: str, kind: str, round_id: str, *,
-                 round_nonce: str | None = None) -> None:
-    """The coordinator signs `key` and the other objects of its folder (their recorded sha256: the aggregate's
-    aggregate.json and FedAdam moments) as one statement, in `<key>.sig`. An existing signature object is never
-    replaced (KeyExistsError)."""
+                 round_nonce: str | None = None, also: tuple[str, ...] = ()) -> None:
+    """The coordinator signs `key` and those of the files `also` that its folder holds (the aggregate's
+    aggregate.json and FedAdam moments), by their recorded sha256, as one statement in `<key>.sig`. An existing
+    signature object is never replaced (KeyExistsError)."""
     if not required(params):
         return
-    keys = [k for k in store.list(key.rsplit("/", 1)[0] + "/") if not k.endswith(SIG_SUFFIX)]
+    folder = key.rsplit("/", 1)[0]
+    keys = [key, *(k for k in (f"{folder}/{name}" for name in also) if store.exists(k))]
     statement = {"kind": kind, "round_id": str(round_id), "objects": {k: store.sha256(k) for k in keys}}
     if round_nonce is not None:
         statement["round_nonce"] = round_nonce

@@ -290,7 +290,7 @@ def test_a_planted_or_edited_aggregate_is_refused_and_never_replaced(params, sto
         aggregate_step(params, store, "1", SITES)
     assert snapshot(store) == before
 
-    signing.sign_objects(params, store, AGGREGATE, signing.AGGREGATE, "1")  # now the coordinator's own
+    signing.sign_objects(params, store, AGGREGATE, signing.AGGREGATE, "1", also=("aggregate.json",))  # now signed
     assert aggregate_step(params, store, "1", SITES).reused
     replace_object(store, round_key("1", "aggregate", "aggregate.json"),
                    json.dumps({"accepted": SITES, "rejected": {}, "strategy": "fedavg"}).encode())
