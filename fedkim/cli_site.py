@@ -3,6 +3,7 @@ Exit codes as every fedkim command: 0 ok, 1 the site failed the gate, 2 bad usag
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -150,6 +151,30 @@ def site_import(
         _fail(str(exc))
     console.print(report.summary(), markup=False, highlight=False)
     _gate(site_dir, params, docs)
+
+
+@site_app.command("keygen")
+def site_keygen(
+    party_id: str = typer.Option(..., "--id", help="the member id of federation.members, or `coordinator`"),
+    out: Path = typer.Option(..., "--out", help="folder for <id>.key (private, mode 0600) and <id>.pub"),
+) -> None:
+    """Generate the Ed25519 identity of a site (or of the coordinator) and print the params.yaml line that
+    trusts it. Never overwrites an existing key."""
+    from fedkim.cli import console
+    from fedkim.identity import COORDINATOR, KeyFileError, write_key_pair
+    from fedkim.members import MemberSpec
+
+    if party_id != COORDINATOR and not re.fullmatch(MemberSpec.model_fields["id"].metadata[0].pattern, party_id):
+        _fail(f"--id {party_id!r}: not a member id (lower-case letters, digits and '-') nor {COORDINATOR!r}")
+    try:
+        key_path, pub_path, public = write_key_pair(out, party_id)
+    except (KeyFileError, OSError) as exc:
+        _fail(str(exc))
+    setting = ("federation.coordinator_public_key: " if party_id == COORDINATOR
+               else f"federation.members[id={party_id}].public_key: ")
+    console.print(f"private key: {key_path} (keep it at the {'coordinator' if party_id == COORDINATOR else 'site'}; "
+                  f"FEDKIM_SIGNING_KEY points to it)\npublic key:  {pub_path}\nparams.yaml: {setting}{public}",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def _folds(text: str) -> tuple[int, ...]:

@@ -20,9 +20,9 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from fedkim.digests import short_digest
 from fedkim.aggregation_params import AggregationSettings
 from fedkim.gate_rules import GateParams
+from fedkim.signature_params import SignatureSettings, check_signature_keys
 from fedkim.members import (SERVER_SPLITS, MemberSpec, ServerSplits, apply_site_dir_env, check_member_ids,
                             check_profiles, find_member)
-from fedkim.members import site_pool as site_pool  # re-exported: the pools' naming rule, used as fedkim.config's
 from fedkim.params_base import ConfigError, Modality, Strict
 from fedkim.round_lock import RoundLockParams
 
@@ -171,7 +171,7 @@ class SiteTrainingParams(Strict):
         return self
 
 
-class FederationParams(Strict, AggregationSettings):  # + max_weight_share, norm_multiple, trim_fraction
+class FederationParams(Strict, AggregationSettings, SignatureSettings):  # + aggregation and signature settings
     strategy: Literal["fedavg", "fedprox", "fedadam", "median", "trimmed_mean"] = "fedavg"
     rounds: int = Field(1, ge=1)
     quorum: int = Field(2, ge=1)
@@ -308,6 +308,7 @@ class Params(Strict):
     report: ReportParams = ReportParams()
 
     _generator_profiles = model_validator(mode="after")(check_profiles)
+    _signature_keys = model_validator(mode="after")(check_signature_keys)
 
     def member_ids(self) -> list[str]:
         return [m.id for m in self.federation.members]

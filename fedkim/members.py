@@ -54,6 +54,17 @@ class MemberSpec(DataSource):
     modalities: list[Modality] = Field(min_length=1)
     work_pool: str | None = Field(None, description="federated mode: the Prefect work pool its worker polls "
                                                     "(default: site-<id>, or the id when it starts with site-)")
+    public_key: str | None = Field(None, description="base64 Ed25519 public key of the site (`fedkim site keygen`): "
+                                                     "its packages' signatures verify with it")
+
+    @field_validator("public_key")
+    @classmethod
+    def _ed25519(cls, v: str | None) -> str | None:
+        from fedkim.identity import parse_public_key
+
+        if v is not None:
+            parse_public_key(v)  # ValueError: pydantic names the member's entry and the key
+        return v
 
     @field_validator("modalities")
     @classmethod

@@ -6,11 +6,8 @@ Store layout of a round (keys relative to the store root):
     rounds/<r>/global/encoders.safetensors       the global model the sites start from
     rounds/<r>/sites/<site>/...                  each site's knowledge package (manifest.json + tensors)
     rounds/<r>/validation/<site>.json            each site's data gate summary (orchestrated rounds)
-    rounds/<r>/aggregate/encoders.safetensors    the screened, aggregated model  (+ aggregate.json: accepted,
-                                                 rejected with reasons, weights, capped counts' findings)
-    rounds/<r>/aggregate/server_optimizer.safetensors  FedAdam's moments after this round (fedadam only)
-    rounds/<r>/central/trainable.safetensors     M3OE experts, gate, projectors after injection (+ inject.json)
-    rounds/<r>/central/encoders.safetensors      encoders after injection: what goes back to the sites
+    rounds/<r>/aggregate/                        the screened, aggregated model (+ aggregate.json, FedAdam's moments)
+    rounds/<r>/central/                          M3OE experts, gate, projectors and encoders after injection
     rounds/<r>/evaluation/metrics.json           per-task metrics of the injected model
     rounds/LATEST.json                           the last completed round (where the next one starts)
 
@@ -43,6 +40,7 @@ from fedkim.data.siteformat import SITE_FILE, compute_fingerprint
 from fedkim.data.validate import gate_reason, gate_summary
 from fedkim.federation.aggregate import ServerOptimizerState, aggregate
 from fedkim.federation.checks import screen_packages
+from fedkim.federation import signing
 from fedkim.federation.package import ValidationSummary, finite_metrics, read_manifest, write_package
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.federation.weights import verified_counts
@@ -148,15 +146,17 @@ def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: in
     the initial model's seed (a trial of `fedkim experiment --seeds`)."""
     key = round_key(round_id, "global", "encoders.safetensors")
     if store.exists(key):
-        return key
+        return signing.verified_key(params, store, key, signing.GLOBAL_MODEL, round_id)  # refuses a forged one
     catalogue_of(params.data).check_sites(params.federation.members)
     state = global_model(params.site, params.data, seed=params.data.seed + seed).state_dict()
     previous = latest_round(store)
     if previous is not None and previous != str(round_id):
-        state = {**state, **get_state(store, round_key(previous, "aggregate", "encoders.safetensors")),
+        state = {**state, **get_state(store, signing.verified_key(params, store, round_key(
+                     previous, "aggregate", "encoders.safetensors"), signing.AGGREGATE, previous)),
                  **get_state(store, round_key(previous, "central", "encoders.safetensors"))}
     put_json(store, base_key(round_id), {"previous": previous}, overwrite=True)  # what finish_round checks
     put_state(store, key, state)
+    signing.sign_objects(params, store, key, signing.GLOBAL_MODEL, round_id, round_nonce=signing.new_round_nonce())
     return key
 
 
@@ -244,7 +244,8 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
     if store.exists(f"{prefix}/manifest.json"):  # this site already reported for this round
         return SiteOutcome.from_manifest(read_manifest_from_store(store, prefix, catalogue_of(params.data)),
                                          "reused")
-    global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
+    global_key = round_key(round_id, "global", "encoders.safetensors")
+    global_state, nonce = get_state(store, global_key), signing.round_nonce(params, store, global_key, round_id)
     train = trainer or (lambda site_dir_, state, seed_, **kw: train_site(site_dir_, state, params.site, params.data,
                                                                          seed=seed_, progress=progress, **kw))
     if quarantined is None:
@@ -256,11 +257,8 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
         write_package(folder, local.state_dict, site_id=site_id, round_id=str(round_id),
                       sample_counts=local.sample_counts, task_counts=local.task_counts,
                       data_fingerprint=local.data_fingerprint, local_metrics=finite_metrics(local.metrics),
-                      validation_summary=validation, catalogue=catalogue_of(params.data))
-        # The manifest goes last: its presence is what marks the package as complete.
-        files = sorted(folder.iterdir(), key=lambda f: f.name == "manifest.json")
-        for f in files:
-            store.put_file(f"{prefix}/{f.name}", f)
+                      validation_summary=validation, catalogue=catalogue_of(params.data), round_nonce=nonce)
+        signing.upload_package(params, store, prefix, folder, nonce, lambda s: _gate_summaries(store, round_id, [s])[s])
     return SiteOutcome(site_id, "trained", sample_counts=local.sample_counts,
                        metrics=finite_metrics(local.metrics), data_fingerprint=local.data_fingerprint,
                        seconds=round(local.seconds, 1))
@@ -272,7 +270,7 @@ def read_manifest_from_store(store: ArtifactStore, prefix: str, catalogue=None):
         return read_manifest(tmp, catalogue)
 
 
-def _gate_summaries(store: ArtifactStore, round_id: str, sites: list[str], given: Mapping | None) -> dict:
+def _gate_summaries(store: ArtifactStore, round_id: str, sites: list[str], given: Mapping | None = None) -> dict:
     """Each site's gate summary: the caller's, else the one its site run stored (orchestrated rounds), else None."""
     keys = {site: validation_key(round_id, site) for site in sites}
     return {site: (given or {}).get(site) or (get_json(store, key) if store.exists(key) else None)
@@ -297,11 +295,12 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
     round's moments."""
     key = round_key(round_id, "aggregate", "encoders.safetensors")
     if store.exists(key):
+        signing.verified(params, store, key, signing.AGGREGATE, round_id)  # refuses an unsigned or forged one
         saved = get_json(store, round_key(round_id, "aggregate", "aggregate.json"))
         return AggregateOutcome(str(round_id), saved["accepted"], saved["rejected"], saved["strategy"], reused=True,
                                 findings=saved.get("weight_findings", {}))
     fed, catalogue = params.federation, catalogue_of(params.data)
-    global_state = get_state(store, round_key(round_id, "global", "encoders.safetensors"))
+    global_state = get_state(store, global_key := round_key(round_id, "global", "encoders.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
         folders, missing = [], {}
         for site in site_ids:
@@ -310,10 +309,12 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
                 missing[site] = [f"no package in the store at {prefix}/"]
                 continue
             folders.append(store.get_dir(prefix, Path(tmp) / site))
+        folders, unsigned = signing.screen_signatures(params, store, global_key, folders, str(round_id),
+                                                      lambda site: _gate_summaries(store, round_id, [site])[site])
         accepted, rejected = screen_packages(folders, global_state, max_update_norm=fed.max_update_norm,
                                              expected_round=str(round_id), catalogue=catalogue,
                                              norm_multiple=fed.norm_multiple)
-        rejected = {**missing, **rejected}
+        rejected = {**missing, **unsigned, **rejected}
         if len(accepted) < fed.quorum:
             raise QuorumError(f"round {round_id}: {len(accepted)} acceptable package(s), below the quorum of "
                               f"{fed.quorum}; rejected or missing: {rejected}")
@@ -333,6 +334,7 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
             store.put_file(round_key(round_id, "aggregate", OPTIMIZER_FILE),
                            result.optimizer_state.save(Path(tmp) / OPTIMIZER_FILE))
     put_state(store, key, result.state_dict)  # last: marks the aggregation as done
+    signing.sign_objects(params, store, key, signing.AGGREGATE, round_id, also=("aggregate.json", OPTIMIZER_FILE))
     return AggregateOutcome(str(round_id), names, rejected, fed.strategy, findings=weighing.findings)
 
 

@@ -14,7 +14,8 @@ from prefect import runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from fedkim.config import Params, site_pool
+from fedkim.config import Params
+from fedkim.members import site_pool
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.orchestration import failure_text, site_wait_s
 from fedkim.data.catalogue import load_catalogue

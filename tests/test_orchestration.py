@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedkim.config import load_params, site_pool
+from fedkim.config import load_params
+from fedkim.members import site_pool
 from fedkim.orchestration import (check_round_id, completed_summary, mlflow_ui_command, quorum_failure, reporting,
                                   retry_delays, site_wait_s, summary_lines, with_sites)
 from fedkim.rounds import AggregateOutcome, SiteOutcome

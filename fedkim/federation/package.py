@@ -63,6 +63,8 @@ class PackageManifest(BaseModel):
                                                        description="task -> metric -> value")
     validation_summary: ValidationSummary
     created_at: datetime
+    round_nonce: str | None = Field(None, description="the nonce the coordinator published with the round's global "
+                                                      "model (federation.signatures: required; absent otherwise)")
 
     @field_validator("schema_version")
     @classmethod
@@ -168,6 +170,7 @@ def write_package(
     code_version: str | None = None,
     created_at: datetime | None = None,
     catalogue: Catalogue | None = None,
+    round_nonce: str | None = None,
 ) -> PackageManifest:
     """Write `encoders.safetensors`, then `manifest.json` last: a manifest means a complete package. Task names
     are checked against `catalogue`'s training tasks (None: the shipped catalogue)."""
@@ -188,12 +191,13 @@ def write_package(
             code_version=code_version or current_code_version(),
             local_metrics={k: dict(v) for k, v in (local_metrics or {}).items()},
             validation_summary=validation_summary, created_at=created_at or datetime.now(timezone.utc),
+            **({"round_nonce": round_nonce} if round_nonce is not None else {}),
         ), context={"catalogue": catalogue})
     except ValidationError as exc:
         tmp.unlink(missing_ok=True)
         raise PackageError(f"{folder}: invalid manifest: {_problems(exc)}") from None
     os.replace(tmp, tensors_path)
-    _atomic_write_bytes(folder / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode() + b"\n")
+    _atomic_write_bytes(folder / MANIFEST_FILE, manifest.model_dump_json(indent=2, exclude_none=True).encode() + b"\n")
     return manifest
 
 

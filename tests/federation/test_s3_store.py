@@ -18,33 +18,15 @@ from fedkim.federation import read_package, write_package
 from fedkim.federation.store import (IntegrityError, KeyExistsError, LocalStore, MissingKeyError, S3Store,
                                      StoreError, open_store, package_key, package_prefix)
 from tests.helpers import small_params_dict
-from tests.helpers.servers import moto_server
+from tests.helpers.servers import fake_s3
 from tests.helpers.packages import global_state, package_fields, site_state
 
 pytestmark = pytest.mark.integration
 
-FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            # Never ask the EC2 metadata service (a network call) for credentials.
-            "AWS_EC2_METADATA_DISABLED": "true"}
-# Anything that could point the clients at a developer's real account or another endpoint.
-UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-         "FEDKIM_S3_ENDPOINT_URL",
-         "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        for name in UNSET:
-            mp.delenv(name, raising=False)
-        for name, value in FAKE_AWS.items():
-            mp.setenv(name, value)
-        nowhere = tmp_path_factory.mktemp("aws") / "none"
-        mp.setenv("AWS_CONFIG_FILE", str(nowhere))  # ignore ~/.aws
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
-        with moto_server() as endpoint:
-            yield endpoint
+    with fake_s3(tmp_path_factory.mktemp("aws")) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

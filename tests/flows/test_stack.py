@@ -268,7 +268,7 @@ def test_a_recorded_pid_now_used_by_another_process_is_left_alone(params_file):
 
 
 def test_site_workers_get_the_api_and_the_store_but_not_mlflow():
-    from fedkim.config import site_pool
+    from fedkim.members import site_pool
 
     assert [site_pool(s) for s in ("site-a", "charite")] == ["site-a", "site-charite"]
     state = {"prefect_api_url": "http://127.0.0.1:1/api", "repo": "/repo", "params": "/p/params.yaml",

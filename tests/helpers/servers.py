@@ -20,6 +20,34 @@ def moto_server() -> Iterator[str]:
         server.stop()
 
 
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # Never ask the EC2 metadata service (a network call) for credentials.
+            "AWS_EC2_METADATA_DISABLED": "true"}
+# Anything that could point the clients at a developer's real account or another endpoint.
+UNSET_AWS = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+             "FEDKIM_S3_ENDPOINT_URL",
+             "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+
+
+@contextmanager
+def fake_s3(scratch) -> Iterator[str]:
+    """moto_server with fake credentials and nothing of a developer's AWS settings (`scratch`: an empty folder
+    that stands for ~/.aws); yields the endpoint URL."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in UNSET_AWS:
+            mp.delenv(name, raising=False)
+        for name, value in FAKE_AWS.items():
+            mp.setenv(name, value)
+        nowhere = scratch / "none"
+        mp.setenv("AWS_CONFIG_FILE", str(nowhere))  # ignore ~/.aws
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
+        with moto_server() as endpoint:
+            yield endpoint
+
+
 @contextmanager
 def prefect_server(home) -> Iterator[str]:
     """A real Prefect server on 127.0.0.1 (Prefect's test harness) with its state under `home`; yields its API
