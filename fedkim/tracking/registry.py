@@ -67,7 +67,7 @@ def per_task(metrics: dict) -> dict[str, dict[str, float]]:
 # complete): the model, its tokenizer, the bundle's files, and the site format's readers of the query's inputs.
 SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "peft", "safetensors", "pandas", "numpy", "pyarrow",
                     "pyyaml", "pydantic", "mlflow", "pillow", "pydicom", "wfdb", "scipy", "scikit-learn",
-                    "matplotlib", "rich", "boto3", "botocore")
+                    "matplotlib", "rich", "boto3", "botocore", "cryptography")
 
 
 FEDKIM_CODE = Path(__file__).resolve().parents[1]  # the fedkim package, shipped inside each logged model (code/)
