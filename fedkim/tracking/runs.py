@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import tempfile
 import time
@@ -127,10 +128,12 @@ def _child(parent, kind: str, name: str, tags: dict[str, str]) -> tuple[str, str
 
 # ---------------------------------------------------------------------------------------------------- sites
 def numeric_items(values: dict, prefix: str) -> dict[str, float]:
-    """Finite numbers of a (nested) dict as dotted metric keys; strings, bools, NaN and lists are left out."""
+    """Finite numbers of a (nested) dict as dotted metric keys; strings, bools, NaN and lists are left out. A
+    character MLflow refuses in a name (the '+' of a modality such as image+text) becomes '_'."""
     out: dict[str, float] = {}
     for key, value in values.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
+        key = re.sub(r"[^\w\-. :/]", "_", str(key))
+        name = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict):
             out |= numeric_items(value, name)
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

@@ -253,3 +253,11 @@ def test_registry_show_cli_without_versions(store):
     other.write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, ["registry", "show", "--params", str(other)], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "no versions of nothing-here" in result.output
+
+
+def test_metric_names_mlflow_refuses_are_made_safe():
+    from fedkim.tracking.runs import numeric_items
+
+    values = numeric_items({"stats": {"modalities": {"image+text": 4, "ecg": 2}, "note": "x", "nan": math.nan}},
+                           "validation")
+    assert values == {"validation.stats.modalities.image_text": 4.0, "validation.stats.modalities.ecg": 2.0}
