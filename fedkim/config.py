@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -23,7 +23,7 @@ from fedkim.gate_rules import GateParams
 from fedkim.signature_params import SignatureSettings, check_signature_keys
 from fedkim.members import (SERVER_SPLITS, MemberSpec, ServerSplits, apply_site_dir_env, check_member_ids,
                             check_profiles, find_member)
-from fedkim.params_base import ConfigError, Modality, Strict
+from fedkim.params_base import ConfigError, Modality, Strict, format_validation_error
 from fedkim.round_lock import RoundLockParams
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -349,7 +349,7 @@ def load_params(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(path, exc)) from None
+        raise ConfigError(format_validation_error(path, exc, Params)) from None
     return _resolve_paths(params, path.resolve().parent)
 
 
@@ -404,46 +404,3 @@ def _absolute_source(source, absolute):
 def params_hash(section: BaseModel) -> str:
     """Stable short hash of a section (paths excluded so that moving the repo keeps caches valid)."""
     return short_digest(section.model_dump(mode="json", exclude={"root"}))
-
-
-# ------------------------------------------------------------------------------------------ error messages
-def format_validation_error(path: Path, exc: ValidationError) -> str:
-    lines = [f"{path}: {exc.error_count()} invalid setting(s)"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(Params, err["loc"][:-1])
-            lines.append(f"  - {loc}: unknown key; allowed here: {', '.join(allowed)}")
-        elif err["type"] == "value_error" and not err["loc"]:  # a rule across sections names its own keys
-            lines.append(f"  - {err['msg'].removeprefix('Value error, ')}")
-        elif err["type"] == "literal_error":
-            lines.append(f"  - {loc}: {err['input']!r} is not allowed; {err['msg'].lower()}")
-        else:
-            lines.append(f"  - {loc}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
-
-
-def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Walk the model tree along `loc` (skipping list indices) and list the field names found there."""
-    current: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = current.model_fields.get(part) if isinstance(current, type) else None
-        if field is None:
-            break
-        current = _model_in(field.annotation)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return sorted(current.model_fields)
-    return []
-
-
-def _model_in(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if get_origin(annotation) is not None:
-        for arg in get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None

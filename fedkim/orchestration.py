@@ -17,7 +17,8 @@ from typing import Any
 from fedkim.config import ROUND_ID_PATTERN, Params, default_params_path, load_params
 from fedkim.digests import settings_digest
 from fedkim.federation.store import ArtifactStore
-from fedkim.rounds import AggregateOutcome, SiteOutcome, round_key
+from fedkim.outcomes import AggregateOutcome, SiteOutcome
+from fedkim.rounds import round_key
 from fedkim.tracking.connection import SUMMARY
 
 REPORTED = ("trained", "reused")  # a site with one of these statuses has its package in the store

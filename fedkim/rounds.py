@@ -24,7 +24,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ from fedkim.federation.package import ValidationSummary, finite_metrics, read_ma
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.federation.weights import verified_counts
 from fedkim.members import site_dir, split_dir
+from fedkim.outcomes import AggregateOutcome, SiteOutcome
 from fedkim.progress import PhaseTimer
 from fedkim.round_chain import advance, base_key, read_latest
 from fedkim.round_lock import round_lock
@@ -106,40 +107,6 @@ def get_json(store: ArtifactStore, key: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ steps
-@dataclass
-class SiteOutcome:
-    """A site's part of a round: what its package reports, or why it has none (reason)."""
-
-    site_id: str
-    status: str  # trained | reused | excluded | failed
-    reason: str = ""
-    sample_counts: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    data_fingerprint: str = ""
-    seconds: float = 0.0
-    validation: dict | None = None  # the data gate's summary (no examples), when the gate ran
-
-    @classmethod
-    def from_manifest(cls, manifest, status: str, *, validation: dict | None = None) -> "SiteOutcome":
-        return cls(manifest.site_id, status, sample_counts=dict(manifest.sample_counts),
-                   metrics=dict(manifest.local_metrics), data_fingerprint=manifest.data_fingerprint,
-                   validation=validation)
-
-    def as_dict(self) -> dict:
-        """Everything but the gate summary, which travels on its own (store, MLflow)."""
-        return {k: v for k, v in asdict(self).items() if k != "validation"}
-
-
-@dataclass
-class AggregateOutcome:
-    round_id: str
-    accepted: list[str]
-    rejected: dict[str, list[str]]
-    strategy: str
-    reused: bool = False
-    findings: dict[str, list[str]] = field(default_factory=dict)  # site -> why its weight was capped
-
-
 def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: int = 0) -> str:
     """Publish the global model of this round: the previous round's encoders after injection, or the initial
     model. Returns its key. Idempotent: an existing global model of this round is kept as it is. `seed` shifts

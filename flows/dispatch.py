@@ -19,7 +19,8 @@ from fedkim.members import site_pool
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.orchestration import failure_text, site_wait_s
 from fedkim.data.catalogue import load_catalogue
-from fedkim.rounds import SiteOutcome, get_json, read_manifest_from_store, validation_key
+from fedkim.outcomes import SiteOutcome
+from fedkim.rounds import get_json, read_manifest_from_store, validation_key
 from fedkim.data.validate import gate_reason
 from flows.site import site_tasks
 

@@ -35,7 +35,8 @@ from fedkim.report import write_round_report
 from fedkim.round_chain import LatestError
 from fedkim.round_lock import RoundLockedError, round_lock
 from fedkim.progress import PhaseTimer
-from fedkim.rounds import (QuorumError, SiteOutcome, SplitGateError, aggregate_step, evaluate_step,
+from fedkim.outcomes import SiteOutcome
+from fedkim.rounds import (QuorumError, SplitGateError, aggregate_step, evaluate_step,
                            finish_round, inject_step, latest_round, put_json, round_key, start_round,
                            validate_split_step)
 from flows.dispatch import run_sites_here, run_sites_remote

@@ -16,8 +16,9 @@ from fedkim.data.validate import gate_reason, gate_summary
 from fedkim.federation.store import ArtifactStore, open_store, package_prefix
 from fedkim.members import site_dir
 from fedkim.orchestration import load_settings, retry_delays
-from fedkim.rounds import (SiteOutcome, get_json, package_validation, put_json, train_site_step,
-                           validate_site_step, validation_key)
+from fedkim.outcomes import SiteOutcome
+from fedkim.rounds import (get_json, package_validation, put_json, train_site_step, validate_site_step,
+                           validation_key)
 
 
 class DataGateError(RuntimeError):

@@ -23,8 +23,8 @@ from fedkim.digests import settings_digest, short_digest
 from fedkim.errors import run_stage
 from fedkim.members import server_splits
 from fedkim.federation.store import package_prefix
-from fedkim.rounds import (SiteOutcome, evaluate_step, get_json, load_central, read_manifest_from_store,
-                           round_key)
+from fedkim.outcomes import SiteOutcome
+from fedkim.rounds import evaluate_step, get_json, load_central, read_manifest_from_store, round_key
 from pipelines.common import params_path, parser, setup, write_json
 
 PRODUCED = ("aggregate/encoders.safetensors", "central/trainable.safetensors", "central/encoders.safetensors")

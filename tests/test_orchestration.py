@@ -11,7 +11,7 @@ from fedkim.config import load_params
 from fedkim.members import site_pool
 from fedkim.orchestration import (check_round_id, completed_summary, mlflow_ui_command, quorum_failure, reporting,
                                   retry_delays, site_wait_s, summary_lines, with_sites)
-from fedkim.rounds import AggregateOutcome, SiteOutcome
+from fedkim.outcomes import AggregateOutcome, SiteOutcome
 from tests.helpers import REPO
 
 

@@ -236,7 +236,7 @@ def read_params(folder: str | Path) -> Params:
     try:
         return Params.model_validate(yaml.safe_load(path.read_text()))  # exactly as stored: no env overrides
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(path, exc)) from None
+        raise ConfigError(format_validation_error(path, exc, Params)) from None
 
 
 def catalogue_file(folder: str | Path) -> Path | None:

@@ -30,7 +30,7 @@ from fedkim.tracking.registry import champion_figures, find_version, register
 from fedkim.tracking.runs import find_child_run, injection_run, log_site
 
 if TYPE_CHECKING:
-    from fedkim.rounds import SiteOutcome
+    from fedkim.outcomes import SiteOutcome
 
 Timer = Callable[[str], AbstractContextManager]  # fedkim.rounds.PhaseTimer: `with timer("inject"): ...`
 

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from fedkim import tracking
 from fedkim.central.datacard import data_record
 from fedkim.data.catalogue import load_catalogue
-from fedkim.rounds import SiteOutcome
+from fedkim.outcomes import SiteOutcome
 from fedkim.tracking.round_log import log_round
 from tests.helpers import TINY, small_params_dict, write_params
 from tests.helpers.models import trained_model
