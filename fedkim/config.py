@@ -24,6 +24,7 @@ from fedkim.signature_params import SignatureSettings, check_signature_keys
 from fedkim.members import (SERVER_SPLITS, MemberSpec, ServerSplits, apply_site_dir_env, check_member_ids,
                             check_profiles, find_member)
 from fedkim.params_base import ConfigError, Modality, Strict, format_validation_error
+from fedkim.privacy_params import PrivacyParams
 from fedkim.round_lock import RoundLockParams
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -159,6 +160,7 @@ class SiteTrainingParams(Strict):
     decode_cache_mb: float = Field(1024, ge=0, description="local training keeps decoded samples in memory across "
                                                            "epochs, up to this many MB per modality (0: decode every "
                                                            "epoch)")
+    privacy: PrivacyParams = Field(PrivacyParams(), description="differential privacy of local training (Opacus)")
 
     @model_validator(mode="after")
     def _shapes(self) -> "SiteTrainingParams":
@@ -168,6 +170,8 @@ class SiteTrainingParams(Strict):
             raise ValueError(f"image_stem conv needs a power-of-2 image_patch, got {self.image_patch}")
         if self.image_hidden % self.image_heads or self.token_dim % self.clinical_heads:
             raise ValueError("image_hidden must divide by image_heads and token_dim by clinical_heads")
+        if self.privacy.enabled and self.fedprox_mu > 0:  # its gradient is not per sample: Opacus would drop it
+            raise ValueError("site.fedprox_mu must be 0 with site.privacy.enabled (DP trains FedAvg clients)")
         return self
 
 
@@ -385,6 +389,8 @@ def _resolve_paths(params: Params, base: Path) -> Params:
     data = params.data.model_copy(update={"root": absolute(params.data.root),
                                           "catalogue": None if catalogue is None else absolute(catalogue)})
     store = params.store.model_copy(update={"root": absolute(params.store.root)})
+    site = params.site.model_copy(update={"privacy": params.site.privacy.model_copy(
+        update={"ledger": absolute(params.site.privacy.ledger)})})
     members = [_absolute_source(m, absolute) for m in params.federation.members]
     splits = params.federation.splits
     splits = splits.model_copy(update={n: _absolute_source(getattr(splits, n), absolute) for n in SERVER_SPLITS
@@ -394,7 +400,8 @@ def _resolve_paths(params: Params, base: Path) -> Params:
     comparison = params.report.comparison
     report = params.report.model_copy(update={"root": absolute(params.report.root),
                                               "comparison": None if comparison is None else absolute(comparison)})
-    return params.model_copy(update={"data": data, "store": store, "federation": federation, "report": report})
+    return params.model_copy(update={"data": data, "site": site, "store": store, "federation": federation,
+                                     "report": report})
 
 
 def _absolute_source(source, absolute):

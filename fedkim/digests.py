@@ -37,6 +37,9 @@ def settings_digest(params) -> str:
     dumped = params.model_dump(mode="json")
     payload = {section: dumped[section] for section in WHOLE_SECTIONS}
     payload["inject"].pop("checkpoint_every", None)  # where a crash resumes from: the same model either way
+    privacy = payload["site"].pop("privacy", {})  # off: its other settings decide nothing (digests as they were)
+    if privacy.get("enabled"):
+        payload["site"]["privacy"] = {k: v for k, v in privacy.items() if k != "ledger"}  # a site's local file
     payload["data"] = {k: v for k, v in dumped["data"].items() if k not in DATA_IGNORED}
     catalogue = payload["data"].pop("catalogue", None)  # its content decides, not where it lies
     if catalogue is not None:  # (None, the shipped catalogue, leaves the digest as it always was)

@@ -66,17 +66,19 @@ class SiteCache:
     def __init__(self):
         self._store: dict[tuple[str, str], LocalResult] = {}
 
-    def train(self, site_dir, global_state, params: Params, seed: int, exclude: Collection[str] = ()) -> LocalResult:
+    def train(self, site_dir, global_state, params: Params, seed: int, exclude: Collection[str] = (),
+              ledger=None) -> LocalResult:
+        """`ledger`: the site's DP budget record; a training served from the cache spent nothing more."""
         key = (str(site_dir), _state_key(global_state) + str(seed) + ",".join(sorted(exclude)))
         if key not in self._store:
             self._store[key] = train_site(site_dir, global_state, params.site, params.data, seed=seed,
-                                          exclude=exclude)
+                                          exclude=exclude, ledger=ledger)
         return self._store[key]
 
     def trainer(self, params: Params) -> Trainer:
         """This cache as a round step's trainer (`exclude`: the samples the site's gate quarantined)."""
-        return lambda site_dir, global_state, seed, exclude=(): self.train(site_dir, global_state, params, seed,
-                                                                            exclude)
+        return lambda site_dir, global_state, seed, exclude=(), ledger=None: self.train(
+            site_dir, global_state, params, seed, exclude, ledger)
 
 
 def federated_round(params: Params, store: LocalStore, round_id: str, cache: SiteCache | None = None,
@@ -93,10 +95,15 @@ def federated_round(params: Params, store: LocalStore, round_id: str, cache: Sit
         if left_out is not None:
             excluded[site_id] = left_out.reason
             continue
-        outcomes.append(train_site_step(params, store, round_id, site_id, seed=seed, trainer=trainer,
-                                        validation=package_validation(summary)))
+        outcome = train_site_step(params, store, round_id, site_id, seed=seed, trainer=trainer,
+                                  validation=package_validation(summary))
+        if outcome.status == "refused":  # its privacy budget is spent
+            excluded[site_id] = outcome.reason
+        else:
+            outcomes.append(outcome)
     aggregated = aggregate_step(params, store, round_id, [o.site_id for o in outcomes], gate_summaries=summaries)
-    sites = {o.site_id: {"sample_counts": o.sample_counts, "metrics": o.metrics, "seconds": o.seconds}
+    sites = {o.site_id: {"sample_counts": o.sample_counts, "metrics": o.metrics, "seconds": o.seconds,
+                         **({"privacy": o.privacy} if o.privacy else {})}
              for o in outcomes}
     return RoundRecord(round_id, sites, aggregated.rejected, excluded=excluded)
 

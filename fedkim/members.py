@@ -56,6 +56,8 @@ class MemberSpec(DataSource):
                                                     "(default: site-<id>, or the id when it starts with site-)")
     public_key: str | None = Field(None, description="base64 Ed25519 public key of the site (`fedkim site keygen`): "
                                                      "its packages' signatures verify with it")
+    epsilon_max: float | None = Field(None, gt=0, description="this site's privacy budget (cumulative ε) when it "
+                                                             "differs from site.privacy.epsilon_max")
 
     @field_validator("public_key")
     @classmethod

@@ -17,11 +17,10 @@ from typing import Any
 from fedkim.config import ROUND_ID_PATTERN, Params, default_params_path, load_params
 from fedkim.digests import settings_digest
 from fedkim.federation.store import ArtifactStore
-from fedkim.outcomes import AggregateOutcome, SiteOutcome
+from fedkim.outcomes import REPORTED, AggregateOutcome, SiteOutcome
 from fedkim.rounds import round_key
 from fedkim.tracking.connection import SUMMARY
 
-REPORTED = ("trained", "reused")  # a site with one of these statuses has its package in the store
 
 
 def check_round_id(round_id: str) -> str:
@@ -85,7 +84,7 @@ def completed_summary(record: dict, sites: dict[str, SiteOutcome], aggregated: A
     and gate time, who was included, excluded (gate or screening) or failed, the aggregation, the injection, the
     headline metrics and the registered version (`registered`: fedkim.tracking.registry_outcome)."""
     aggregate = asdict(aggregated)
-    excluded = {s: o.reason for s, o in sites.items() if o.status == "excluded"}
+    excluded = {s: o.reason for s, o in sites.items() if o.status in ("excluded", "refused")}
     excluded |= {s: "package rejected: " + "; ".join(r) for s, r in aggregate["rejected"].items()
                  if s in reporting(sites)}
     return record | {

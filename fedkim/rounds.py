@@ -45,11 +45,12 @@ from fedkim.federation.package import ValidationSummary, finite_metrics, read_ma
 from fedkim.federation.store import ArtifactStore, package_prefix
 from fedkim.federation.weights import verified_counts
 from fedkim.members import site_dir, split_dir
-from fedkim.outcomes import AggregateOutcome, SiteOutcome
+from fedkim.outcomes import REPORTED, AggregateOutcome, SiteOutcome
 from fedkim.progress import PhaseTimer
 from fedkim.round_chain import advance, base_key, read_latest
 from fedkim.round_lock import round_lock
 from fedkim.site.model import global_model
+from fedkim.site.privacy import PrivacyBudgetError, PrivacyLedger
 from fedkim.site.train import LocalResult, train_site
 
 LATEST_KEY = "rounds/LATEST.json"
@@ -217,18 +218,25 @@ def train_site_step(params: Params, store: ArtifactStore, round_id: str, site_id
                                                                          seed=seed_, progress=progress, **kw))
     if quarantined is None:
         quarantined = validate_site_step(params, site_id, write_docs=False).quarantined
-    exclude = {"exclude": sorted(quarantined)} if quarantined else {}
-    local = train(site_dir(params, site_id), global_state, round_seed(round_id, params.data.seed + seed), **exclude)
+    extra = {"exclude": sorted(quarantined)} if quarantined else {}
+    if params.site.privacy.enabled:  # the site's own record of its budget (members[].epsilon_max: its own budget)
+        extra["ledger"] = PrivacyLedger(params.site.privacy, site_id, round_id=round_id,
+                                        epsilon_max=params.member(site_id).epsilon_max)
+    try:
+        local = train(site_dir(params, site_id), global_state, round_seed(round_id, params.data.seed + seed), **extra)
+    except PrivacyBudgetError as exc:  # the site refuses: nothing trained, nothing uploaded; the round says why
+        return SiteOutcome(site_id, "refused", str(exc))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / site_id
         write_package(folder, local.state_dict, site_id=site_id, round_id=str(round_id),
                       sample_counts=local.sample_counts, task_counts=local.task_counts,
                       data_fingerprint=local.data_fingerprint, local_metrics=finite_metrics(local.metrics),
-                      validation_summary=validation, catalogue=catalogue_of(params.data), round_nonce=nonce)
+                      validation_summary=validation, catalogue=catalogue_of(params.data), round_nonce=nonce,
+                      privacy=local.privacy)
         signing.upload_package(params, store, prefix, folder, nonce, lambda s: _gate_summaries(store, round_id, [s])[s])
     return SiteOutcome(site_id, "trained", sample_counts=local.sample_counts,
                        metrics=finite_metrics(local.metrics), data_fingerprint=local.data_fingerprint,
-                       seconds=round(local.seconds, 1))
+                       seconds=round(local.seconds, 1), privacy=local.privacy)
 
 
 def read_manifest_from_store(store: ArtifactStore, prefix: str, catalogue=None):
@@ -399,7 +407,7 @@ def _round_steps(params: Params, store: ArtifactStore, round_id: str, work_dir: 
                                                              validation=package_validation(summary)),
                                              validation=summary))
     with timer("aggregate"):
-        agg = aggregate_step(params, store, round_id, [s.site_id for s in sites if s.status != "excluded"],
+        agg = aggregate_step(params, store, round_id, [s.site_id for s in sites if s.status in REPORTED],
                              gate_summaries={s.site_id: s.validation for s in sites})
     with timer("inject"):
         splits = {"public": validate_split_step(params, "public")}

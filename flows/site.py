@@ -17,6 +17,7 @@ from fedkim.federation.store import ArtifactStore, open_store, package_prefix
 from fedkim.members import site_dir
 from fedkim.orchestration import load_settings, retry_delays
 from fedkim.outcomes import SiteOutcome
+from fedkim.site.privacy import PrivacyBudgetError
 from fedkim.rounds import (get_json, package_validation, put_json, train_site_step, validate_site_step,
                            validation_key)
 
@@ -49,8 +50,10 @@ def train_task(params: Params, store: ArtifactStore, round_id: str, site_id: str
     """Local training from the round's global model, then the package upload (idempotent per round)."""
     outcome = train_site_step(params, store, round_id, site_id, progress=progress,
                               validation=package_validation(validation))
-    get_run_logger().info("%s: %s, %s samples, %.1f s", site_id, outcome.status,
-                          sum(outcome.sample_counts.values()), outcome.seconds)
+    get_run_logger().info("%s: %s, %s samples, %.1f s%s", site_id, outcome.status,
+                          sum(outcome.sample_counts.values()), outcome.seconds,
+                          f", ε {outcome.privacy['epsilon_round']:.2f} this round, {outcome.privacy['epsilon_total']:.2f}"
+                          f" in all" if outcome.privacy else f": {outcome.reason}" if outcome.reason else "")
     return outcome
 
 
@@ -66,7 +69,8 @@ def site_tasks(params: Params):
 def site_flow(site_id: str, round_id: str, params_path: str | None = None,
               overrides: dict[str, Any] | None = None, progress: bool = False) -> dict:
     """One site's round at the hospital: gate, then training + upload. Fails (after uploading the gate summary)
-    when the data fails the gate, so the site's own pool shows the run red."""
+    when the data fails the gate, or when training would exceed the site's privacy budget, so the site's own
+    pool shows the run red."""
     params, base = load_settings(params_path, overrides)
     if site_id not in params.member_ids():
         raise ValueError(f"site {site_id!r} is not in federation.members of {params_path or default_params_path()}")
@@ -77,4 +81,7 @@ def site_flow(site_id: str, round_id: str, params_path: str | None = None,
         raise DataGateError(f"{site_id}: {gate_reason(validation)} (summary in the store at "
                             f"{validation_key(round_id, site_id)}; the examples: `fedkim data validate "
                             f"{site_dir(params, site_id)} --no-docs` at the site)")
-    return train(params, store, round_id, site_id, validation, progress=progress).as_dict()
+    outcome = train(params, store, round_id, site_id, validation, progress=progress)
+    if outcome.status == "refused":  # the coordinator reads why from this run's state (flows.dispatch)
+        raise PrivacyBudgetError(outcome.reason)
+    return outcome.as_dict()

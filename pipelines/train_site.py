@@ -27,7 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     outcome = train_site_step(params, store, round_id, args.site, validation=package_validation(report),
                               quarantined=sorted(report.get("quarantine", {})))
-    print(f"round {round_id}, {args.site}: {outcome.status} in {outcome.seconds} s, samples {outcome.sample_counts}")
+    if outcome.status == "refused":  # its privacy budget is spent: the round stops here, as for a failed gate
+        print(f"round {round_id}, {outcome.reason}", file=sys.stderr)
+        return 1
+    spent = f", ε {outcome.privacy['epsilon_round']:.2f} ({outcome.privacy['epsilon_total']:.2f} in all)" \
+        if outcome.privacy else ""
+    print(f"round {round_id}, {args.site}: {outcome.status} in {outcome.seconds} s, samples {outcome.sample_counts}"
+          f"{spent}")
     return 0
 
 

@@ -47,6 +47,20 @@ class ValidationSummary(BaseModel):
     findings: int = Field(0, ge=0, description="number of failed expectations / findings of the data gate")
 
 
+class PrivacyReport(BaseModel):
+    """What a site's DP training spent (fedkim.site.privacy): carried in the manifest, so the site signs it."""
+    model_config = ConfigDict(extra="forbid")
+
+    epsilon_round: float = Field(ge=0)
+    epsilon_total: float = Field(ge=0, description="cumulative over every round this site trained with DP")
+    epsilon_spent_before: float = Field(ge=0)
+    epsilon_max: float = Field(gt=0)
+    delta: float = Field(gt=0, lt=1)
+    accountant: str
+    max_grad_norm: float = Field(gt=0)
+    tasks: dict[str, list[float]] = Field(description="task -> [noise multiplier, sample rate, steps] this round")
+
+
 class PackageManifest(BaseModel):
     # NaN metrics (e.g. AUROC on a one-class validation split) must survive the JSON round trip.
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
@@ -65,6 +79,8 @@ class PackageManifest(BaseModel):
     created_at: datetime
     round_nonce: str | None = Field(None, description="the nonce the coordinator published with the round's global "
                                                       "model (federation.signatures: required; absent otherwise)")
+    privacy: PrivacyReport | None = Field(None, description="differential privacy of the local training (absent: "
+                                                            "trained without)")
 
     @field_validator("schema_version")
     @classmethod
@@ -171,6 +187,7 @@ def write_package(
     created_at: datetime | None = None,
     catalogue: Catalogue | None = None,
     round_nonce: str | None = None,
+    privacy: Mapping[str, Any] | None = None,
 ) -> PackageManifest:
     """Write `encoders.safetensors`, then `manifest.json` last: a manifest means a complete package. Task names
     are checked against `catalogue`'s training tasks (None: the shipped catalogue)."""
@@ -192,6 +209,7 @@ def write_package(
             local_metrics={k: dict(v) for k, v in (local_metrics or {}).items()},
             validation_summary=validation_summary, created_at=created_at or datetime.now(timezone.utc),
             **({"round_nonce": round_nonce} if round_nonce is not None else {}),
+            **({"privacy": dict(privacy)} if privacy is not None else {}),
         ), context={"catalogue": catalogue})
     except ValidationError as exc:
         tmp.unlink(missing_ok=True)

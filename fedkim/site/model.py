@@ -87,8 +87,8 @@ class EcgEncoder(nn.Module):
         self.lead = nn.Parameter(torch.zeros(12, p.token_dim))
         self.out_dim = p.token_dim
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        ecg = batch["ecg"]  # (B, 12, T)
+    def forward(self, batch: dict | torch.Tensor) -> torch.Tensor:
+        ecg = batch["ecg"] if isinstance(batch, dict) else batch  # (B, 12, T)
         ecg = (ecg - ecg.mean(-1, keepdim=True)) / (ecg.std(-1, keepdim=True) + 1e-3)
         maps = self.conv(ecg.reshape(-1, 1, ecg.shape[-1]))  # (B*12, C, T')
         stats = torch.cat([maps.mean(-1), maps.amax(-1), maps.std(-1)], dim=-1)  # rhythm variability too
@@ -167,7 +167,9 @@ class SiteModel(nn.Module):
         })
 
     def forward(self, batch: dict, task: str) -> torch.Tensor:
-        tokens = self.encoders[self.task_modality[task]](batch)
+        modality = self.task_modality[task]
+        # The ECG encoder is given its tensor: Opacus computes its per-sample gradients from its inputs (tensors)
+        tokens = self.encoders[modality](batch["ecg"] if modality == "ecg" else batch)
         return self.heads[task](tokens)
 
 

@@ -2,6 +2,7 @@
 the site's train split (modalities in turn, as the reference code), report validation metrics.
 
 AdamW, gradient clipping, bf16 autocast on CUDA, optional FedProx proximal term on the parameters being trained.
+With site.privacy.enabled: differential privacy through Opacus (fedkim.site.privacy), in float32.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fedkim.data.batches import pick_device, task_loader, to_device
 from fedkim.data.catalogue import catalogue_of
 from fedkim.data.siteformat import read_index, read_manifest
 from fedkim.progress import Progress
+from fedkim.site import privacy as dp
 from fedkim.site.model import SiteModel, load_subset
 
 log = logging.getLogger(__name__)
@@ -37,14 +39,18 @@ class LocalResult:
     seconds: float
     data_fingerprint: str = ""
     losses: list[float] = field(default_factory=list)
+    privacy: dict | None = None  # ε of this round and cumulative, δ, accountant, noise per task (DP only)
 
 
 def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.Tensor], p: SiteTrainingParams,
                data: DataParams, *, seed: int = 0, progress: bool = False,
-               only_tasks: list[str] | None = None, exclude: Collection[str] = ()) -> LocalResult:
+               only_tasks: list[str] | None = None, exclude: Collection[str] = (),
+               ledger: dp.PrivacyLedger | None = None) -> LocalResult:
     """Train at one site; given a list of site folders, train on their data pooled (the centralised oracle).
     `only_tasks` restricts training to those tasks (a probe of one modality's encoder); `exclude` names the
-    samples the data gate quarantined, left out of training and validation."""
+    samples the data gate quarantined, left out of training and validation. With DP, `ledger` is the site's
+    record of its spent budget (default: site.privacy.ledger, site.privacy.epsilon_max): PrivacyBudgetError before
+    any training when this round would exceed it; the completed training is recorded in it."""
     if isinstance(site_dir, (list, tuple)):
         import pandas as pd
 
@@ -71,6 +77,14 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
 
     task_counts = {t: int(((index.task == t) & (index.split == "train")).sum()) for t in tasks}
     sample_counts = {m: sum(n for t, n in task_counts.items() if catalogue[t].modality == m) for m in modalities}
+    private = p.privacy.enabled
+    if private:
+        ledger = ledger or dp.PrivacyLedger(p.privacy, site_id)
+        releases = dp.plan_releases(task_counts, p)
+        report = ledger.check(releases)  # refuses before anything is trained
+        model, net = dp.private_model(model)
+    else:
+        net = model
     losses: list[float] = []
     augment = torch.Generator().manual_seed(seed + 7) if p.image_augment else None
     steps = p.epochs * sum(-(-n // p.batch_size) for n in task_counts.values())
@@ -82,22 +96,34 @@ def train_site(site_dir: str | Path | list[Path], global_state: dict[str, torch.
             optimizer = torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
             loaders = {t: task_loader(site_dir, t, "train", p, data, shuffle=True, seed=seed, exclude=exclude,
                                       cache_mb=p.decode_cache_mb / len(modality_tasks)) for t in modality_tasks}
+            if private:
+                optimizer = dp.private_optimizer(optimizer, p, seed)
+                loaders = {t: dp.poisson_loader(loader, seed + i) for i, (t, loader) in enumerate(loaders.items())}
             model.train()
             for epoch in range(p.epochs):
                 epoch_losses = []
                 for task, loader in loaders.items():
+                    if private:
+                        dp.use_release(optimizer, {t: model.heads[t] for t in modality_tasks}, task, releases[task])
                     for batch in loader:
+                        if private and len(batch["label"]) == 0:  # Poisson sampling drew nobody: nothing to fit
+                            continue
                         if augment is not None and "image" in batch:
                             batch["image"] = augment_images(batch["image"], augment)
-                        loss = _step(model, optimizer, to_device(batch, device), task, params, p, anchor)
+                        loss = _step(net, optimizer, to_device(batch, device), task, params, p, anchor)
                         losses.append(loss)
                         epoch_losses.append(loss)
                         bar.advance(description=f"{modality} epoch {epoch + 1}/{p.epochs} "
                                                 f"loss {np.mean(epoch_losses):.3f}")
+    for head in model.heads.values():
+        head.requires_grad_(True)
     metrics = {t: evaluate_head(model, site_dir, t, p, data, device, exclude=exclude) for t in tasks}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if private:
+        state = dp.standard_state(state)
+        ledger.record(report)
     return LocalResult(site_id, state, sample_counts, task_counts, metrics,
-                       time.perf_counter() - started, fingerprint, losses)
+                       time.perf_counter() - started, fingerprint, losses, report if private else None)
 
 
 def augment_images(images: torch.Tensor, generator: torch.Generator, shift: float = 0.1, degrees: float = 6.0,
@@ -118,7 +144,8 @@ def augment_images(images: torch.Tensor, generator: torch.Generator, shift: floa
 
 def _step(model, optimizer, batch, task, params, p: SiteTrainingParams, anchor) -> float:
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["label"].is_cuda):
+    private = isinstance(optimizer, dp.DPOptimizer)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch["label"].is_cuda and not private):
         logits = model(batch, task)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), batch["label"].float())
     if anchor is not None:  # FedProx: stay close to the global model on what this step trains
@@ -127,7 +154,10 @@ def _step(model, optimizer, batch, task, params, p: SiteTrainingParams, anchor) 
         prox = sum(((q - anchor[k]) ** 2).sum() for k, q in named.items() if id(q) in trained)
         loss = loss + 0.5 * p.fedprox_mu * prox
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+    if not private:  # DP clips each sample's gradient instead
+        torch.nn.utils.clip_grad_norm_(params, p.grad_clip)
+    if private:
+        dp.fill_unused(optimizer)
     optimizer.step()
     return float(loss.detach())
 

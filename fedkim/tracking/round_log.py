@@ -45,7 +45,8 @@ def log_sites(parent, outcomes: Iterable[SiteOutcome]) -> None:
     for outcome in outcomes:
         log_site(parent, outcome.site_id, metrics=outcome.metrics, sample_counts=outcome.sample_counts,
                  validation=outcome.validation or {"success": "unknown"},
-                 fingerprint=outcome.data_fingerprint or None,
+                 fingerprint=outcome.data_fingerprint or None, privacy=outcome.privacy,
+                 status=outcome.status, reason=outcome.reason,
                  kind="split" if outcome.site_id in SERVER_SPLITS else "site")
 
 

@@ -151,11 +151,13 @@ def _now_ms() -> int:
 
 
 def log_site(parent, site_id: str, *, metrics: dict, validation: dict | Any, sample_counts: dict[str, int],
-             fingerprint: str | None = None, kind: str = "site") -> str:
+             fingerprint: str | None = None, kind: str = "site", privacy: dict | None = None, status: str = "",
+             reason: str = "") -> str:
     """A finished nested run for one site's contribution: local validation metrics (local.<task>.<metric>),
-    sample counts (samples.<modality>), the data gate's summary (tag + validation.json). Returns its run id; a site
-    already logged under this parent is returned as is (re-run rounds do not log twice). kind "split": a server
-    split's gate (public, test), logged the same way."""
+    sample counts (samples.<modality>), the data gate's summary (tag + validation.json), what DP training spent
+    (privacy.epsilon_round, privacy.epsilon_total, privacy.noise.<task>) and the site's status and reason when
+    it has no package (tags). Returns its run id; a site already logged under this parent is returned as is
+    (re-run rounds do not log twice). kind "split": a server split's gate (public, test), logged the same way."""
     existing = find_child_run(parent, kind, site_id)
     if existing is not None:
         return existing.info.run_id
@@ -163,12 +165,16 @@ def log_site(parent, site_id: str, *, metrics: dict, validation: dict | Any, sam
     tags = {SITE: site_id, "fedkim.validation.success": str(summary.get("success", "unknown")).lower()}
     if fingerprint:
         tags["fedkim.data_fingerprint"] = fingerprint
+    tags |= {k: v for k, v in {"fedkim.site.status": status, "fedkim.site.reason": reason[:4000]}.items() if v}
     run_id, _ = _child(parent, kind, f"{kind}-{site_id}", tags)
     mlflow_client = client()
     try:
         values = numeric_items(metrics, "local") | numeric_items(summary, "validation")
         values |= {f"samples.{k}": float(v) for k, v in sample_counts.items()}
         values["samples.total"] = float(sum(sample_counts.values()))
+        if privacy:
+            values |= numeric_items({k: v for k, v in privacy.items() if k != "tasks"}, "privacy")
+            values |= {f"privacy.noise.{t}": float(r[0]) for t, r in privacy.get("tasks", {}).items()}
         _log_values(run_id, values)
         mlflow_client.log_dict(run_id, summary, "validation.json")
         mlflow_client.log_dict(run_id, {"sample_counts": sample_counts, "metrics": metrics}, "site.json")
