@@ -116,7 +116,7 @@ def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: in
         return signing.verified_key(params, store, key, signing.GLOBAL_MODEL, round_id)  # refuses a forged one
     catalogue_of(params.data).check_sites(params.federation.members)
     state = global_model(params.site, params.data, seed=params.data.seed + seed).state_dict()
-    previous = latest_round(store)
+    previous = latest_round(store, params)
     if previous is not None and previous != str(round_id):
         state = {**state, **get_state(store, signing.verified_key(params, store, round_key(
                      previous, "aggregate", "encoders.safetensors"), signing.AGGREGATE, previous)),
