@@ -301,30 +301,44 @@ def send_all(params, store, tmp_path, round_id, state):
         signing.upload_package(params, store, package_prefix(round_id, site), folder, "n" * 32, lambda _: None)
 
 
-def test_fedadam_moments_are_verified_before_the_next_round_continues_from_them(tmp_path, keys, store):
+@pytest.mark.parametrize("case, reason", [
+    ("replaced", r".*differs from what federation.coordinator_public_key's key signed"),
+    ("planted", r"rounds/1/aggregate/encoders.safetensors.sig does not cover it"),
+    ("forged", r"forged: rounds/1/aggregate/encoders.safetensors.sig does not verify"),
+])
+def test_fedadam_moments_are_verified_before_the_next_round_continues_from_them(case, reason, tmp_path, keys,
+                                                                                attacker, store):
     params = signed_params(tmp_path / "params", keys, **{"federation.strategy": "fedadam"})
+    first = params if case != "planted" else params.model_copy(update={"federation": params.federation.model_copy(
+        update={"strategy": "fedavg"})})  # planted: round 1 aggregated with FedAvg, no moments signed
     publish(params, store, "1", global_state())
     send_all(params, store, tmp_path, "1", global_state())
-    aggregate_step(params, store, "1", SITES)
+    aggregate_step(first, store, "1", SITES)
     assert finish_round(store, "1", params)
-    moments = round_key("1", "aggregate", OPTIMIZER_FILE)
-    assert moments in signing.verified(params, store, round_key("1", "aggregate", "encoders.safetensors"),
-                                       signing.AGGREGATE, "1")["objects"]
-    state = get_state(store, round_key("1", "aggregate", "encoders.safetensors"))
+    moments, aggregate = (round_key("1", "aggregate", name) for name in (OPTIMIZER_FILE, "encoders.safetensors"))
+    state = get_state(store, aggregate)
     publish(params, store, "2", state)
     send_all(params, store, tmp_path, "2", state)
-    original = store.get_file(moments, tmp_path / "moments.safetensors")
-    store.put_file(moments, store.get_file(round_key("1", "aggregate", "encoders.safetensors"),
-                                           tmp_path / "other.safetensors"), overwrite=True)  # replaced moments
+    original = store.get_file(moments, tmp_path / "moments.safetensors") if case != "planted" else None
+    if case == "replaced":
+        store.put_file(moments, store.get_file(aggregate, tmp_path / "other.safetensors"), overwrite=True)
+    elif case == "planted":  # moments from elsewhere, beside a FedAvg aggregate whose signature knows none
+        store.put_file(moments, store.get_file(aggregate, tmp_path / "other.safetensors"))
+    elif case == "forged":  # the aggregate's signature replaced by one made with another key
+        for suffix in (signing.SIG_SUFFIX, signing.SIG_SUFFIX + ".sha256"):  # the object and its recorded sha256
+            (store.root / (aggregate + suffix)).unlink()
+        attacker(lambda hostile: signing.sign_objects(hostile, store, aggregate, signing.AGGREGATE, "1",
+                                                      also=("aggregate.json", OPTIMIZER_FILE)))
     before = snapshot(store)
 
-    with pytest.raises(signing.SignatureError, match=refused(moments, "aggregate", "1", r".*differs from what")):
+    with pytest.raises(signing.SignatureError, match=refused(moments, "aggregate", "1", reason)):
         aggregate_step(params, store, "2", SITES)
     assert snapshot(store) == before and not store.list("rounds/2/aggregate/")
 
-    store.put_file(moments, original, overwrite=True)  # the signed moments back: round 2 continues from them
-    assert aggregate_step(params, store, "2", SITES).accepted == SITES
-    assert store.exists(round_key("2", "aggregate", OPTIMIZER_FILE))
+    if case == "replaced":  # the signed moments back: round 2 continues from them
+        store.put_file(moments, original, overwrite=True)
+        assert aggregate_step(params, store, "2", SITES).accepted == SITES
+        assert store.exists(round_key("2", "aggregate", OPTIMIZER_FILE))
 
 
 # ---------------------------------------------------------------------------------------- through S3
