@@ -1,6 +1,6 @@
 """Errors that mean "the input is unusable" (bad params, an unusable data directory, a generation that would
-overwrite something): the CLI and the DVC stages print them as one line naming the key or directory and exit 2,
-never with a traceback."""
+overwrite something, a stored object whose coordinator signature or round chain cannot be trusted): the CLI and
+the DVC stages print them as one line naming the key or directory and exit 2, never with a traceback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 
 # (module, class): looked up only once the module is loaded, so that catching them imports nothing heavy
 _USAGE_ERRORS = (("fedkim.params_base", "ConfigError"), ("fedkim.data.synth.federation", "GenerationError"),
-                 ("fedkim.data.siteformat", "SiteFormatError"))
+                 ("fedkim.data.siteformat", "SiteFormatError"), ("fedkim.federation.signing", "SignatureError"),
+                 ("fedkim.round_chain", "LatestError"))
 USAGE_EXIT = 2
 
 

@@ -141,7 +141,7 @@ def run_variant(params: Params, name: str, work_dir: Path, *, cache: SiteCache |
                             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None}
         global_state = {**global_state, **model.encoder_state()}  # encoders go back to the sites
         if variant.federated:  # the next round starts from this one's encoders (the others chain in memory)
-            finish_round(store, round_id)
+            finish_round(store, round_id, params)
         rounds.append(record)
     validate_split_step(params, "test")
     metrics = evaluate(model, split_dir(params, "test"), params.eval, params.site, params.data,

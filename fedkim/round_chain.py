@@ -10,6 +10,9 @@ started from an older LATEST, leaves LATEST where it is. Comparing round ids wou
 
 LATEST.json is read strictly: malformed, written outside the store, or disagreeing with the history (pointing
 backwards), it is reported with LatestError naming the key, and a round does not start from it or replace it.
+Given the params (federation.signatures: required), LATEST.json, every history entry read and the base.json
+behind a completion must carry the coordinator's signature (fedkim.federation.signing), else SignatureError names
+the key; a history entry must sit at the sequence it was signed for.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedkim.config import ROUND_ID_PATTERN
+from fedkim.config import ROUND_ID_PATTERN, Params
+from fedkim.federation import signing
 
 LATEST_KEY = "rounds/LATEST.json"  # also fedkim.rounds.LATEST_KEY, where callers take it from
 HISTORY_PREFIX = "rounds/_history"  # '_' cannot start a round id (ROUND_ID_PATTERN): no round's keys collide
@@ -92,7 +96,7 @@ def _read(store, key: str) -> bytes | None:
             raise LatestError(f"{store.uri(key)}: {exc}") from None
 
 
-def _history(store, sequence: int) -> dict | None:
+def _history(store, sequence: int, params: Params | None) -> dict | None:
     raw = store.read_marker(history_key(sequence))
     if raw is None:
         return None
@@ -100,24 +104,31 @@ def _history(store, sequence: int) -> dict | None:
     try:
         entry = json.loads(raw)
         _round_id(entry["round_id"], where, "round_id")
-        return entry
     except (ValueError, TypeError, KeyError) as exc:
         raise LatestError(f"{where}: not a round history entry ({exc!r})") from None
+    if params is not None and signing.required(params):
+        signing.verify_record(params, entry, signing.HISTORY, where)
+        if entry.get("sequence") != sequence:  # a signed entry copied to another sequence number
+            raise LatestError(f"{where}: signed as completion #{entry.get('sequence')}, not #{sequence}: not trusted")
+    return entry
 
 
-def read_latest(store, *, finishing: str | None = None) -> Latest | None:
+def read_latest(store, *, finishing: str | None = None, params: Params | None = None) -> Latest | None:
     """The last completed round (None before the first). LatestError when LATEST.json is malformed or disagrees
     with the history. `finishing`: the round finish_round is completing; when the history already lists it
-    right after LATEST (a crash between the two writes), that is the answer, marked `repaired`."""
+    right after LATEST (a crash between the two writes), that is the answer, marked `repaired`. `params`: check
+    the coordinator's signatures as federation.signatures says (SignatureError)."""
     raw = _read(store, LATEST_KEY)
     latest = parse_latest(raw, store.uri(LATEST_KEY)) if raw is not None else None
-    after = _history(store, (latest.sequence if latest else 0) + 1)
+    if latest is not None and params is not None:
+        signing.verify_record(params, json.loads(raw), signing.LATEST, store.uri(LATEST_KEY))
+    after = _history(store, (latest.sequence if latest else 0) + 1, params)
     if latest is None:
         if after is None:
             return None
         where = f"{store.uri(LATEST_KEY)} is missing but"
     else:
-        entry = _history(store, latest.sequence) if latest.sequence else {"round_id": latest.round_id}
+        entry = _history(store, latest.sequence, params) if latest.sequence else {"round_id": latest.round_id}
         if entry is None or entry["round_id"] != latest.round_id:
             raise LatestError(f"{store.uri(LATEST_KEY)}: names round {latest.round_id!r} as completion "
                               f"#{latest.sequence}, but {store.uri(history_key(latest.sequence))} names "
@@ -134,16 +145,21 @@ def read_latest(store, *, finishing: str | None = None) -> Latest | None:
                       f"or restore LATEST.json")
 
 
-def advance(store, round_id: str) -> Latest | None:
-    """The LATEST that finishing `round_id` leads to, or None when LATEST stays (the reason is logged)."""
+def advance(store, round_id: str, params: Params | None = None) -> Latest | None:
+    """The LATEST that finishing `round_id` leads to, or None when LATEST stays (the reason is logged). `params`:
+    verify what decides (LATEST, the history, base.json under the global model's signature) and sign the new
+    history entry, as federation.signatures says."""
     round_id = str(round_id)
-    current = read_latest(store, finishing=round_id)
+    current = read_latest(store, finishing=round_id, params=params)
     if current is not None and current.round_id == round_id:
         return current if current.repaired else None
     if current is not None and round_id in current.completed:
         log.warning("round %s completed before (LATEST is round %s): LATEST stays", round_id, current.round_id)
         return None
     raw = _read(store, base_key(round_id))
+    if raw is not None and params is not None:
+        signing.verified(params, store, base_key(round_id), signing.GLOBAL_MODEL, round_id,
+                         signed_with=f"rounds/{round_id}/global/encoders.safetensors")
     base = json.loads(raw).get("previous", "?") if raw is not None else "?"
     expected = current.round_id if current else None
     if base != expected:
@@ -153,6 +169,8 @@ def advance(store, round_id: str) -> Latest | None:
         return None
     sequence = (current.sequence if current else 0) + 1
     entry = {"round_id": round_id, "previous": expected, "sequence": sequence, "finished": time.time()}
+    if params is not None:
+        entry = signing.sign_record(params, entry, signing.HISTORY)
     if not store.create_marker(history_key(sequence), json.dumps(entry, sort_keys=True).encode()):
         log.warning("round %s: another round took completion #%d meanwhile: LATEST stays", round_id, sequence)
         return None

@@ -117,21 +117,29 @@ def start_round(params: Params, store: ArtifactStore, round_id: str, *, seed: in
         return signing.verified_key(params, store, key, signing.GLOBAL_MODEL, round_id)  # refuses a forged one
     catalogue_of(params.data).check_sites(params.federation.members)
     state = global_model(params.site, params.data, seed=params.data.seed + seed).state_dict()
-    previous = latest_round(store)
+    previous = latest_round(store, params)
     if previous is not None and previous != str(round_id):
         state = {**state, **get_state(store, signing.verified_key(params, store, round_key(
                      previous, "aggregate", "encoders.safetensors"), signing.AGGREGATE, previous)),
-                 **get_state(store, round_key(previous, "central", "encoders.safetensors"))}
+                 **get_state(store, central_key(params, store, previous, "encoders.safetensors"))}
     put_json(store, base_key(round_id), {"previous": previous}, overwrite=True)  # what finish_round checks
     put_state(store, key, state)
-    signing.sign_objects(params, store, key, signing.GLOBAL_MODEL, round_id, round_nonce=signing.new_round_nonce())
+    signing.sign_objects(params, store, key, signing.GLOBAL_MODEL, round_id, round_nonce=signing.new_round_nonce(),
+                         also=("base.json",))
     return key
 
 
-def latest_round(store: ArtifactStore) -> str | None:
-    """The last completed round; LatestError (naming the key) when rounds/LATEST.json cannot be trusted."""
-    latest = read_latest(store)
+def latest_round(store: ArtifactStore, params: Params | None = None) -> str | None:
+    """The last completed round; LatestError (naming the key) when rounds/LATEST.json cannot be trusted.
+    `params`: its signature is verified as federation.signatures says (the steps always pass them)."""
+    latest = read_latest(store, params=params)
     return latest.round_id if latest is not None else None
+
+
+def central_key(params: Params, store: ArtifactStore, round_id: str, name: str) -> str:
+    """The key of a file of a round's injected model, once inject.json's signature (which covers it) verifies."""
+    return signing.verified_key(params, store, round_key(round_id, "central", name), signing.CENTRAL, round_id,
+                                signed_with=round_key(round_id, "central", "inject.json"))
 
 
 _GATE_REPORTS: dict[tuple, tuple] = {}  # (directory, content, gate params) -> (ValidationReport, docs written)
@@ -252,12 +260,15 @@ def _gate_summaries(store: ArtifactStore, round_id: str, sites: list[str], given
             for site, key in keys.items()}
 
 
-def _previous_optimizer(store: ArtifactStore, round_id: str) -> ServerOptimizerState | None:
-    """FedAdam's moments after the last completed round (None: the first FedAdam round starts from zero)."""
-    previous = latest_round(store)
+def _previous_optimizer(params: Params, store: ArtifactStore, round_id: str) -> ServerOptimizerState | None:
+    """FedAdam's moments after the last completed round (None: the first FedAdam round starts from zero), once
+    that round's aggregate signature (which covers them) verifies."""
+    previous = latest_round(store, params)
     key = previous and round_key(previous, "aggregate", OPTIMIZER_FILE)
     if previous is None or previous == str(round_id) or not store.exists(key):
         return None
+    signing.verified(params, store, key, signing.AGGREGATE, previous,
+                     signed_with=round_key(previous, "aggregate", "encoders.safetensors"))
     with tempfile.TemporaryDirectory() as tmp:
         return ServerOptimizerState.load(store.get_file(key, Path(tmp) / OPTIMIZER_FILE))
 
@@ -298,7 +309,7 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
                                    _gate_summaries(store, round_id, names, gate_summaries), catalogue)
         hparams = {"fedprox": {"mu": params.site.fedprox_mu},
                    "trimmed_mean": {"trim_fraction": fed.trim_fraction}}.get(fed.strategy, {})
-        optimizer = _previous_optimizer(store, round_id) if fed.strategy == "fedadam" else None
+        optimizer = _previous_optimizer(params, store, round_id) if fed.strategy == "fedadam" else None
         result = aggregate(fed.strategy, global_state, accepted, catalogue=catalogue, state=optimizer,
                            counts=weighing.counts, max_weight_share=fed.max_weight_share, **hparams)
     put_json(store, round_key(round_id, "aggregate", "aggregate.json"),
@@ -315,14 +326,16 @@ def aggregate_step(params: Params, store: ArtifactStore, round_id: str, site_ids
 
 def load_central(params: Params, store: ArtifactStore, round_id: str, *, injected: bool) -> CentralModel:
     """The central model for a round: aggregated encoders, plus this round's injected weights (injected=True) or
-    the previous round's (the experts keep learning across rounds)."""
+    the previous round's (the experts keep learning across rounds). Each signature is verified first."""
     model = build_central(params, VARIANTS["fedkim"])
-    model.load_encoders(get_state(store, round_key(round_id, "aggregate", "encoders.safetensors")))
-    source = str(round_id) if injected else latest_round(store)
+    aggregated = signing.verified_key(params, store, round_key(round_id, "aggregate", "encoders.safetensors"),
+                                      signing.AGGREGATE, round_id)
+    model.load_encoders(get_state(store, aggregated))
+    source = str(round_id) if injected else latest_round(store, params)
     if source is not None and (injected or source != str(round_id)):
-        model.load_trainable_state(get_state(store, round_key(source, "central", "trainable.safetensors")))
+        model.load_trainable_state(get_state(store, central_key(params, store, source, "trainable.safetensors")))
         if not injected:  # the previous round's trained experts, but this round's aggregated encoders
-            model.load_encoders(get_state(store, round_key(round_id, "aggregate", "encoders.safetensors")))
+            model.load_encoders(get_state(store, aggregated))
     return model.eval()  # inference by default (dropout off); injection switches training on itself
 
 
@@ -332,7 +345,8 @@ def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: P
     `model`: inject into this model as it is (the experiment's variants) instead of the round's fedkim model."""
     done = round_key(round_id, "central", "inject.json")
     if store.exists(done) and model is None:
-        return load_central(params, store, round_id, injected=True), get_json(store, done)
+        return load_central(params, store, round_id, injected=True), get_json(store, central_key(
+            params, store, round_id, "inject.json"))
     model = model if model is not None else load_central(params, store, round_id, injected=False)
     result = inject(model, split_dir(params, "public"), params.inject, params.site, params.data,
                     round_id=str(round_id), checkpoint_dir=Path(work_dir) / "checkpoints", progress=progress,
@@ -343,6 +357,8 @@ def inject_step(params: Params, store: ArtifactStore, round_id: str, work_dir: P
     put_state(store, round_key(round_id, "central", "trainable.safetensors"), model.trainable_state(), overwrite=True)
     put_state(store, round_key(round_id, "central", "encoders.safetensors"), model.encoder_state(), overwrite=True)
     put_json(store, done, summary, overwrite=True)  # last: marks the injection as done
+    signing.sign_objects(params, store, done, signing.CENTRAL, round_id, replace=True,
+                         also=("trainable.safetensors", "encoders.safetensors"))
     return model, summary
 
 
@@ -354,7 +370,7 @@ def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: Ce
     a stored file that disagrees is left as it is and flagged (`stored_differs`)."""
     key = round_key(round_id, "evaluation", "metrics.json" if split == "test" else f"{split}_metrics.json")
     if store.exists(key) and not recompute:
-        return get_json(store, key)
+        return get_json(store, signing.verified_key(params, store, key, signing.EVALUATION, round_id))
     calibration: dict = {}
     metrics = evaluate(model, split_dir(params, split), params.eval, params.site, params.data,
                        public_dir=split_dir(params, "public"), progress=progress, split=split,
@@ -372,15 +388,18 @@ def evaluate_step(params: Params, store: ArtifactStore, round_id: str, model: Ce
         return metrics | {"stored_differs": json.dumps(stored, sort_keys=True)
                           != json.dumps(json.loads(json.dumps(metrics["tasks"])), sort_keys=True)}
     put_json(store, key, metrics)
+    signing.sign_objects(params, store, key, signing.EVALUATION, round_id)
     return metrics
 
 
-def finish_round(store: ArtifactStore, round_id: str) -> bool:
+def finish_round(store: ArtifactStore, round_id: str, params: Params | None = None) -> bool:
     """Mark the round complete: the next round starts from its encoders. Only forward: an old round finished
-    again, or one that did not start from the current LATEST, leaves it (fedkim.round_chain). True when moved."""
-    moved = advance(store, round_id)
+    again, or one that did not start from the current LATEST, leaves it (fedkim.round_chain). True when moved.
+    `params`: LATEST and the history are verified and signed as federation.signatures says."""
+    moved = advance(store, round_id, params)
     if moved is not None:
-        put_json(store, LATEST_KEY, moved.payload(), overwrite=True)
+        payload = moved.payload() if params is None else signing.sign_record(params, moved.payload(), signing.LATEST)
+        put_json(store, LATEST_KEY, payload, overwrite=True)
     return moved is not None
 
 
@@ -416,7 +435,7 @@ def _round_steps(params: Params, store: ArtifactStore, round_id: str, work_dir: 
         splits["test"] = validate_split_step(params, "test")
         metrics = evaluate_step(params, store, round_id, model, progress=progress)
     with timer("finish"):
-        finish_round(store, round_id)
+        finish_round(store, round_id, params)
     return {"round_id": str(round_id), "sites": [s.as_dict() for s in sites], "aggregate": asdict(agg),
             "data_gate": {**{s.site_id: s.validation for s in sites}, **splits},
             "injection": {k: v for k, v in injection.items() if k not in ("losses", "lrs", "tasks")},

@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from fedkim import tracking
 from fedkim.config import ConfigError, parse_overrides
+from fedkim.federation.signing import SignatureError
 from fedkim.federation.store import open_store
 from fedkim.members import server_splits
 from fedkim.orchestration import (REPORTED, check_round_id, completed_summary, load_settings, mlflow_ui_command,
@@ -128,8 +129,8 @@ def fedkim_flow(round_id: str | None = None, params_path: str | None = None,
                                                                split="validation", recompute=True))
             if "validation" in splits else None,
             outcomes=[*sites.values(), *(SiteOutcome(name, "gated", validation=s) for name, s in splits.items())])
-        if not finish_round(store, round_id):  # an old round id again, or one started from an older LATEST
-            logger.warning("round %s: rounds/LATEST.json stays at round %s", round_id, latest_round(store))
+        if not finish_round(store, round_id, params):  # an old round id again, or one started from an older LATEST
+            logger.warning("round %s: rounds/LATEST.json stays at round %s", round_id, latest_round(store, params))
         shutil.rmtree(work_dir, ignore_errors=True)  # checkpoints only serve an unfinished injection
 
         summary = completed_summary(record, sites, aggregate, logged.injection, logged.metrics, logged.registered,
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     except (QuorumError, SplitGateError) as exc:
         print(f"\nround failed: {exc}", file=sys.stderr)
         return 1
-    except (RoundLockedError, LatestError) as exc:
+    except (RoundLockedError, LatestError, SignatureError) as exc:
         print(f"\nround not run: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:

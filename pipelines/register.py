@@ -21,6 +21,7 @@ from fedkim.config import Params
 from fedkim.data.catalogue import catalogue_of
 from fedkim.digests import settings_digest, short_digest
 from fedkim.errors import run_stage
+from fedkim.federation import signing
 from fedkim.members import server_splits
 from fedkim.federation.store import package_prefix
 from fedkim.outcomes import SiteOutcome
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     args = cli.parse_args(argv)
     params, store, round_id = setup(args)
     tracking.configure(params.tracking, base_dir=params_path().resolve().parent)
-    metrics = get_json(store, round_key(round_id, "evaluation", "metrics.json"))
+    metrics = get_json(store, signing.verified_key(params, store, round_key(round_id, "evaluation", "metrics.json"),
+                                                   signing.EVALUATION, round_id))
     tracked_id, digest = tracked_round(params, store, round_id, metrics)
 
     version = tracking.find_version(tracked_id)  # this round's outputs were registered before: log nothing twice
@@ -86,7 +88,9 @@ def validation_metrics(params: Params, store, round_id: str) -> dict | None:
 def log_and_register(params: Params, store, round_id: str, tracked_id: str, digest: str, metrics: dict):
     """Log the round as `tracked_id` (round run, a run per accepted site, the injection run) and register and judge
     its model: fedkim.tracking.log_round over what the earlier stages left in the store."""
-    accepted = get_json(store, round_key(round_id, "aggregate", "aggregate.json"))["accepted"]
+    accepted = get_json(store, signing.verified_key(params, store, round_key(round_id, "aggregate", "aggregate.json"),
+                                                    signing.AGGREGATE, round_id, signed_with=round_key(
+                                                        round_id, "aggregate", "encoders.safetensors")))["accepted"]
     catalogue = catalogue_of(params.data)
     manifests = [read_manifest_from_store(store, package_prefix(round_id, site), catalogue) for site in accepted]
     sites = [SiteOutcome.from_manifest(m, "trained", validation=m.validation_summary.model_dump(mode="json"))

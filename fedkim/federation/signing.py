@@ -12,6 +12,15 @@ Ed25519 signature of the statement's canonical JSON (fedkim.identity).
     rounds/<r>/sites/<site>/manifest.json.sig       the site's: kind knowledge-package, its id, the round id, the
                                                     nonce, the sha256 of the canonical manifest (which holds the
                                                     tensors' sha256) and of its stored gate summary; uploaded last
+    rounds/<r>/central/inject.json.sig              the coordinator's: kind central-model, the injected model's
+                                                    trainable.safetensors and encoders.safetensors and inject.json
+    rounds/<r>/evaluation/metrics.json.sig          the coordinator's: kind evaluation (validation_metrics.json too)
+    rounds/<r>/global/encoders.safetensors.sig      also covers base.json (where the round started: it decides
+                                                    whether finishing the round moves LATEST)
+
+LATEST.json (rewritten at every completion) and the history entries rounds/_history/<n>.json (created atomically)
+carry the coordinator's signature inside them, `coordinator_signature` over {kind, record}: a separate .sig could
+be left behind, not matching, by a crash between two writes.
 
 The server accepts a package only when the signature verifies with the public key of the site named in the
 manifest, that site is the one whose folder holds it, and round id and nonce are the round's. A coordinator
@@ -39,6 +48,9 @@ from fedkim.identity import (COORDINATOR, KeyFileError, canonical_json, load_pri
 SIG_SUFFIX = ".sig"
 PACKAGE_SIGNATURE = MANIFEST_FILE + SIG_SUFFIX
 GLOBAL_MODEL, AGGREGATE, PACKAGE = "global-model", "aggregate", "knowledge-package"
+CENTRAL, EVALUATION, LATEST, HISTORY = "central-model", "evaluation", "latest", "round-history"
+RECORD_SIGNATURE = "coordinator_signature"  # inside a signed record (LATEST.json, a history entry)
+COORDINATOR_KEY_SETTING = "federation.coordinator_public_key"
 
 
 class SignatureError(RuntimeError):
@@ -97,10 +109,11 @@ def _read_envelope(path: Path) -> tuple[dict, str]:
 
 # ------------------------------------------------------------------------------------------ coordinator side
 def sign_objects(params: Params, store: ArtifactStore, key: str, kind: str, round_id: str, *,
-                 round_nonce: str | None = None, also: tuple[str, ...] = ()) -> None:
+                 round_nonce: str | None = None, also: tuple[str, ...] = (), replace: bool = False) -> None:
     """The coordinator signs `key` and those of the files `also` that its folder holds (the aggregate's
     aggregate.json and FedAdam moments), by their recorded sha256, as one statement in `<key>.sig`. An existing
-    signature object is never replaced (KeyExistsError)."""
+    signature object is never replaced (KeyExistsError) unless `replace` (objects the step itself rewrites: the
+    injected model)."""
     if not required(params):
         return
     folder = key.rsplit("/", 1)[0]
@@ -111,22 +124,27 @@ def sign_objects(params: Params, store: ArtifactStore, key: str, kind: str, roun
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "signature.json"
         path.write_bytes(_envelope(private_key(params, COORDINATOR), statement))
-        store.put_file(key + SIG_SUFFIX, path)
+        store.put_file(key + SIG_SUFFIX, path, overwrite=replace)
 
 
-def verified_key(params: Params, store: ArtifactStore, key: str, kind: str, round_id: str) -> str:
+def verified_key(params: Params, store: ArtifactStore, key: str, kind: str, round_id: str, *,
+                 signed_with: str | None = None) -> str:
     """`key`, once `verified` (for reading it inline)."""
-    verified(params, store, key, kind, round_id)
+    verified(params, store, key, kind, round_id, signed_with=signed_with)
     return key
 
 
-def verified(params: Params, store: ArtifactStore, key: str, kind: str, round_id: str) -> dict | None:
+def verified(params: Params, store: ArtifactStore, key: str, kind: str, round_id: str, *,
+             signed_with: str | None = None) -> dict | None:
     """The coordinator's statement about a stored object, verified before a step reuses it (None: signatures
-    off). SignatureError names the key when the object is unsigned, forged, signed for something else, or was
-    edited after signing."""
+    off). `signed_with`: the object whose `.sig` covers `key` as well (the aggregate's for aggregate.json and
+    FedAdam's moments, inject.json's for the injected model's tensors); default `key` itself. SignatureError
+    names the key when the object is unsigned, forged, signed for something else, not covered by the signature
+    (added after signing), or was edited after signing."""
     if not required(params):
         return None
-    sig_key, setting = key + SIG_SUFFIX, "federation.coordinator_public_key"
+    signed = signed_with or key
+    sig_key, setting = signed + SIG_SUFFIX, COORDINATOR_KEY_SETTING
     refused = f"{store.uri(key)}: refusing to reuse this {kind} of round {round_id}"
     if not store.exists(sig_key):
         raise SignatureError(f"{refused}: unsigned (no {sig_key}; signatures are required). It is left as it is: "
@@ -139,14 +157,42 @@ def verified(params: Params, store: ArtifactStore, key: str, kind: str, round_id
     if not verify(parse_public_key(params.federation.coordinator_public_key), statement, signature):
         raise SignatureError(f"{refused}: forged: {sig_key} does not verify with {setting}")
     objects = statement.get("objects") or {}
-    if statement.get("kind") != kind or statement.get("round_id") != str(round_id) or key not in objects:
+    if statement.get("kind") != kind or statement.get("round_id") != str(round_id) or signed not in objects:
         raise SignatureError(f"{refused}: {sig_key} signs a {statement.get('kind')} of round "
                              f"{statement.get('round_id')!r} ({sorted(objects)}), not this object (moved or replayed)")
+    if key not in objects:
+        raise SignatureError(f"{refused}: {sig_key} does not cover it (signed {sorted(objects)}): written after "
+                             "signing")
     for signed_key, sha in objects.items():
         if not store.exists(signed_key) or store.sha256(signed_key) != sha:
             raise SignatureError(f"{refused}: {store.uri(signed_key)} differs from what {setting}'s key signed "
                                  "(edited after signing)")
     return statement
+
+
+def sign_record(params: Params, record: dict, kind: str) -> dict:
+    """`record` with the coordinator's signature of {kind, record} inside it, as `coordinator_signature`
+    (signatures off: `record` as it is)."""
+    if not required(params):
+        return record
+    return record | {RECORD_SIGNATURE: sign(private_key(params, COORDINATOR), {"kind": kind, "record": record})}
+
+
+def verify_record(params: Params, record: dict, kind: str, where: str) -> None:
+    """Refuse (SignatureError naming `where`) a record read to decide where the chain stands that the coordinator
+    did not sign as a `kind`, or that was edited after signing (signatures off: nothing is checked)."""
+    if not required(params):
+        return
+    refused = f"{where}: refusing to use this {kind}"
+    signature = record.get(RECORD_SIGNATURE)
+    if signature is None:
+        raise SignatureError(f"{refused}: unsigned (no {RECORD_SIGNATURE}; signatures are required). It is left as "
+                             "it is: restore the signed one")
+    body = {k: v for k, v in record.items() if k != RECORD_SIGNATURE}
+    if not isinstance(signature, str) or not verify(parse_public_key(params.federation.coordinator_public_key),
+                                                    {"kind": kind, "record": body}, signature):
+        raise SignatureError(f"{refused}: forged or edited after signing: its {RECORD_SIGNATURE} does not verify "
+                             f"with {COORDINATOR_KEY_SETTING} as a {kind}")
 
 
 def round_nonce(params: Params, store: ArtifactStore, global_key: str, round_id: str) -> str | None:

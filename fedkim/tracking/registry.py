@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
 from fedkim.tracking.connection import (CHALLENGER, CHAMPION, DECISION, METRICS_TAG, PARENT, REASON, ROUND,
@@ -100,19 +101,36 @@ def register(bundle_folder: str | Path, run_id: str, round_id: str, metrics: dic
     existing = find_version(round_id, name)
     if existing is not None:
         return existing
-    verify_bundle(bundle_folder)  # fail here, not at serving time
-    info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
-                     python_model=FedKIMPyfunc(), artifacts={"bundle": str(bundle_folder)},
-                     pip_requirements=requirements(), signature=serving_signature(),
-                     code_paths=[str(FEDKIM_CODE)],  # the model answers where only its requirements are installed
-                     metadata={"fedkim.round_id": str(round_id)})
+    model_uri = logged_model_uri(run_id, round_id)
+    if model_uri is None:
+        verify_bundle(bundle_folder)  # fail here, not at serving time
+        model_uri = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
+                              python_model=FedKIMPyfunc(), artifacts={"bundle": str(bundle_folder)},
+                              pip_requirements=requirements(), signature=serving_signature(),
+                              code_paths=[str(FEDKIM_CODE)],  # it answers where only its requirements are installed
+                              metadata={"fedkim.round_id": str(round_id)}, tags={ROUND: str(round_id)}).model_uri
     parent = client().get_run(run_id).data.tags.get(PARENT, "")
     tags = {ROUND: str(round_id), ROUND_RUN_TAG: parent, DECISION: "pending",
             METRICS_TAG: json.dumps(per_task(decided_on or metrics), separators=(",", ":")), SPLIT_TAG: split}
     tags |= {f"fedkim.{k}": f"{metrics[k]:.6f}" for k in SUMMARY if isinstance(metrics.get(k), (int, float))}
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    version = mlflow.register_model(model_uri, name, tags=tags)
     client().set_registered_model_alias(name, CHALLENGER, version.version)
     return client().get_model_version(name, version.version)
+
+
+def logged_model_uri(run_id: str, round_id: str) -> str | None:
+    """The model an earlier try of this round logged on `run_id` and did not get to register (a crash between the
+    two), to register now instead of logging a second one; None when there is none. An incomplete one (PENDING
+    or FAILED: the crash came while logging it) is deleted, so that one logged model per round remains."""
+    mlflow_client = client()
+    found = mlflow_client.search_logged_models(
+        [current().experiment_id], filter_string=f"source_run_id = {quoted(run_id)} and tags.`{ROUND}` = "
+                                                 f"{quoted(str(round_id))}")
+    kept = next((m.model_id for m in found if m.status == LoggedModelStatus.READY), None)
+    for model in found:
+        if model.model_id != kept:
+            mlflow_client.delete_logged_model(model.model_id)
+    return f"models:/{kept}" if kept else None
 
 
 def registry_show(name: str | None = None) -> list[dict]:

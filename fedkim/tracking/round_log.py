@@ -84,8 +84,8 @@ def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
     with `register` (default register_round; an orchestrator may pass it wrapped as its own task).
 
     `sites`: {site id: data fingerprint} of the sites whose packages went into the model (the bundle records them).
-    A finished injection run of an earlier try of this round is kept instead of adding another; a round id already
-    registered gets its version back, judged once. `timer` times the phases inject, evaluate, tracking, register.
+    A finished injection run of an earlier try of this round is kept instead of adding another, an unfinished one
+    (crashed) is reopened and finished; a round id already registered gets its version back, judged once. `timer` times the phases inject, evaluate, tracking, register.
     `validate` (model) -> metrics on the server's validation split: promotion decides on them (logged as val.*);
     None (a federation without one): on the test metrics. `outcomes`: the sites' and server splits' outcomes
     (their gate summaries), for the bundle's data card."""
@@ -97,8 +97,8 @@ def log_round(parent, params: Params, round_id: str, *, sites: dict[str, str],
             metrics = evaluate(model)
             decided_on = validate(model) if validate else None
         run_id = done.info.run_id
-    else:
-        with injection_run(parent) as run:
+    else:  # a new injection run, or the one an earlier try of this round left unfinished, completed
+        with injection_run(parent, resume=done) as run:
             with timer("inject"):
                 model, injection = inject()
             with timer("tracking"):

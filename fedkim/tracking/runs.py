@@ -11,6 +11,10 @@ injection and evaluation.
 
 Every run-level call talks to MLflow through an explicit run id (MlflowClient), so the calls may come from
 different threads or processes (Prefect tasks); only `round_run` also makes its run the active one.
+
+Re-running a round id (after it completed, or after a crash) adds no run: the parent is found by its tags (set when
+it is created) and resumed, a finished site run is kept as it is, and a site or injection run left unfinished by a
+crash (FAILED, or RUNNING after a killed process) is reopened, completed with what it lacks and finished.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 
 from fedkim.config import REPO_ROOT, Params
 from fedkim.tracking.connection import (GIT_SHA, KIND, PARAMS_HASH, PARENT, ROUND, SITE, SUMMARY, TrackingError,
@@ -89,9 +93,9 @@ def round_run(params: Params, round_id: str, *, sites: dict[str, str], params_ha
             "fedkim.foundation_model": params.inject.foundation_model}
     tags |= {f"fedkim.site.{site}.fingerprint": fp or "unknown" for site, fp in sites.items()}
     run_id = existing.info.run_id if existing is not None else None
-    with mlflow.start_run(run_id=run_id, experiment_id=current().experiment_id,
+    # The tags go with the creation: a run that a crash left without them could not be found (and so resumed).
+    with mlflow.start_run(run_id=run_id, experiment_id=current().experiment_id, tags=tags,
                           run_name=None if run_id else f"round-{round_id}") as run:
-        mlflow.set_tags(tags)
         logged = existing.data.params if existing is not None else {}
         mlflow.log_params({k: v for k, v in flatten_params(params).items() if k not in logged})
         yield run
@@ -126,6 +130,13 @@ def _child(parent, kind: str, name: str, tags: dict[str, str]) -> tuple[str, str
     return run.info.run_id, round_id
 
 
+def _reopen(run) -> tuple[str, dict[str, float]]:
+    """An unfinished nested run of an earlier try (crashed: FAILED, or RUNNING after a killed process), running
+    again: (its run id, the metrics it holds already)."""
+    client().update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id, dict(run.data.metrics)
+
+
 # ---------------------------------------------------------------------------------------------------- sites
 def numeric_items(values: dict, prefix: str) -> dict[str, float]:
     """Finite numbers of a (nested) dict as dotted metric keys; strings, bools, NaN and lists are left out. A
@@ -141,7 +152,10 @@ def numeric_items(values: dict, prefix: str) -> dict[str, float]:
     return out
 
 
-def _log_values(run_id: str, values: dict[str, float], step: int = 0) -> None:
+def _log_values(run_id: str, values: dict[str, float], step: int = 0, logged: dict[str, float] | None = None) -> None:
+    """Log `values` at `step`; those a reopened run holds already with the same value (`logged`) are not logged
+    again (their history would show them twice)."""
+    values = {k: v for k, v in values.items() if (logged or {}).get(k) != v}
     stamp = _now_ms()
     client().log_batch(run_id, metrics=[Metric(k, v, stamp, step) for k, v in values.items()])  # chunked there
 
@@ -157,16 +171,21 @@ def log_site(parent, site_id: str, *, metrics: dict, validation: dict | Any, sam
     sample counts (samples.<modality>), the data gate's summary (tag + validation.json), what DP training spent
     (privacy.epsilon_round, privacy.epsilon_total, privacy.noise.<task>) and the site's status and reason when
     it has no package (tags). Returns its run id; a site already logged under this parent is returned as is
-    (re-run rounds do not log twice). kind "split": a server split's gate (public, test), logged the same way."""
+    (re-run rounds do not log twice), and one an earlier try left unfinished is completed and finished. kind
+    "split": a server split's gate (public, test), logged the same way."""
     existing = find_child_run(parent, kind, site_id)
-    if existing is not None:
+    if existing is not None and existing.info.status == "FINISHED":
         return existing.info.run_id
     summary = validation.model_dump(mode="json") if hasattr(validation, "model_dump") else dict(validation)
     tags = {SITE: site_id, "fedkim.validation.success": str(summary.get("success", "unknown")).lower()}
     if fingerprint:
         tags["fedkim.data_fingerprint"] = fingerprint
     tags |= {k: v for k, v in {"fedkim.site.status": status, "fedkim.site.reason": reason[:4000]}.items() if v}
-    run_id, _ = _child(parent, kind, f"{kind}-{site_id}", tags)
+    if existing is None:
+        (run_id, _), logged = _child(parent, kind, f"{kind}-{site_id}", tags), {}
+    else:
+        run_id, logged = _reopen(existing)
+        client().log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     mlflow_client = client()
     try:
         values = numeric_items(metrics, "local") | numeric_items(summary, "validation")
@@ -175,7 +194,7 @@ def log_site(parent, site_id: str, *, metrics: dict, validation: dict | Any, sam
         if privacy:
             values |= numeric_items({k: v for k, v in privacy.items() if k != "tasks"}, "privacy")
             values |= {f"privacy.noise.{t}": float(r[0]) for t, r in privacy.get("tasks", {}).items()}
-        _log_values(run_id, values)
+        _log_values(run_id, values, logged=logged)
         mlflow_client.log_dict(run_id, summary, "validation.json")
         mlflow_client.log_dict(run_id, {"sample_counts": sample_counts, "metrics": metrics}, "site.json")
     except BaseException:
@@ -187,12 +206,16 @@ def log_site(parent, site_id: str, *, metrics: dict, validation: dict | Any, sam
 
 # ------------------------------------------------------------------------------------------------ injection
 @contextmanager
-def injection_run(parent, *, name: str = "injection") -> Iterator["InjectionRun"]:
-    """A nested run for the server's injection and evaluation; FINISHED on exit, FAILED on an exception."""
-    run_id, round_id = _child(parent, "injection", name, {})
+def injection_run(parent, *, name: str = "injection", resume=None) -> Iterator["InjectionRun"]:
+    """A nested run for the server's injection and evaluation; FINISHED on exit, FAILED on an exception.
+    `resume`: the unfinished injection run of an earlier try of the round, reopened instead of adding another."""
+    if resume is None:
+        (run_id, round_id), logged = _child(parent, "injection", name, {}), {}
+    else:
+        (run_id, logged), round_id = _reopen(resume), resume.data.tags.get(ROUND, "")
     mlflow_client = client()
     try:
-        yield InjectionRun(run_id, round_id)
+        yield InjectionRun(run_id, round_id, logged)
     except BaseException:
         mlflow_client.set_terminated(run_id, "FAILED")
         raise
@@ -200,8 +223,9 @@ def injection_run(parent, *, name: str = "injection") -> Iterator["InjectionRun"
 
 
 class InjectionRun:
-    def __init__(self, run_id: str, round_id: str):
+    def __init__(self, run_id: str, round_id: str, logged: dict[str, float] | None = None):
         self.run_id, self.round_id = run_id, round_id
+        self.logged = logged or {}  # what a reopened run holds already: not logged twice
 
     def log_injection(self, losses: list[float], lrs: list[float], tasks: list[str]) -> None:
         """Loss and learning rate per step (inject.loss, inject.lr, inject.loss.<task>), a table and a PNG."""
@@ -209,14 +233,16 @@ class InjectionRun:
             raise ValueError(f"one loss, lr and task per step: got {len(losses)} losses, {len(lrs)} lrs, "
                              f"{len(tasks)} tasks")
         stamp = _now_ms()
-        metrics = []
+        metrics, done = [], self._logged_steps(set(tasks))
         for step, (loss, lr, task) in enumerate(zip(losses, lrs, tasks)):
+            if step in done:
+                continue
             metrics += [Metric("inject.loss", float(loss), stamp, step), Metric("inject.lr", float(lr), stamp, step),
                         Metric(f"inject.loss.{task}", float(loss), stamp, step)]
         client().log_batch(self.run_id, metrics=metrics)
         if losses:
             _log_values(self.run_id, {"inject.steps": float(len(losses)), "inject.first_loss": float(losses[0]),
-                                      "inject.last_loss": float(losses[-1])})
+                                      "inject.last_loss": float(losses[-1])}, logged=self.logged)
         steps = [{"step": i, "task": t, "loss": float(l), "lr": float(r)}
                  for i, (l, r, t) in enumerate(zip(losses, lrs, tasks))]
         client().log_dict(self.run_id, steps, "injection/steps.json")
@@ -224,6 +250,12 @@ class InjectionRun:
             if losses:
                 client().log_artifact(self.run_id, str(plot_loss_curve(losses, lrs, tasks,
                                                                        Path(tmp) / "loss_curve.png")), "injection")
+
+    def _logged_steps(self, tasks: set[str]) -> set[int]:
+        """The steps a reopened run holds already: those with their last metric (inject.loss.<task>) logged."""
+        if not self.logged:
+            return set()
+        return {m.step for task in tasks for m in client().get_metric_history(self.run_id, f"inject.loss.{task}")}
 
     def log_gate(self, table: dict[str, list[float]], catalogue=None) -> None:
         """Gate weights per task as gate/gate_table.json and gate/gate_heatmap.png."""
@@ -241,7 +273,7 @@ class InjectionRun:
         values = numeric_items(metrics.get("tasks", {}), "eval")
         values |= {f"eval.{k}": float(metrics[k]) for k in (*SUMMARY, "seconds")
                    if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])}
-        _log_values(self.run_id, values)
+        _log_values(self.run_id, values, logged=self.logged)
         client().log_text(self.run_id, json.dumps(metrics, indent=2, sort_keys=True, default=float), "metrics.json")
         if metrics.get("gate"):
             self.log_gate(metrics["gate"], catalogue)
@@ -252,7 +284,7 @@ class InjectionRun:
         values = numeric_items(metrics.get("tasks", {}), "val")
         values |= {f"val.{k}": float(metrics[k]) for k in SUMMARY
                    if isinstance(metrics.get(k), (int, float)) and math.isfinite(metrics[k])}
-        _log_values(self.run_id, values)
+        _log_values(self.run_id, values, logged=self.logged)
         client().log_text(self.run_id, json.dumps(metrics, indent=2, sort_keys=True, default=float),
                           "validation_metrics.json")
 
@@ -266,7 +298,7 @@ class InjectionRun:
         comparison["champion_version"] = int(champion.version) if champion else None
         comparison["champion_round_id"] = champion.tags.get(ROUND) if champion else None
         if champion is not None:
-            _log_values(self.run_id, numeric_items(comparison["delta"], "vs_champion"))
+            _log_values(self.run_id, numeric_items(comparison["delta"], "vs_champion"), logged=self.logged)
             client().set_tag(self.run_id, "fedkim.compared_to_champion", str(champion.version))
         client().log_dict(self.run_id, comparison, "champion_comparison.json")
         return comparison

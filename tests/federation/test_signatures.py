@@ -16,7 +16,7 @@ from fedkim.federation import signing
 from fedkim.federation.package import write_package
 from fedkim.federation.store import LocalStore, package_prefix
 from fedkim.identity import KeyFileError, parse_public_key
-from fedkim.rounds import (aggregate_step, get_json, put_json, put_state, round_key, run_round, start_round,
+from fedkim.rounds import (LATEST_KEY, aggregate_step, get_json, put_json, put_state, round_key, run_round, start_round,
                            validation_key)
 from tests.helpers import TINY, keep_members, small_params_dict, write_params
 from tests.helpers.identities import make_identities, signed_federation
@@ -315,6 +315,10 @@ def test_a_signed_round_runs_end_to_end_and_reruns_from_its_signed_objects(small
         assert store.exists(f"{package_prefix('1', site)}/manifest.json.sig")
         manifest = get_json(store, f"{package_prefix('1', site)}/manifest.json")
         assert manifest["round_nonce"] == signing.round_nonce(params, store, GLOBAL, "1")
+    # the coordinator signed the injected model, the evaluation and LATEST too; the re-run verifies them
+    assert signing.verified(params, store, round_key("1", "central", "inject.json"), signing.CENTRAL, "1")
+    assert signing.verified(params, store, round_key("1", "evaluation", "metrics.json"), signing.EVALUATION, "1")
+    assert signing.RECORD_SIGNATURE in get_json(store, LATEST_KEY)
     before = snapshot(store)
     again = run_round(params, store, "1", tmp_path / "work")
     assert again["aggregate"]["reused"] and snapshot(store) == before

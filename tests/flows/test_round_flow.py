@@ -339,3 +339,35 @@ def test_federated_round_runs_each_site_as_its_own_deployment(prefect_api, broke
     store = LocalStore(tmp_path / "store")
     assert all(store.exists(package_key("4", s, "manifest.json")) for s in ("site-a", "site-c"))
     assert summary["model"]["version"] == 1
+
+
+def test_d_a_round_that_crashed_mid_way_reruns_into_the_same_mlflow_records(prefect_api, federation, tmp_path):
+    """The crash comes after the parent, site and injection runs are open (the evaluation cannot be stored): the
+    re-run resumes the parent, keeps the site runs, reopens and finishes the injection run, and logs and registers
+    one model."""
+    params = write_params(tmp_path, federation)
+    blocker = tmp_path / "store" / round_key("5", "evaluation")
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("not a folder")  # as a full or read-only store would: storing the evaluation fails
+
+    state = fedkim_flow(round_id="5", params_path=str(params), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(OSError):
+        state.result()
+    (parent,), (injection,) = runs(tmp_path, "5", "round"), runs(tmp_path, "5", "injection")
+    assert parent.info.status == "FAILED" and injection.info.status == "FAILED" and versions(tmp_path) == []
+
+    blocker.unlink()
+    summary = fedkim_flow(round_id="5", params_path=str(params))
+
+    assert summary["status"] == "completed" and summary["aggregate"]["reused"]
+    (parent_again,), (injection_again,) = runs(tmp_path, "5", "round"), runs(tmp_path, "5", "injection")
+    assert (parent_again.info.run_id, parent_again.info.status) == (parent.info.run_id, "FINISHED")
+    assert (injection_again.info.run_id, injection_again.info.status) == (injection.info.run_id, "FINISHED")
+    assert len(runs(tmp_path, "5", "site")) == 4 and len(runs(tmp_path, "5", "split")) == 3
+    assert all(r.info.status == "FINISHED" for r in runs(tmp_path, "5", "site"))
+    assert [int(v.version) for v in versions(tmp_path)] == [1]
+    client = mlflow_client(tmp_path)
+    logged = client.search_logged_models([client.get_experiment_by_name("fedkim").experiment_id])
+    assert len(logged) == 1 and versions(tmp_path)[0].source == f"models:/{logged[0].model_id}"
