@@ -679,10 +679,10 @@ def test_gate_summary_and_reason_carry_rule_ids_and_counts_only(copy_site):
     assert not any(sample in text for sample in report.quarantined) and "examples" not in text
     assert gate_reason(summary) == (  # the blocking findings only, each with what its rule checks
         "data gate failed, 5 blocking finding(s): "
-        f"index.duplicate_ids (2 found): {RULES['index.duplicate_ids']}; "
-        f"index.split_values (1 found): {RULES['index.split_values']}; "
-        f"index.task_known (1 found): {RULES['index.task_known']}; "
-        f"counts.per_class (1 found): {RULES['counts.per_class']}; and 1 more")
+        f"index.duplicate_ids (2 found; checks that {RULES['index.duplicate_ids']}); "
+        f"index.split_values (1 found; checks that {RULES['index.split_values']}); "
+        f"index.task_known (1 found; checks that {RULES['index.task_known']}); "
+        f"counts.per_class (1 found; checks that {RULES['counts.per_class']}); and 1 more")
 
 
 # ----------------------------------------------------------------------------------------------------- CLI

@@ -91,7 +91,8 @@ def gate_summary(report: ValidationReport) -> dict:
 def gate_reason(summary: dict) -> str:
     """One line naming the blocking rules, their counts and what each checks, for the round summary and logs."""
     blocking = [f for f in summary["findings"] if f.get("action", "block") == "block"]
-    parts = [f"{f['rule']} ({f.get('count', 1)} found): {RULES.get(f['rule'], 'unknown rule')}" for f in blocking[:4]]
+    parts = [f"{f['rule']} ({f.get('count', 1)} found; checks that {RULES.get(f['rule'], 'an unknown rule holds')})"
+             for f in blocking[:4]]
     more = len(blocking) - len(parts)
     return (f"data gate failed, {len(blocking)} blocking finding(s): " + "; ".join(parts)
             + (f"; and {more} more" if more > 0 else ""))
