@@ -87,11 +87,11 @@ def for_moto(policy: dict) -> dict:
 
 
 def owner_of(key: str) -> str:
-    """Whose object a store key is, in words, for an error message: `site <id>'s prefix`, or the coordinator's."""
+    """Whose object a store key is, in words, for an error message: in a site's prefix, or the coordinator's."""
     parts = key.removesuffix(SHA_SUFFIX).split("/")
     if len(parts) >= 4 and parts[0] == "rounds" and parts[2] == "sites":
-        return (f"site {parts[3]!r}'s prefix (rounds/{parts[1]}/sites/{parts[3]}/): only that site writes there "
-                f"and no other site reads there")
+        return (f"in the prefix of site {parts[3]!r} (rounds/{parts[1]}/sites/{parts[3]}/): only that site writes "
+                f"there, and no other site reads there")
     if len(parts) >= 3 and parts[0] == "rounds" and parts[2] == "global":
-        return f"round {parts[1]}'s global model, which the coordinator writes and every site may read"
-    return "an object of the coordinator's, which sites may neither read nor write"
+        return f"in round {parts[1]}'s global model folder: the coordinator writes it, every site reads it"
+    return "an object of the coordinator's: sites neither read nor write it"
