@@ -382,7 +382,10 @@ def stack_status(params: Optional[Path] = ParamsOption) -> None:
     if state is None:
         console.print(f"no stack running for {stack.project_dir(params)}", markup=False, highlight=False)
         raise typer.Exit(1)
-    table = Table(title=f"fedkim stack of {state['project']} (since {state['started']})")
+    s3 = state.get("s3", {})
+    roles = "store roles enforced" if s3.get("roles_enforced") else "store roles NOT enforced"
+    table = Table(title=f"fedkim stack of {state['project']} (since {state['started']}; S3 server "
+                        f"{s3.get('server', 'rclone')}, {roles})")
     for column in ("service", "pid", "state", "url / pool", "log"):
         table.add_column(column, overflow="fold")
     for row in rows:

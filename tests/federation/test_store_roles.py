@@ -133,12 +133,16 @@ def test_the_coordinator_reads_everything_writes_the_rest_and_never_a_sites_pref
 
 
 @pytest.mark.slow
-def test_a_round_runs_with_each_party_on_its_own_key(store_as, make_params):
+def test_a_signed_round_runs_with_each_party_on_its_own_key(store_as, small_federation, tmp_path, monkeypatch):
     """start_round as the coordinator, each site's gate summary and train_site_step with its own key, then the
-    aggregation as the coordinator: the round's steps need no more than their roles allow."""
-    from tests.helpers import TINY
+    aggregation as the coordinator, with signatures required (the sites read the global model's signature and
+    sign their packages): the round's steps need no more than their roles allow."""
+    from tests.helpers import TINY, keep_members, small_params_dict, write_params
+    from tests.helpers.identities import signed_federation
 
-    params = make_params(**TINY, **{"federation.quorum": 2})
+    monkeypatch.setenv("FEDKIM_SIGNING_KEY", str(tmp_path / "keys"))
+    raw = keep_members(small_params_dict(small_federation.root, **TINY, **{"federation.quorum": 2}), SITES)
+    params = write_params(tmp_path / "params", signed_federation(raw, tmp_path / "keys"))
     coordinator = store_as(None)
     start_round(params, coordinator, "1")
     for site in SITES:
@@ -147,6 +151,7 @@ def test_a_round_runs_with_each_party_on_its_own_key(store_as, make_params):
         store = store_as(site)
         put_json(store, validation_key("1", site), summary, overwrite=True)
         assert train_site_step(params, store, "1", site, validation=package_validation(summary)).status == "trained"
+        assert store.exists(f"rounds/1/sites/{site}/manifest.json.sig")
     outcome = aggregate_step(params, store_as(None), "1", SITES)
     assert sorted(outcome.accepted) == SITES and not outcome.rejected
-    assert coordinator.exists(round_key("1", "aggregate", "encoders.safetensors"))
+    assert coordinator.exists(round_key("1", "aggregate", "encoders.safetensors.sig"))

@@ -341,3 +341,19 @@ def test_the_store_kind_env_override_switches_the_flows_to_s3(params_file, monke
     assert load_params(params_file).store.kind == "local"
     monkeypatch.setenv("FEDKIM_STORE_KIND", "s3")
     assert load_params(params_file).store.kind == "s3"
+
+
+def test_stack_env_prints_the_pools_own_key_and_no_other(params_file):
+    keys = {"coordinator": {"access_key_id": "kc", "secret_access_key": "coordinator-secret"},
+            "site.site-a": {"access_key_id": "ka", "secret_access_key": "site-a-secret"},
+            "site.site-b": {"access_key_id": "kb", "secret_access_key": "site-b-secret"}}
+    state = {"prefect_api_url": "http://127.0.0.1:1/api", "repo": "/repo", "params": str(params_file),
+             "mlflow_url": "http://127.0.0.1:2", "pools": ["central", "site-a", "site-b"], "services": {},
+             "s3": {"endpoint": "http://127.0.0.1:3", "region": "us-east-1", "keys": keys,
+                    "pool_roles": {"central": "coordinator", "site-a": "site.site-a", "site-b": "site.site-b"}}}
+    processes.write_private(stack.state_path(params_file.parent), state)
+    out = CliRunner().invoke(app, ["stack", "env", "--params", str(params_file), "--pool", "site-a"]).output
+    assert "export AWS_SECRET_ACCESS_KEY=site-a-secret" in out and "FEDKIM_STORE_ROLE=site.site-a" in out
+    assert "coordinator-secret" not in out and "site-b-secret" not in out and "MLFLOW_TRACKING_URI" not in out
+    central = CliRunner().invoke(app, ["stack", "env", "--params", str(params_file)]).output
+    assert "AWS_SECRET_ACCESS_KEY=coordinator-secret" in central and "site-a-secret" not in central
