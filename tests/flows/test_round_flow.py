@@ -19,7 +19,7 @@ from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, Flow
 
 from fedkim.config import load_params
 from fedkim.federation.store import LocalStore, package_key, package_prefix
-from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_round
+from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_round, validation_key
 from fedkim.round_lock import RoundLockedError, lock_key, round_lock
 from flows.round import fedkim_flow
 from tests.helpers import TINY, small_params_dict
@@ -103,7 +103,7 @@ def test_a_simulation_round_registers_a_version_and_writes_its_report(clean_roun
     store = LocalStore(folder / "store")
     for site in sites:  # each site's package and gate summary travelled through the store
         assert store.exists(package_key("1", site, "manifest.json"))
-        assert get_json(store, round_key("1", "validation", f"{site}.json"))["success"] is True
+        assert get_json(store, validation_key("1", site))["success"] is True
     assert get_json(store, LATEST_KEY)["round_id"] == "1"
     stored = get_json(store, round_key("1", "round.json"))
     assert stored["status"] == "completed"
@@ -243,7 +243,7 @@ def test_b_c_a_gate_failure_and_a_crash_leave_the_round_to_the_quorum(prefect_ap
     assert summary["status"] == "completed" and summary["included"] == ["site-a", "site-d"]
     # (b) excluded by the gate, with the rule and file that failed; its summary (no examples) is in the store
     assert set(summary["excluded"]) == {"site-b"} and "index.parquet" in summary["excluded"]["site-b"]
-    gate = get_json(LocalStore(tmp_path / "store"), round_key("2", "validation", "site-b.json"))
+    gate = get_json(LocalStore(tmp_path / "store"), validation_key("2", "site-b"))
     assert gate["success"] is False and gate["findings"] and "examples" not in gate["findings"][0]
     # (c) crashed on upload, retried once, recorded as failed with the error
     assert set(summary["failed"]) == {"site-c"}
