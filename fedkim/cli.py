@@ -344,7 +344,7 @@ def stack_up(
 fedkim stack is up ({state['project']}):
   Prefect UI   {state['prefect_url']}
   MLflow UI    {state['mlflow_url']}
-  S3 endpoint  {s3['endpoint']}  bucket {s3['bucket']}  ({s3['server']}; a key pair per role: `fedkim stack env --pool POOL`)
+  S3 endpoint  {s3['endpoint']}  bucket {s3['bucket']}  ({s3['server']}; keys: `fedkim stack env --pool P`)
   store roles  {"enforced by the server (in memory: `stack down` loses the store)" if s3['roles_enforced'] else
                 "NOT enforced (rclone: every key may read and write the whole bucket; --s3 moto enforces them)"}
   workers      {', '.join(state['pools'])}

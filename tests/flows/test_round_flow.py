@@ -78,11 +78,11 @@ def store_snapshot(store: LocalStore) -> dict[str, str]:
 
 
 def block_upload(store_root: Path, round_id: str, site_id: str) -> None:
-    """Make the site's upload fail: a plain file where its package folder must go (as a full or read-only
-    bucket would). Its gate and training run normally; the upload raises, on every attempt."""
-    blocker = store_root / package_prefix(round_id, site_id)
-    blocker.parent.mkdir(parents=True, exist_ok=True)
-    blocker.write_text("not a folder")
+    """Make the site's package upload fail: a folder where its tensor file must go (as a full or read-only bucket
+    would). Its gate (whose summary goes beside it) and training run normally; the upload raises, on every
+    attempt."""
+    blocker = store_root / package_prefix(round_id, site_id) / "encoders.safetensors" / "not-a-file"
+    blocker.mkdir(parents=True)
 
 
 # ------------------------------------------------------------------------------------ (a) and (d): a clean round
@@ -247,7 +247,7 @@ def test_b_c_a_gate_failure_and_a_crash_leave_the_round_to_the_quorum(prefect_ap
     assert gate["success"] is False and gate["findings"] and "examples" not in gate["findings"][0]
     # (c) crashed on upload, retried once, recorded as failed with the error
     assert set(summary["failed"]) == {"site-c"}
-    assert "after 2 attempt(s)" in summary["failed"]["site-c"] and "FileExistsError" in summary["failed"]["site-c"]
+    assert "after 2 attempt(s)" in summary["failed"]["site-c"] and "IsADirectoryError" in summary["failed"]["site-c"]
     assert task_run_count(summary["prefect_flow_run_id"], "train-site-c") == 2
     site_runs = {r.data.tags["fedkim.site_id"]: r for r in runs(tmp_path, "2", "site")}
     assert set(site_runs) == {"site-a", "site-b", "site-c", "site-d"}
