@@ -324,8 +324,11 @@ def stack_up(
     params: Optional[Path] = ParamsOption,
     prefect_port: int = typer.Option(4200, envvar="FEDKIM_PREFECT_PORT", help="Prefect server (API + UI)"),
     mlflow_port: int = typer.Option(5000, envvar="FEDKIM_MLFLOW_PORT", help="MLflow server (tracking + UI)"),
-    s3_port: int = typer.Option(9000, envvar="FEDKIM_S3_PORT", help="S3 server (rclone serve s3)"),
+    s3_port: int = typer.Option(9000, envvar="FEDKIM_S3_PORT", help="S3 server (rclone serve s3 or moto)"),
     timeout: float = typer.Option(120.0, help="seconds each service may take to become ready"),
+    s3: str = typer.Option("rclone", "--s3", envvar="FEDKIM_STACK_S3",
+                           help="rclone: the store on disk, store roles NOT enforced; moto: the roles enforced "
+                                "(a key per site and one for the coordinator), the store in memory only"),
 ) -> None:
     """Start Prefect, MLflow and S3 servers, a worker per pool (central, site-<id>) and the deployments."""
     from fedkim.ops import stack
@@ -333,7 +336,7 @@ def stack_up(
     _params(params)  # bad params: exit 2 naming the key, before anything starts
     try:
         state = stack.up(params, ports=stack.Ports(prefect_port, mlflow_port, s3_port), timeout_s=timeout,
-                         log=lambda line: console.print(line, markup=False, highlight=False))
+                         log=lambda line: console.print(line, markup=False, highlight=False), s3_server=s3)
     except stack.StackError as exc:
         _stack_error(exc)
     s3 = state["s3"]
@@ -341,7 +344,9 @@ def stack_up(
 fedkim stack is up ({state['project']}):
   Prefect UI   {state['prefect_url']}
   MLflow UI    {state['mlflow_url']}
-  S3 endpoint  {s3['endpoint']}  bucket {s3['bucket']}  (key pair: `fedkim stack env`)
+  S3 endpoint  {s3['endpoint']}  bucket {s3['bucket']}  ({s3['server']}; keys: `fedkim stack env --pool P`)
+  store roles  {"enforced by the server (in memory: `stack down` loses the store)" if s3['roles_enforced'] else
+                "NOT enforced (rclone: every key may read and write the whole bucket; --s3 moto enforces them)"}
   workers      {', '.join(state['pools'])}
 next:
   export PREFECT_API_URL={state['prefect_api_url']}
@@ -377,7 +382,10 @@ def stack_status(params: Optional[Path] = ParamsOption) -> None:
     if state is None:
         console.print(f"no stack running for {stack.project_dir(params)}", markup=False, highlight=False)
         raise typer.Exit(1)
-    table = Table(title=f"fedkim stack of {state['project']} (since {state['started']})")
+    s3 = state.get("s3", {})
+    roles = "store roles enforced" if s3.get("roles_enforced") else "store roles NOT enforced"
+    table = Table(title=f"fedkim stack of {state['project']} (since {state['started']}; S3 server "
+                        f"{s3.get('server', 'rclone')}, {roles})")
     for column in ("service", "pid", "state", "url / pool", "log"):
         table.add_column(column, overflow="fold")
     for row in rows:
@@ -392,7 +400,8 @@ def stack_env(
     params: Optional[Path] = ParamsOption,
     pool: str = typer.Option("central", help="central, or a site's pool (site-<id>)"),
 ) -> None:
-    """Print the `export` lines a worker of POOL needs to join the running stack (they hold the S3 secret)."""
+    """Print the `export` lines a worker of POOL needs to join the running stack (they hold its role's S3 secret:
+    the only command that prints one)."""
     import shlex
 
     from fedkim.ops import stack
@@ -405,8 +414,12 @@ def stack_env(
         err_console.print(f"no pool {pool!r} in this stack; its pools: {', '.join(state['pools'])}", markup=False)
         raise typer.Exit(2)
     keys = ["PREFECT_API_URL", "FEDKIM_HOME", "FEDKIM_PARAMS", "FEDKIM_STORE_KIND", "FEDKIM_S3_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI"]
-    env = stack.worker_env(state, pool, base={})
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FEDKIM_STORE_ROLE", "AWS_DEFAULT_REGION",
+            "MLFLOW_TRACKING_URI"]
+    try:
+        env = stack.worker_env(state, pool, base={})
+    except stack.StackError as exc:
+        _stack_error(exc)
     for key in (k for k in keys if k in env):
         print(f"export {key}={shlex.quote(env[key])}")
     print(f"# then: prefect worker start --pool {pool} --type process")

@@ -5,7 +5,7 @@ Store layout of a round (keys relative to the store root):
 
     rounds/<r>/global/encoders.safetensors       the global model the sites start from
     rounds/<r>/sites/<site>/...                  each site's knowledge package (manifest.json + tensors)
-    rounds/<r>/validation/<site>.json            each site's data gate summary (orchestrated rounds)
+    rounds/<r>/sites/<site>/validation.json      each site's data gate summary (orchestrated rounds)
     rounds/<r>/aggregate/                        the screened, aggregated model (+ aggregate.json, FedAdam's moments)
     rounds/<r>/central/                          M3OE experts, gate, projectors and encoders after injection
     rounds/<r>/evaluation/metrics.json           per-task metrics of the injected model
@@ -71,9 +71,9 @@ def round_key(round_id: str, *parts: str) -> str:
 
 
 def validation_key(round_id: str, site_id: str) -> str:
-    """Where a site's gate summary goes: beside the packages, not inside them (the aggregator downloads
-    rounds/<r>/sites/<site>/ as the package)."""
-    return round_key(round_id, "validation", f"{site_id}.json")
+    """Where a site's gate summary goes: in the site's own prefix, the only one its store role may write
+    (fedkim.federation.policies). Not part of the package: the package is its manifest and the files it names."""
+    return f"{package_prefix(round_id, site_id)}/validation.json"
 
 
 def round_seed(round_id: str, base: int) -> int:

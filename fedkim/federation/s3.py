@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedkim.digests import sha256_file
+from fedkim.federation.policies import owner_of
 from fedkim.federation.store import (SHA_SUFFIX, ArtifactStore, IntegrityError, KeyExistsError, MissingKeyError,
     StoreError, validate_key)
 
@@ -47,12 +48,15 @@ class S3Store(ArtifactStore):
 
     def __init__(self, bucket: str, *, prefix: str = "", endpoint_url: str | None = None,
                  region: str = "us-east-1", create_bucket: bool = False, client: Any = None,
-                 max_attempts: int = 5, connect_timeout: float = 10.0, read_timeout: float = 60.0):
+                 max_attempts: int = 5, connect_timeout: float = 10.0, read_timeout: float = 60.0,
+                 role: str | None = None):
         if not bucket:
             raise ValueError("S3Store needs a bucket name")
         self.bucket = bucket
         self.prefix = validate_key(prefix.strip("/")) if prefix.strip("/") else ""
         self.max_attempts = max_attempts
+        self.role = role  # whose credentials these are (`site.<id>`, `coordinator`): named when the server refuses
+        self._session = None
         if client is None:
             import boto3
             from botocore.config import Config
@@ -65,7 +69,8 @@ class S3Store(ArtifactStore):
                 s3={"addressing_style": "path"} if endpoint_url else None,
             )
             # A private session: the default one is shared and not thread-safe to create clients from.
-            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+            self._session = boto3.session.Session()
+            client = self._session.client("s3", endpoint_url=endpoint_url, config=config)
         self.client = client
         self._bucket_checked = False
         self._conditional_writes: bool | None = None  # learnt on the first create_marker
@@ -114,9 +119,7 @@ class S3Store(ArtifactStore):
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise MissingKeyError(f"{where}: no such key (S3 {action} at {self.endpoint})") from None
             if code in _AUTH_CODES:
-                raise StoreError(f"{where}: S3 {action} refused ({detail}). Check the AWS credentials "
-                                 f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and that they "
-                                 f"may {action} in bucket {self.bucket!r} at {self.endpoint}") from None
+                raise StoreError(self._refusal(action, where, detail)) from None
             raise StoreError(f"{where}: S3 {action} failed ({detail}) at {self.endpoint}") from None
         except (NoCredentialsError, PartialCredentialsError) as exc:
             raise StoreError(f"{where}: no usable AWS credentials for S3 {action} ({exc}). Set "
@@ -127,6 +130,18 @@ class S3Store(ArtifactStore):
                              f"{self.max_attempts} attempt(s): {exc}") from None
         except BotoCoreError as exc:
             raise StoreError(f"{where}: S3 {action} at {self.endpoint} failed: {exc}") from None
+
+    def _refusal(self, action: str, where: str, detail: str) -> str:
+        """Why the server refused: the credentials' key id and role, and whose object the key is (a site's prefix,
+        the coordinator's objects), so that a role that oversteps is told so by name."""
+        credentials = self._session.get_credentials() if self._session is not None else None
+        who = f"access key {credentials.access_key!r}" if credentials is not None else "these credentials"
+        who += f" (role {self.role})" if self.role else ""
+        root = self.uri_root() + "/"
+        whose = f" {where[len(root):]} is {owner_of(where[len(root):])}." if where.startswith(root) else ""
+        return (f"{where}: S3 {action} refused by the server for {who} ({detail}).{whose} Check that "
+                f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) are the ones of the role that may "
+                f"{action} there, in bucket {self.bucket!r} at {self.endpoint}")
 
     def _missing_bucket_error(self, action: str) -> StoreError:
         return StoreError(f"bucket {self.bucket!r} does not exist at {self.endpoint} (S3 {action}); "

@@ -269,7 +269,7 @@ def open_store(store_params: Any, *, base_dir: str | Path | None = None) -> Arti
     `kind: local` -> `LocalStore(root)`, a relative root resolved against `base_dir` (default: the working
     directory; `load_params` already makes it absolute). `kind: s3` -> `S3Store`; the env var
     FEDKIM_S3_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) overrides `endpoint_url`; credentials come from the AWS
-    chain.
+    chain; FEDKIM_STORE_ROLE names their role in the server's refusals (set by `fedkim stack`).
     """
     params = getattr(store_params, "store", store_params)
     if params.kind == "local":
@@ -281,7 +281,7 @@ def open_store(store_params: Any, *, base_dir: str | Path | None = None) -> Arti
         endpoint = next((os.environ[v] for v in ENDPOINT_ENV_VARS if os.environ.get(v)), None)
         return S3Store(params.bucket, prefix=params.prefix, endpoint_url=endpoint or params.endpoint_url,
                        region=params.region, create_bucket=params.create_bucket,
-                       max_attempts=params.max_attempts)
+                       max_attempts=params.max_attempts, role=os.environ.get("FEDKIM_STORE_ROLE") or None)
     raise ValueError(f"store.kind {params.kind!r} is not supported: use 'local' or 's3'")
 
 

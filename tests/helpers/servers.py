@@ -133,3 +133,47 @@ def rclone_s3_server(folder, access_key: str, secret_key: str) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextmanager
+def moto_iam_server(scratch) -> Iterator[str]:
+    """`python -m moto.server` on a free port of 127.0.0.1 that enforces IAM after its first requests (those that
+    create the admin: fedkim.ops.store_roles.BOOTSTRAP_REQUESTS), as `fedkim stack up --s3 moto` starts it; no
+    developer's AWS settings reach its clients (`scratch`: an empty folder that stands for ~/.aws). Yields its URL."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    from fedkim.ops.store_roles import BOOTSTRAP_REQUESTS
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(BOOTSTRAP_REQUESTS)}
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in UNSET_AWS:
+                mp.delenv(name, raising=False)
+            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
+            mp.setenv("AWS_CONFIG_FILE", str(scratch / "none"))
+            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(scratch / "none"))
+            for _ in range(300):
+                if proc.poll() is not None:
+                    raise AssertionError(f"moto server exited with {proc.returncode}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                raise AssertionError("moto server did not start")
+            yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
