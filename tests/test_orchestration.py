@@ -28,7 +28,8 @@ def sites() -> dict[str, SiteOutcome]:
     return {"a": SiteOutcome("a", "trained", sample_counts={"image": 3}, data_fingerprint="fa", validation=gate),
             "b": SiteOutcome("b", "excluded", "data gate failed", validation={"success": False, "findings": []}),
             "c": SiteOutcome("c", "failed", "timed out"),
-            "d": SiteOutcome("d", "reused", data_fingerprint="fd")}
+            "d": SiteOutcome("d", "reused", data_fingerprint="fd"),
+            "e": SiteOutcome("e", "refused", "e: privacy budget exhausted")}
 
 
 def test_round_ids_follow_the_federation_round_id_rule():
@@ -55,14 +56,16 @@ def test_the_summary_keeps_gate_summaries_out_and_sorts_sites_by_outcome():
     summary = completed_summary(record, outcomes, aggregated, {"losses": [1.0], "steps": 1}, {"mean_auroc": 0.5},
                                 registered, "sqlite:///x.db", 12.345)
     assert list(summary["sites"]["a"]) == ["site_id", "status", "reason", "sample_counts", "metrics",
-                                           "data_fingerprint", "seconds", "gate_seconds"]
+                                           "data_fingerprint", "seconds", "privacy", "gate_seconds"]
     assert summary["sites"]["a"]["gate_seconds"] == 1.5 and summary["sites"]["c"]["gate_seconds"] is None
     assert summary["included"] == ["a"] and summary["failed"] == {"c": "timed out"}
-    assert summary["excluded"] == {"b": "data gate failed", "d": "package rejected: update norm too large"}
+    assert summary["excluded"] == {"b": "data gate failed", "e": "e: privacy budget exhausted",
+                                   "d": "package rejected: update norm too large"}
     assert summary["injection"] == {"steps": 1} and summary["metrics"]["train_mean_f1"] is None
     assert "compared_with" not in summary["model"] and summary["seconds"] == 12.3
     assert quorum_failure(RuntimeError("1 acceptable package"), outcomes) == (
-        "1 acceptable package; not reporting: b excluded: data gate failed; c failed: timed out")
+        "1 acceptable package; not reporting: b excluded: data gate failed; c failed: timed out; "
+        "e refused: e: privacy budget exhausted")
 
 
 def test_the_printed_lines_name_every_site_left_out(monkeypatch, tmp_path):
