@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 @pytest.fixture(autouse=True)
 def no_tracking_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # would override tracking.uri
+    # Empty: tracking.uri decides. mlflow.set_tracking_uri exports the variable; setenv removes it again afterwards
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
 
 
 def test_a_private_round_logs_epsilon_and_records_a_refused_site(prefect_api, small_federation, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import threading
 import time
@@ -88,6 +89,7 @@ def block_upload(store_root: Path, round_id: str, site_id: str) -> None:
 # ------------------------------------------------------------------------------------ (a) and (d): a clean round
 @pytest.fixture(scope="module")
 def clean_round(prefect_api, federation, tmp_path_factory):
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # an earlier module's flow exported it (mlflow.set_tracking_uri)
     folder = tmp_path_factory.mktemp("clean")
     params = write_params(folder, federation, **{"federation.parallel_sites": 1})  # bit-reproducible
     return folder, params, fedkim_flow(round_id="1", params_path=str(params))
