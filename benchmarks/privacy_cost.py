@@ -4,6 +4,9 @@ zero-shot mean and mean AUROC, each site's ε and local training seconds, and th
 
     python -m benchmarks.privacy_cost --out runs/privacy [--epsilons none,8,3,1] [--set KEY=VALUE ...]
         -> out/privacy_cost.json and out/privacy_cost.md (a Markdown table), the JSON also on stdout
+    python -m benchmarks.privacy_cost --out runs/privacy-time --sites-only [--epsilons none,3]
+        -> out/site_training_time.json: each member's local training from the initial global model, timed
+           one after another in one process (no injection, no evaluation), and the DP / non-DP ratio
 
 Each setting runs in out/<none | eps-<ε>>/ with its own privacy ledger there, so every DP run starts from a budget
 nothing has spent (epsilon_max is raised to the target where the target exceeds it). Needs the federation of
@@ -16,8 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
+import time
+
 from fedkim.config import load_params, parse_overrides
 from fedkim.experiment import HEADLINE, run_experiment
+from fedkim.members import site_dir
+from fedkim.site.model import global_model
+from fedkim.site.train import train_site
 
 
 def setting_overrides(epsilon: float | None, folder: Path) -> dict:
@@ -49,14 +57,40 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def site_training_seconds(params) -> dict[str, float]:
+    """Each member's local training from the initial global model (the round's first step), in turn."""
+    start, seconds = global_model(params.site, params.data).state_dict(), {}
+    for site_id in params.member_ids():
+        began = time.perf_counter()
+        train_site(site_dir(params, site_id), start, params.site, params.data, seed=params.data.seed)
+        seconds[site_id] = round(time.perf_counter() - began, 1)
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--out", type=Path, required=True)
     cli.add_argument("--params", type=Path, default=None)
     cli.add_argument("--epsilons", default="none,8,3,1", help="comma-separated targets; 'none' trains without DP")
     cli.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
+    cli.add_argument("--sites-only", action="store_true", help="time local training only")
     args = cli.parse_args(argv)
     base = parse_overrides(args.settings)
+    if args.sites_only:
+        timed = {}
+        for text in args.epsilons.split(","):
+            epsilon = None if text.strip() == "none" else float(text)
+            name = "none" if epsilon is None else f"eps-{epsilon:g}"
+            seconds = site_training_seconds(load_params(args.params, base | setting_overrides(
+                epsilon, args.out / name)))
+            timed[name] = {"sites": seconds, "total": round(sum(seconds.values()), 1)}
+        if "none" in timed:
+            for row in timed.values():
+                row["ratio_to_none"] = round(row["total"] / timed["none"]["total"], 2)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "site_training_time.json").write_text(json.dumps(timed, indent=2))
+        print(json.dumps(timed, indent=2))
+        return 0
     rows = []
     for text in args.epsilons.split(","):
         epsilon = None if text.strip() == "none" else float(text)
